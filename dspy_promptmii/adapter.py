@@ -1,0 +1,179 @@
+"""``LabelAdapter``: a compact DSPy adapter for single-label classification predictors.
+
+It sends the protocol's follower prompt (one user message: instruction, format line,
+demos as Input/Label pairs, then the input) instead of DSPy's field-marker prompt,
+and parses the reply with the protocol's label parser. Small followers answer it
+with far fewer prompt tokens and far fewer unparseable replies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from dspy.adapters.base import Adapter
+from dspy.adapters.chat_adapter import ChatAdapter
+from dspy.clients.base_lm import BaseLM
+from dspy.signatures.signature import Signature
+from dspy.utils.exceptions import AdapterParseError
+
+from dspy_promptmii.protocol import follower_prompt, parse_label, render_inputs
+from dspy_promptmii.task import ClassificationTask, signature_task
+
+__all__ = ["LabelAdapter", "label_response_format"]
+
+ConstrainedStyle = Literal["json_schema", "json_object"]
+
+
+def label_response_format(labels: list[str] | tuple[str, ...], style: ConstrainedStyle = "json_schema") -> dict:
+    """A ``response_format`` that lets the LM write only ``{"label": <one of labels>}``.
+
+    ``json_schema`` is the OpenAI form (vLLM, SGLang, OpenAI); ``json_object`` with a
+    ``schema`` key is the form llama.cpp's Python server (llama-cpp-python) accepts.
+    """
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": [str(label) for label in labels]}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    if style == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}
+    if style == "json_object":
+        return {"type": "json_object", "schema": schema}
+    raise ValueError(f"constrained decoding style must be 'json_schema' or 'json_object', got {style!r}")
+
+
+def _signature_task(signature: type[Signature]) -> ClassificationTask | None:
+    """The task of a signature whose only output is a classification field."""
+    if len(signature.output_fields) != 1:
+        return None
+    return signature_task(signature)
+
+
+class LabelAdapter(Adapter):
+    """Paper-style follower prompts for single-label classification predictors.
+
+    Args:
+        constrained: Constrained decoding. ``False`` (default) sends plain text;
+            ``True`` or ``"json_schema"`` asks for a JSON-schema ``response_format``
+            whose only property is an enum of the labels (vLLM, OpenAI); ``"json_object"``
+            sends the same schema in the form llama.cpp's Python server accepts.
+        fallback: Adapter used for predictors that are not single-label classifiers
+            (e.g. a ChainOfThought's reasoning + label, or a free-text step).
+            Defaults to ``dspy.ChatAdapter()``.
+    """
+
+    def __init__(
+        self,
+        constrained: bool | ConstrainedStyle = False,
+        fallback: Adapter | None = None,
+        callbacks: list | None = None,
+    ):
+        super().__init__(callbacks=callbacks)
+        if constrained is True:
+            constrained = "json_schema"
+        if constrained not in (False, "json_schema", "json_object"):
+            raise ValueError(f"constrained must be False, True, 'json_schema' or 'json_object', got {constrained!r}")
+        self.constrained: ConstrainedStyle | Literal[False] = constrained
+        self.fallback = fallback if fallback is not None else ChatAdapter()
+
+    def _lm_kwargs(self, lm: BaseLM, lm_kwargs: dict[str, Any], task: ClassificationTask) -> dict[str, Any]:
+        if not self.constrained:
+            return lm_kwargs
+        # The JSON wrapper costs tokens that a bare label does not: make room for the
+        # longest label (a token is at least one character), never lowering a larger limit.
+        needed = 16 + max(len(label) for label in task.labels)
+        limit = lm_kwargs.get("max_tokens") or lm.kwargs.get("max_tokens") or 0
+        return {
+            **lm_kwargs,
+            "response_format": label_response_format(task.labels, self.constrained),
+            "max_tokens": max(limit, needed),
+        }
+
+    def __call__(
+        self,
+        lm: BaseLM,
+        lm_kwargs: dict[str, Any],
+        signature: type[Signature],
+        demos: list[dict[str, Any]],
+        inputs: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        task = _signature_task(signature)
+        if task is None:
+            return self.fallback(lm, lm_kwargs, signature, demos, inputs)
+        return super().__call__(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+
+    async def acall(
+        self,
+        lm: BaseLM,
+        lm_kwargs: dict[str, Any],
+        signature: type[Signature],
+        demos: list[dict[str, Any]],
+        inputs: dict[str, Any],
+    ) -> list[dict[str, Any]]:
+        task = _signature_task(signature)
+        if task is None:
+            return await self.fallback.acall(lm, lm_kwargs, signature, demos, inputs)
+        return await super().acall(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+
+    # -- prompt ---------------------------------------------------------------------
+
+    def format(
+        self, signature: type[Signature], demos: list[dict[str, Any]], inputs: dict[str, Any]
+    ) -> list[dict[str, Any]]:
+        task = _signature_task(signature)
+        if task is None:
+            return self.fallback.format(signature, demos, inputs)
+        shown = []
+        for demo in demos:
+            label = task.label_of(demo.get(task.label_field)) if demo.get(task.label_field) is not None else None
+            if label is not None and all(demo.get(name) is not None for name in task.input_fields):
+                shown.append(({name: demo[name] for name in task.input_fields}, label))
+        prompt = follower_prompt(signature.instructions, task.labels, inputs, task.input_fields, shown)
+        return [{"role": "user", "content": prompt}]
+
+    def format_field_description(self, signature: type[Signature]) -> str:
+        return ""
+
+    def format_field_structure(self, signature: type[Signature]) -> str:
+        return ""
+
+    def format_task_description(self, signature: type[Signature]) -> str:
+        return signature.instructions
+
+    def format_user_message_content(
+        self,
+        signature: type[Signature],
+        inputs: dict[str, Any],
+        prefix: str = "",
+        suffix: str = "",
+        main_request: bool = False,
+    ) -> str:
+        names = [name for name in signature.input_fields if name in inputs]
+        body = render_inputs(inputs, names) if names else ""
+        return "\n\n".join(part for part in (prefix, body, suffix) if part)
+
+    def format_assistant_message_content(
+        self, signature: type[Signature], outputs: dict[str, Any], missing_field_message: str | None = None
+    ) -> str:
+        task = _signature_task(signature)
+        if task is None:
+            return self.fallback.format_assistant_message_content(signature, outputs, missing_field_message)
+        value = outputs.get(task.label_field)
+        return task.label_of(value) or "" if value is not None else (missing_field_message or "")
+
+    # -- reply ----------------------------------------------------------------------
+
+    def parse(self, signature: type[Signature], completion: str) -> dict[str, Any]:
+        task = _signature_task(signature)
+        if task is None:
+            return self.fallback.parse(signature, completion)
+        label = parse_label(completion, task.labels)
+        if label is None:
+            raise AdapterParseError(
+                adapter_name=type(self).__name__,
+                signature=signature,
+                lm_response=completion,
+                message=f"The reply names none of the labels {list(task.labels)}.",
+            )
+        return {task.label_field: task.value_of(label)}

@@ -1,0 +1,306 @@
+"""The one Prompt-MII protocol: how examples, meta-prompts and follower prompts look,
+how a follower's reply becomes a label, and how predictions are scored.
+
+The optimizer, the :class:`~dspy_promptmii.adapter.LabelAdapter`, the benchmarks and
+the training reward all import from here, so that what the generator is trained on
+is exactly what it sees at compile time, and what the follower is scored on in
+training is exactly what it is scored on in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sklearn.metrics import accuracy_score, f1_score
+
+__all__ = [
+    "INVALID",
+    "TEMPLATES",
+    "NAIVE_INSTRUCTION",
+    "PLACEHOLDERS",
+    "label_list",
+    "format_line",
+    "with_format_line",
+    "field_title",
+    "render_inputs",
+    "render_example",
+    "render_examples",
+    "check_template",
+    "build_meta_prompt",
+    "clean_instruction",
+    "follower_prompt",
+    "normalize_label",
+    "parse_label",
+    "macro_f1",
+    "score",
+]
+
+#: What an unparseable follower reply is scored as: a class of its own, never a gold label.
+INVALID = "<invalid>"
+
+#: Placeholders a meta-prompt template must contain.
+PLACEHOLDERS = ("{label_names}", "{examples}")
+
+# Two meta-prompt templates, after the structure of the paper's "meta1" (a prompt for
+# a classifier model; used with Llama generators) and "meta2" (guidelines for a human
+# annotator; used with Qwen generators). The wording is this project's own.
+TEMPLATES: dict[str, str] = {
+    "meta1": (
+        "You are helping to write the prompt of a language model whose job is to sort "
+        "texts into these categories: {label_names}.\n\n"
+        "Here are some texts with the category each one belongs to:\n\n"
+        "{examples}\n\n"
+        "Write an instruction for that model. It should explain what the task is in a way "
+        "that carries over to texts the model has not seen, point out the cues and "
+        "strategies that tell the categories apart, and tell the model to answer with the "
+        "category name alone. Reply with the instruction only."
+    ),
+    "meta2": (
+        "You are drafting guidelines for a person who will annotate texts with exactly one "
+        "of these labels: {label_names}.\n\n"
+        "Some texts that were already annotated:\n\n"
+        "{examples}\n\n"
+        "Write the annotation guidelines. Say what the task is and what each label means, "
+        "give general rules for deciding on new texts rather than rules about these "
+        "particular ones, and warn about common pitfalls and borderline cases. Keep them "
+        "short and do not repeat yourself. Reply with the guidelines only."
+    ),
+}
+
+#: The "naive" baseline instruction: the task stated with no induction at all.
+NAIVE_INSTRUCTION = "Read the input and assign it the label that fits it best."
+
+_FORMAT_LINE = 'Only return one of these options: {labels}. Do not output "Label:" or any extra text.'
+
+
+def label_list(labels: Sequence[Any]) -> str:
+    """Labels as the protocol lists them: strings, comma-separated, in the given order."""
+    return ", ".join(str(label) for label in labels)
+
+
+def format_line(labels: Sequence[Any]) -> str:
+    """The answer-format line appended to every method's instruction (paper protocol)."""
+    return _FORMAT_LINE.format(labels=label_list(labels))
+
+
+def with_format_line(instruction: str, labels: Sequence[Any]) -> str:
+    """``instruction`` followed by the format line, unless it already ends with it."""
+    line = format_line(labels)
+    instruction = (instruction or "").rstrip()
+    if instruction.endswith(line):
+        return instruction
+    return f"{instruction}\n{line}" if instruction else line
+
+
+def field_title(name: str) -> str:
+    """How an input field is named in a rendered example: ``text_pair`` -> ``Text pair``."""
+    words = name.replace("_", " ").strip()
+    return words[:1].upper() + words[1:]
+
+
+def render_inputs(inputs: Mapping[str, Any], field_names: Sequence[str]) -> str:
+    """Render one example's inputs: ``Input: ...`` for a single field, else each field by name."""
+    if len(field_names) == 1:
+        return f"Input: {inputs[field_names[0]]}"
+    return "\n".join(f"{field_title(name)}: {inputs[name]}" for name in field_names)
+
+
+def render_example(inputs: Mapping[str, Any], label: str, field_names: Sequence[str]) -> str:
+    """One labelled example: its inputs, then ``Label: <label>``."""
+    return f"{render_inputs(inputs, field_names)}\nLabel: {label}"
+
+
+def render_examples(examples: Sequence[tuple[Mapping[str, Any], str]], field_names: Sequence[str]) -> str:
+    """Labelled examples, one block each, separated by a blank line."""
+    return "\n\n".join(render_example(inputs, label, field_names) for inputs, label in examples)
+
+
+def check_template(template: str) -> None:
+    """Raise ``ValueError`` naming every placeholder a custom template lacks."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError("template must be 'meta1', 'meta2', 'auto' or a non-empty template string")
+    missing = [p for p in PLACEHOLDERS if p not in template]
+    if missing:
+        raise ValueError(
+            f"custom template is missing the placeholder(s) {', '.join(missing)}; a template is "
+            f"'meta1', 'meta2', 'auto', or a string containing both {' and '.join(PLACEHOLDERS)}"
+        )
+
+
+def build_meta_prompt(
+    template: str,
+    labels: Sequence[Any],
+    examples: Sequence[tuple[Mapping[str, Any], str]],
+    field_names: Sequence[str],
+) -> str:
+    """The generator's prompt: a template (a name in :data:`TEMPLATES` or a custom string)
+    filled with the label list and the rendered examples."""
+    text = TEMPLATES.get(template, template)
+    check_template(text)
+    # str.replace, not str.format: examples and custom templates may hold braces.
+    return text.replace("{label_names}", label_list(labels)).replace(
+        "{examples}", render_examples(examples, field_names)
+    )
+
+
+# --- cleaning a generator's reply into an instruction -------------------------------
+
+_FENCE = re.compile(r"^\s*```[\w-]*\s*$")
+_HEADER_WORDS = r"(?:final\s+)?(?:instructions?|guidelines?|prompt|annotation\s+guidelines?|task\s+instructions?)"
+# A line that only announces what follows: "Instruction:", "**Guidelines**", "### Prompt",
+# "Here is the instruction:", "Sure! Here's a prompt for the model:".
+_HEADER_LINE = re.compile(
+    rf"^\s*(?:[#>*_\s]*)(?:(?:sure|okay|ok|certainly)[!,.]?\s*)?(?:here\s+(?:is|are)|here's)?"
+    rf"[^\n:]{{0,40}}?\b{_HEADER_WORDS}\b[^\n:]{{0,40}}?[:*_#\s]*$",
+    re.IGNORECASE,
+)
+_INLINE_HEADER = re.compile(rf"^\s*[#>*_\s]*{_HEADER_WORDS}\s*[*_]*\s*:\s*[*_]*\s*", re.IGNORECASE)
+_QUOTES = {('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`")}
+_FORMAT_ECHO = re.compile(r"^\s*only return one of these options\b.*$", re.IGNORECASE)
+
+
+def _strip_wrapping_quotes(text: str) -> str:
+    while len(text) >= 2 and (text[0], text[-1]) in _QUOTES:
+        inner = text[1:-1].strip()
+        if not inner:
+            break
+        text = inner
+    return text
+
+
+def _example_start(lines: list[str], field_names: Sequence[str]) -> int | None:
+    """Index of the first line that starts a copied example block (an input line
+    followed, within a few lines, by a ``Label:`` line), if there is one."""
+    prefixes = ["input:"] + [f"{field_title(name).lower()}:" for name in field_names]
+    for i, line in enumerate(lines):
+        stripped = line.strip().lower().lstrip("-*> ")
+        if any(stripped.startswith(p) for p in prefixes):
+            window = lines[i + 1 : i + 1 + max(2, len(field_names) + 1)]
+            if any(w.strip().lower().lstrip("-*> ").startswith("label:") for w in window):
+                return i
+    return None
+
+
+def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",)) -> str:
+    """Turn a generator's raw reply into an instruction.
+
+    Removes code fences, a leading header line ("Instruction:", "Here are the
+    guidelines:"), wrapping quotes, an echoed format line, and a trailing copy of the
+    labelled examples. Returns ``""`` when nothing is left.
+    """
+    if not reply:
+        return ""
+    lines = [line for line in reply.strip().splitlines() if not _FENCE.match(line)]
+    # Drop leading blank and header-only lines ("Instruction:", "**Guidelines**").
+    while lines and (not lines[0].strip() or (_HEADER_LINE.match(lines[0]) and len(lines[0]) <= 80)):
+        lines.pop(0)
+    if lines:
+        lines[0] = _INLINE_HEADER.sub("", lines[0], count=1)
+    cut = _example_start(lines, field_names)
+    if cut is not None and cut > 0:
+        lines = lines[:cut]
+    lines = [line for line in lines if not _FORMAT_ECHO.match(line)]
+    text = "\n".join(lines).strip()
+    return _strip_wrapping_quotes(text).strip()
+
+
+# --- the follower -----------------------------------------------------------------
+
+
+def follower_prompt(
+    instruction: str,
+    labels: Sequence[Any],
+    inputs: Mapping[str, Any],
+    field_names: Sequence[str],
+    demos: Sequence[tuple[Mapping[str, Any], str]] = (),
+) -> str:
+    """The follower's single user message: the instruction, the format line, any
+    demonstrations as Input/Label pairs, then the input to label."""
+    parts = [with_format_line(instruction, labels)]
+    if demos:
+        parts.append(render_examples(demos, field_names))
+    parts.append(f"{render_inputs(inputs, field_names)}\nLabel:")
+    return "\n\n".join(parts)
+
+
+_LABEL_PREFIX = re.compile(r"^\s*[*_`#>\s]*label\s*[*_]*\s*:\s*", re.IGNORECASE)
+_EDGE_PUNCT = " \t\"'`*_.,;:!?()[]{}<>\u201c\u201d\u2018\u2019\u00ab\u00bb"
+
+
+def normalize_label(text: Any) -> str:
+    """Case-folded, with surrounding punctuation and quotes removed and ``_``, ``-``
+    and runs of white space folded to one space."""
+    text = str(text).strip().strip(_EDGE_PUNCT)
+    text = re.sub(r"[\s_\-]+", " ", text)
+    return text.casefold().strip()
+
+
+def _json_label(text: str) -> str | None:
+    if not text.startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and len(value) == 1:
+        (only,) = value.values()
+        return str(only) if isinstance(only, (str, int, float, bool)) else None
+    return None
+
+
+def parse_label(reply: str | None, labels: Sequence[Any]) -> str | None:
+    """The label a follower's reply names, or ``None`` (invalid).
+
+    Reads a JSON object with one key (constrained decoding) or the first non-empty
+    line of text, minus a leading ``Label:``. An exact match wins; otherwise the one
+    label whose normalised form equals the reply's; anything else is invalid.
+    """
+    if reply is None:
+        return None
+    text = str(reply).strip()
+    whole_json = _json_label(text)
+    if whole_json is not None:
+        text = whole_json.strip()
+    text = next((line for line in text.splitlines() if line.strip()), "").strip()
+    text = _LABEL_PREFIX.sub("", text, count=1).strip()
+    as_str = [str(label) for label in labels]
+    if text in as_str:
+        return text
+    key = normalize_label(text)
+    if not key:
+        return None
+    matches = [label for label in as_str if normalize_label(label) == key]
+    return matches[0] if len(matches) == 1 else None
+
+
+# --- scoring ----------------------------------------------------------------------
+
+
+def _with_invalid(predicted: Sequence[str | None]) -> list[str]:
+    return [INVALID if p is None else str(p) for p in predicted]
+
+
+def macro_f1(gold: Sequence[Any], predicted: Sequence[str | None]) -> float:
+    """Macro-F1 (scikit-learn) over the classes present in gold or predictions, where an
+    invalid prediction (``None``) is its own class: wrong for every gold label, and a
+    class with F1 0 that counts in the average."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"gold has {len(gold)} labels but there are {len(predicted)} predictions")
+    if not gold:
+        raise ValueError("macro-F1 of an empty set of predictions is undefined")
+    return float(f1_score([str(g) for g in gold], _with_invalid(predicted), average="macro", zero_division=0))
+
+
+def score(gold: Sequence[Any], predicted: Sequence[str | None]) -> dict[str, float]:
+    """Macro-F1, accuracy and invalid-output rate of a list of predictions."""
+    f1 = macro_f1(gold, predicted)
+    pred = _with_invalid(predicted)
+    return {
+        "macro_f1": f1,
+        "accuracy": float(accuracy_score([str(g) for g in gold], pred)),
+        "invalid_rate": sum(p is None for p in predicted) / len(predicted),
+        "n": len(predicted),
+    }
