@@ -1,0 +1,251 @@
+"""``LocalServer``: llama.cpp's OpenAI-compatible server as a child process, with a
+ready ``dspy.LM`` routed to it."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dspy
+
+from dspy_promptmii.local.pull import resolve_model
+from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LocalServer", "ServerError", "RESPONSE_FORMAT_STYLE", "DEFAULT_N_CTX"]
+
+#: The constrained-decoding form llama.cpp's Python server accepts (see LabelAdapter).
+RESPONSE_FORMAT_STYLE = "json_object"
+#: Room for an n=20 meta-prompt (about 1-3k tokens on short-text tasks) plus a 1024-token reply.
+DEFAULT_N_CTX = 8192
+
+
+class ServerError(RuntimeError):
+    """The local server could not start or stopped answering."""
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Ask Linux to send the server SIGTERM if this process dies without stopping it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class LocalServer:
+    """Run llama.cpp's server on 127.0.0.1 and hand out ``dspy.LM`` objects routed to it.
+
+    >>> with LocalServer() as lm:            # doctest: +SKIP
+    ...     dspy.configure(lm=lm)
+
+    Args:
+        model: A registry name (default ``qwen2.5-coder-0.5b-instruct``) or a ``.gguf`` path.
+        n_ctx: Context size in tokens.
+        n_threads: CPU threads (default: all cores).
+        host, port: Where to listen; ``port=None`` picks a free one.
+        startup_timeout: Seconds to wait for the server to answer.
+        auto_pull: Pull a registry model that is not cached yet (else the error says how).
+        lm_kwargs: Defaults for the LM that ``start()`` returns (temperature 0 unless given).
+        command: The server command, before ``--model ...``; defaults to
+            ``python -m llama_cpp.server`` (tests put a stand-in here).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike = DEFAULT_MODEL,
+        *,
+        n_ctx: int = DEFAULT_N_CTX,
+        n_threads: int | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        startup_timeout: float = 180.0,
+        auto_pull: bool = False,
+        lm_kwargs: dict[str, Any] | None = None,
+        command: Sequence[str] | None = None,
+        stop_grace: float = 5.0,
+    ):
+        if n_ctx < 512:
+            raise ValueError(f"n_ctx must be at least 512, got {n_ctx}")
+        self.model = os.fspath(model)
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 2
+        self.host = host
+        self.port = port
+        self.startup_timeout = startup_timeout
+        self.auto_pull = auto_pull
+        self.lm_kwargs = {"temperature": 0.0, **(lm_kwargs or {})}
+        self.command = list(command) if command is not None else None
+        self.stop_grace = stop_grace
+        self.process: subprocess.Popen | None = None
+        self.model_path: Path | None = None
+        self._log: Any = None
+
+    # -- names ----------------------------------------------------------------------
+
+    @property
+    def alias(self) -> str:
+        """The model name the LM route carries (registry name, or the file's stem)."""
+        return self.model if self.model in REGISTRY else Path(self.model).stem
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-compatible base URL, e.g. ``http://127.0.0.1:PORT/v1``."""
+        if self.port is None:
+            raise ServerError("the server has not been started")
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> dspy.LM:
+        """Start the server, wait until it answers, and return an LM routed to it."""
+        if self.running:
+            return self.lm()
+        command = self.command
+        if command is None:
+            try:
+                import llama_cpp.server  # noqa: F401
+            except ImportError:
+                raise ServerError(
+                    "llama.cpp's server is not installed: pip install 'dspy-promptmii[local]' "
+                    "(builds llama-cpp-python from source, a few minutes)"
+                ) from None
+            command = [sys.executable, "-m", "llama_cpp.server"]
+        self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
+        if self.port is None:
+            self.port = _free_port(self.host)
+        elif _port_in_use(self.host, self.port):
+            raise ServerError(f"port {self.port} on {self.host} is already in use; pass another port or port=None")
+        args = [
+            *command,
+            "--model", str(self.model_path),
+            "--model_alias", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--n_threads", str(self.n_threads),
+        ]
+        self._log = tempfile.NamedTemporaryFile(prefix="promptmii-server-", suffix=".log", delete=False)
+        logger.info("starting %s", " ".join(args))
+        self.process = subprocess.Popen(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+        atexit.register(self.stop)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("local server ready at %s (model %s)", self.base_url, self.model_path)
+        return self.lm()
+
+    def _log_tail(self, lines: int = 40) -> str:
+        if self._log is None:
+            return ""
+        try:
+            text = Path(self._log.name).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"the server exited with code {self.process.returncode} while starting "
+                    f"(model {self.model_path}). Its output:\n{self._log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.2)
+        raise ServerError(
+            f"the server did not answer within {self.startup_timeout:.0f} s. Its output:\n{self._log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """Terminate the server (kill it after a grace period) and remove its log."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=self.stop_grace)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            Path(self._log.name).unlink(missing_ok=True)
+            self._log = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> dspy.LM:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- clients --------------------------------------------------------------------
+
+    def lm(self, **kwargs: Any) -> dspy.LM:
+        """A ``dspy.LM`` routed to this server; ``kwargs`` override the defaults.
+
+        The route is ``hosted_vllm/<alias>``: LiteLLM then sends ``max_tokens``, which
+        llama.cpp accepts (``openai/`` would send ``max_completion_tokens``).
+        """
+        if not self.running:
+            raise ServerError("the server is not running: call start() or use `with LocalServer() as lm:`")
+        settings = {**self.lm_kwargs, **kwargs}
+        return dspy.LM(f"hosted_vllm/{self.alias}", api_base=self.base_url, api_key="local", **settings)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` by the served model's own tokenizer."""
+        request = urllib.request.Request(
+            f"http://{self.host}:{self.port}/extras/tokenize/count",
+            data=json.dumps({"input": text}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return int(json.loads(response.read())["count"])

@@ -1,0 +1,116 @@
+"""Shared test fakes: a recording fake LM (no network, no model) and small helpers.
+
+Usage::
+
+    lm, engine = fake_lm(["reply one", "reply two"], model="fake/generator")
+    lm("hello")                      # -> ["reply one"]
+    engine.requests[0]               # the dspy.lm15 Request that was sent
+    engine.texts(0)                  # ["hello"]: the text of each message of request 0
+    engine.configs[0].temperature    # the settings of request 0
+
+``replies`` may be a list of strings (consumed in order; the last one repeats when
+the list runs out, and an empty list raises), a single string (always returned), or
+a callable ``request -> str``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import dspy  # noqa: E402
+from dspy.lm15 import Message, Response, Usage  # noqa: E402
+
+__all__ = ["FakeEngine", "fake_lm", "message_texts", "word_count"]
+
+Replies = Sequence[str] | str | Callable[[Any], str]
+
+
+def message_texts(message: Any) -> str:
+    """All the text parts of one dspy.lm15 message, joined."""
+    return "".join(getattr(part, "text", "") or "" for part in message.parts)
+
+
+def word_count(text: str) -> int:
+    """A deterministic stand-in token counter: white-space separated words."""
+    return len(text.split())
+
+
+class FakeEngine:
+    """A dspy.LM engine that records every request and answers from a script.
+
+    Usage reported per call: input tokens = words in all messages (at least 1),
+    output tokens = words in the reply (at least 1), unless ``usage`` is given as a
+    fixed ``(input_tokens, output_tokens)`` pair.
+    """
+
+    def __init__(self, replies: Replies, usage: tuple[int, int] | None = None):
+        self.replies = replies
+        self.usage = usage
+        self.requests: list[Any] = []
+        self._next = 0
+
+    # what dspy.LM calls
+    def complete(self, request: Any) -> Response:
+        self.requests.append(request)
+        text = self._reply(request)
+        if self.usage is not None:
+            input_tokens, output_tokens = self.usage
+        else:
+            input_tokens = max(1, sum(word_count(message_texts(m)) for m in request.messages))
+            output_tokens = max(1, word_count(text))
+        return Response(
+            id=f"fake-{len(self.requests)}",
+            model=request.model,
+            message=Message.assistant(text),
+            finish_reason="stop",
+            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens),
+        )
+
+    def _reply(self, request: Any) -> str:
+        if callable(self.replies):
+            return self.replies(request)
+        if isinstance(self.replies, str):
+            return self.replies
+        if not self.replies:
+            raise AssertionError("FakeEngine got a request but has no scripted replies")
+        text = self.replies[min(self._next, len(self.replies) - 1)]
+        self._next += 1
+        return text
+
+    # helpers for assertions
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    @property
+    def configs(self) -> list[Any]:
+        return [request.config for request in self.requests]
+
+    def texts(self, index: int = -1) -> list[str]:
+        """The text of each message of one request."""
+        return [message_texts(m) for m in self.requests[index].messages]
+
+    def roles(self, index: int = -1) -> list[str]:
+        return [str(getattr(m.role, "value", m.role)) for m in self.requests[index].messages]
+
+    def prompt(self, index: int = -1) -> str:
+        """The text of the only message of one request (asserts there is exactly one)."""
+        texts = self.texts(index)
+        assert len(texts) == 1, f"expected one message, got {len(texts)}: {texts!r}"
+        return texts[0]
+
+
+def fake_lm(
+    replies: Replies,
+    model: str = "fake/generator",
+    usage: tuple[int, int] | None = None,
+    **lm_kwargs: Any,
+) -> tuple[dspy.LM, FakeEngine]:
+    """A ``dspy.LM`` backed by a :class:`FakeEngine` (no cache, no network) and the engine."""
+    engine = FakeEngine(replies, usage=usage)
+    lm = dspy.LM(model, engine=engine, cache=False, **lm_kwargs)
+    return lm, engine
