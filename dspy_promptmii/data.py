@@ -25,6 +25,7 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no task file at {path}")
     rows: list[dict[str, Any]] = []
+    numbers: list[int] = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -40,11 +41,17 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if row.get("label") is None or str(row["label"]).strip() == "":
                 raise ValueError(f"{path}:{number}: missing 'label'")
             rows.append({**row, "label": str(row["label"])})
+            numbers.append(number)
     if not rows:
         raise ValueError(f"{path} holds no rows")
     with_pair = sum("text_pair" in row for row in rows)
     if 0 < with_pair < len(rows):
-        raise ValueError(f"{path}: 'text_pair' is in {with_pair} of {len(rows)} rows; it must be in all or none")
+        # Name the first line of the minority: the rows most likely to be the mistake.
+        odd = with_pair <= len(rows) - with_pair
+        line = next(n for n, row in zip(numbers, rows) if ("text_pair" in row) == odd)
+        raise ValueError(
+            f"{path}:{line}: 'text_pair' is in {with_pair} of {len(rows)} rows; it must be in all or none"
+        )
     return rows
 
 

@@ -160,13 +160,16 @@ _HEADER_LINE = re.compile(
 _INLINE_HEADER = re.compile(rf"^\s*[#>*_\s]*{_HEADER_WORDS}\s*[*_]*\s*:\s*[*_]*\s*", re.IGNORECASE)
 _QUOTES = {('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("\u2018", "\u2019"), ("`", "`")}
 _FORMAT_ECHO = re.compile(r"^\s*only return one of these options\b.*$", re.IGNORECASE)
+# A line ending like a sentence ("These guidelines explain how to label reviews.") is
+# part of the instruction, never a header to drop, even when it names a header word.
+_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)*_]*\s*$")
 
 
 def _strip_wrapping_quotes(text: str) -> str:
     while len(text) >= 2 and (text[0], text[-1]) in _QUOTES:
         inner = text[1:-1].strip()
         if not inner:
-            break
+            return ""  # nothing but quotes: no instruction
         text = inner
     return text
 
@@ -195,7 +198,10 @@ def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",))
         return ""
     lines = [line for line in reply.strip().splitlines() if not _FENCE.match(line)]
     # Drop leading blank and header-only lines ("Instruction:", "**Guidelines**").
-    while lines and (not lines[0].strip() or (_HEADER_LINE.match(lines[0]) and len(lines[0]) <= 80)):
+    while lines and (
+        not lines[0].strip()
+        or (_HEADER_LINE.match(lines[0]) and len(lines[0]) <= 80 and not _SENTENCE_END.search(lines[0]))
+    ):
         lines.pop(0)
     if lines:
         lines[0] = _INLINE_HEADER.sub("", lines[0], count=1)

@@ -24,7 +24,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import dspy  # noqa: E402
 from dspy.lm15 import Message, Response, Usage  # noqa: E402
 
-__all__ = ["FakeEngine", "fake_lm", "message_texts", "word_count"]
+__all__ = ["AsyncFakeEngine", "FakeEngine", "LegacyFakeEngine", "fake_lm", "message_texts", "word_count"]
 
 Replies = Sequence[str] | str | Callable[[Any], str]
 
@@ -67,7 +67,9 @@ class FakeEngine:
             model=request.model,
             message=Message.assistant(text),
             finish_reason="stop",
-            usage=Usage(input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens),
+            usage=Usage(
+                input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
+            ),
         )
 
     def _reply(self, request: Any) -> str:
@@ -104,13 +106,52 @@ class FakeEngine:
         return texts[0]
 
 
+class AsyncFakeEngine:
+    """The async counterpart of a :class:`FakeEngine`: same script, same request log."""
+
+    def __init__(self, sync: FakeEngine):
+        self.sync = sync
+
+    async def complete(self, request: Any) -> Response:
+        return self.sync.complete(request)
+
+
+class LegacyFakeEngine(FakeEngine):
+    """A :class:`FakeEngine` that takes DSPy's legacy (OpenAI-chat body) route.
+
+    DSPy turns a call into a canonical ``Request`` for ``complete``, and refuses
+    settings that have no canonical slot (e.g. ``response_format`` of type
+    ``json_object`` with a ``schema`` key, which a real ``dspy.LM`` then sends
+    through LiteLLM unchanged). This engine receives the body as sent, records it in
+    ``bodies``, and answers from the same script. DSPy 3.4 warns (DeprecationWarning)
+    that this route goes away in 3.5.
+    """
+
+    def __init__(self, replies: Replies, usage: tuple[int, int] | None = None):
+        super().__init__(replies, usage=usage)
+        self.bodies: list[dict[str, Any]] = []
+
+    def complete_legacy(self, lm: Any, request: dict[str, Any], **context: Any) -> Any:
+        from dspy.clients.call_result import CallResult
+        from dspy.lm15 import Request
+
+        self.bodies.append(request)
+        canonical = Request(model=request["model"], messages=tuple(
+            Message.user(m["content"]) for m in request["messages"] if m["role"] == "user"
+        ))
+        return CallResult.native(self.complete(canonical))
+
+
 def fake_lm(
     replies: Replies,
     model: str = "fake/generator",
     usage: tuple[int, int] | None = None,
+    legacy: bool = False,
     **lm_kwargs: Any,
 ) -> tuple[dspy.LM, FakeEngine]:
-    """A ``dspy.LM`` backed by a :class:`FakeEngine` (no cache, no network) and the engine."""
-    engine = FakeEngine(replies, usage=usage)
-    lm = dspy.LM(model, engine=engine, cache=False, **lm_kwargs)
+    """A ``dspy.LM`` backed by a :class:`FakeEngine` (no cache, no network; sync and
+    async calls share the engine's script and request log) and the engine.
+    ``legacy=True`` gives a :class:`LegacyFakeEngine` (see there)."""
+    engine = (LegacyFakeEngine if legacy else FakeEngine)(replies, usage=usage)
+    lm = dspy.LM(model, engine=engine, async_engine=AsyncFakeEngine(engine), cache=False, **lm_kwargs)
     return lm, engine

@@ -1,0 +1,226 @@
+"""The ``promptmii`` command: ``demo``, ``induce``, ``models pull|list``, ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# LiteLLM otherwise tries to download its model-cost map at import time; offline that
+# costs seconds of retries. A user's own setting wins.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+logger = logging.getLogger("dspy_promptmii")
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write ``data`` as JSON atomically: a finished file or none, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dspy_promptmii.demo import format_table, run_demo
+
+    print(
+        f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
+        f"{args.test_rows} held-out rows; follower {args.follower}, generator {args.generator or args.follower}.",
+        flush=True,
+    )
+    result = run_demo(
+        follower=args.follower,
+        generator=args.generator,
+        n=args.n,
+        test_rows=args.test_rows,
+        seed=args.seed,
+        constrained=not args.no_constrained,
+        adapter=args.adapter,
+        n_ctx=args.n_ctx,
+    )
+    print("\nInstruction written by the generator in one call:\n")
+    print(_indent(result["instruction"]))
+    print()
+    print(format_table(result["results"]))
+    if args.out:
+        write_json(result, args.out)
+        print(f"\nresults written to {args.out}")
+    return 0
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+# -- induce ----------------------------------------------------------------------------
+
+
+def _induce(args: argparse.Namespace) -> int:
+    import dspy
+
+    from dspy_promptmii.data import load_task
+    from dspy_promptmii.optimizer import PromptMIIOptimizer
+    from dspy_promptmii.routes import LMPool
+
+    task = load_task(args.data)
+    program = dspy.Predict(task.signature())
+    with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
+        endpoint = pool.endpoint(args.generator, temperature=0.0, max_tokens=args.max_tokens)
+        budget = args.max_prompt_tokens
+        if budget is None and endpoint.context_tokens:
+            budget = endpoint.context_tokens - args.max_tokens - 64
+        optimizer = PromptMIIOptimizer(
+            generator_lm=endpoint.lm,
+            n=args.n,
+            template=args.template,
+            seed=args.seed,
+            sampling=args.sampling,
+            max_prompt_tokens=budget,
+            token_counter=endpoint.token_counter,
+            max_tokens=args.max_tokens,
+        )
+        compiled = optimizer.compile(program, trainset=task.examples())
+    instruction = compiled.predictors()[0].signature.instructions
+    print(instruction)
+    if args.out:
+        write_json(
+            {"data": str(args.data), "generator": endpoint.route, "instruction": instruction, "report": optimizer.report},
+            args.out,
+        )
+        print(f"\ninstruction and report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+# -- models ----------------------------------------------------------------------------
+
+
+def _models_pull(args: argparse.Namespace) -> int:
+    from dspy_promptmii.local import pull
+
+    path = pull(args.name)
+    print(path)
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from dspy_promptmii.local import REGISTRY, cached_path, models_dir
+
+    print(f"cache: {models_dir()}")
+    for name, spec in REGISTRY.items():
+        path = cached_path(spec)
+        present = path.is_file() and path.stat().st_size == spec.size
+        state = f"cached  {path}" if present else "not cached"
+        print(f"  {name:30s} {spec.size / 1e6:8.1f} MB  {state}\n      {spec.description}")
+    return 0
+
+
+# -- serve -----------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dspy_promptmii.local import LocalServer
+
+    server = LocalServer(args.model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True)
+    with server:
+        print(f"serving {server.model_path} at {server.base_url}", flush=True)
+        print(f'in DSPy: dspy.LM("hosted_vllm/{server.alias}", api_base="{server.base_url}", api_key="local")', flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        try:
+            while server.running:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dspy_promptmii.local.registry import DEFAULT_MODEL
+    from dspy_promptmii.local.server import DEFAULT_N_CTX
+
+    parser = argparse.ArgumentParser(prog="promptmii", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    lm_help = "'local' (the embedded default), a registry model, a .gguf path, or a LiteLLM route"
+
+    demo = commands.add_parser("demo", help="compile and evaluate a classifier on the embedded model, offline")
+    demo.add_argument("--follower", default="local", help=f"the follower LM: {lm_help}")
+    demo.add_argument("--generator", default=None, help="the generator LM (default: the follower)")
+    demo.add_argument("--n", type=int, default=20, help="labelled examples every method sees (default 20)")
+    demo.add_argument("--test-rows", type=int, default=100, help="held-out rows to evaluate on (default 100)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--adapter", choices=("label", "chat"), default="label",
+                      help="follower prompt: the compact LabelAdapter (default) or DSPy's ChatAdapter")
+    demo.add_argument("--no-constrained", action="store_true", help="no constrained decoding with LabelAdapter")
+    demo.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context size of the local server")
+    demo.add_argument("--out", help="also write the results as JSON here")
+    demo.set_defaults(func=_demo)
+
+    induce = commands.add_parser("induce", help="write an instruction for a JSONL task file")
+    induce.add_argument("--data", required=True, help='JSONL with {"text", ["text_pair"], "label"}, or a task folder')
+    induce.add_argument("--generator", required=True, help=f"the generator LM: {lm_help}")
+    induce.add_argument("--api-base", help="base URL of an OpenAI-compatible server (vLLM, llama.cpp, ...)")
+    induce.add_argument("--n", type=int, default=20, help="examples shown to the generator (default 20)")
+    induce.add_argument("--template", default="auto", help="meta1, meta2, auto (default) or a custom template")
+    induce.add_argument("--seed", type=int, default=0)
+    induce.add_argument("--sampling", choices=("stratified", "random"), default="stratified")
+    induce.add_argument("--max-tokens", type=int, default=1024, help="most tokens the generator may write")
+    induce.add_argument("--max-prompt-tokens", type=int, help="meta-prompt budget (local default: context - reply)")
+    induce.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context size of a local server")
+    induce.add_argument("--out", help="write the instruction and the report as JSON here")
+    induce.set_defaults(func=_induce)
+
+    models = commands.add_parser("models", help="the embedded models: pull, list")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    pull = model_commands.add_parser("pull", help="download, verify and cache a model")
+    pull.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL})")
+    pull.set_defaults(func=_models_pull)
+    listing = model_commands.add_parser("list", help="registry models, cached or not")
+    listing.set_defaults(func=_models_list)
+
+    serve = commands.add_parser("serve", help="run llama.cpp's OpenAI-compatible server for a local model")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help="registry name or .gguf path")
+    serve.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    serve.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
+    serve.add_argument("--threads", type=int, default=None)
+    serve.set_defaults(func=_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("dspy_promptmii").setLevel(logging.INFO)
+        for noisy in ("LiteLLM", "httpx", "dspy"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"promptmii: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
