@@ -16,7 +16,7 @@ from dspy.clients.base_lm import BaseLM
 from dspy.signatures.signature import Signature
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_promptmii.protocol import follower_prompt, parse_label, render_inputs
+from dspy_promptmii.protocol import DEMO_STYLES, follower_messages, parse_label, render_inputs
 from dspy_promptmii.task import ClassificationTask, signature_task
 
 __all__ = ["LabelAdapter", "label_response_format"]
@@ -61,6 +61,10 @@ class LabelAdapter(Adapter):
         fallback: Adapter used for predictors that are not single-label classifiers
             (e.g. a ChainOfThought's reasoning + label, or a free-text step).
             Defaults to ``dspy.ChatAdapter()``.
+        demos: How a predictor's demos are shown. ``"inline"`` (default, the paper's
+            protocol): Input/Label pairs inside the one user message. ``"turns"``: one
+            user/assistant exchange per demo after a system message holding the
+            instruction; much better for ICL with small chat models (README).
     """
 
     def __init__(
@@ -68,8 +72,12 @@ class LabelAdapter(Adapter):
         constrained: bool | ConstrainedStyle = False,
         fallback: Adapter | None = None,
         callbacks: list | None = None,
+        demos: str = "inline",
     ):
         super().__init__(callbacks=callbacks)
+        if demos not in DEMO_STYLES:
+            raise ValueError(f"demos must be one of {DEMO_STYLES}, got {demos!r}")
+        self.demos = demos
         if constrained is True:
             constrained = "json_schema"
         if constrained not in (False, "json_schema", "json_object"):
@@ -129,8 +137,9 @@ class LabelAdapter(Adapter):
             label = task.label_of(demo.get(task.label_field)) if demo.get(task.label_field) is not None else None
             if label is not None and all(demo.get(name) is not None for name in task.input_fields):
                 shown.append(({name: demo[name] for name in task.input_fields}, label))
-        prompt = follower_prompt(signature.instructions, task.labels, inputs, task.input_fields, shown)
-        return [{"role": "user", "content": prompt}]
+        return follower_messages(
+            signature.instructions, task.labels, inputs, task.input_fields, shown, demo_style=self.demos
+        )
 
     def format_field_description(self, signature: type[Signature]) -> str:
         return ""

@@ -79,8 +79,10 @@ def run_demo(
     with LMPool(n_ctx=n_ctx) as pool:
         follow = pool.endpoint(follower, temperature=0.0, max_tokens=16, cache=False)
         gen = pool.endpoint(generator or follower, temperature=0.0, max_tokens=1024, cache=False)
+        # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
+        # better than inline (README). Methods without demos get the one-message prompt.
         chosen = (
-            LabelAdapter(constrained=follow.constrained_style if constrained else False)
+            LabelAdapter(constrained=follow.constrained_style if constrained else False, demos="turns")
             if adapter == "label"
             else dspy.ChatAdapter()
         )

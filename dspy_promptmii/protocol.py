@@ -32,6 +32,8 @@ __all__ = [
     "build_meta_prompt",
     "clean_instruction",
     "follower_prompt",
+    "follower_messages",
+    "DEMO_STYLES",
     "normalize_label",
     "parse_label",
     "macro_f1",
@@ -230,6 +232,37 @@ def follower_prompt(
         parts.append(render_examples(demos, field_names))
     parts.append(f"{render_inputs(inputs, field_names)}\nLabel:")
     return "\n\n".join(parts)
+
+
+DEMO_STYLES = ("inline", "turns")
+
+
+def follower_messages(
+    instruction: str,
+    labels: Sequence[Any],
+    inputs: Mapping[str, Any],
+    field_names: Sequence[str],
+    demos: Sequence[tuple[Mapping[str, Any], str]] = (),
+    demo_style: str = "inline",
+) -> list[dict[str, str]]:
+    """The follower's chat messages.
+
+    Without demos, and with ``demo_style="inline"`` (the paper's protocol), one user
+    message: :func:`follower_prompt`. With ``demo_style="turns"``, the instruction and
+    format line as the system message, each demo as a user turn (its input) and an
+    assistant turn (its label), then the input as the last user turn; small chat
+    models follow many demos far better this way.
+    """
+    if demo_style not in DEMO_STYLES:
+        raise ValueError(f"demo_style must be one of {DEMO_STYLES}, got {demo_style!r}")
+    if not demos or demo_style == "inline":
+        return [{"role": "user", "content": follower_prompt(instruction, labels, inputs, field_names, demos)}]
+    messages = [{"role": "system", "content": with_format_line(instruction, labels)}]
+    for demo_inputs, label in demos:
+        messages.append({"role": "user", "content": render_inputs(demo_inputs, field_names)})
+        messages.append({"role": "assistant", "content": str(label)})
+    messages.append({"role": "user", "content": render_inputs(inputs, field_names)})
+    return messages
 
 
 _LABEL_PREFIX = re.compile(r"^\s*[*_`#>\s]*label\s*[*_]*\s*:\s*", re.IGNORECASE)
