@@ -154,9 +154,11 @@ _FENCE = re.compile(r"^\s*```[\w-]*\s*$")
 _HEADER_WORDS = r"(?:final\s+)?(?:instructions?|guidelines?|prompt|annotation\s+guidelines?|task\s+instructions?)"
 # A line that only announces what follows: "Instruction:", "**Guidelines**", "### Prompt",
 # "Here is the instruction:", "Sure! Here's a prompt for the model:".
-_HEADER_LINE = re.compile(
-    rf"^\s*(?:[#>*_\s]*)(?:(?:sure|okay|ok|certainly)[!,.]?\s*)?(?:here\s+(?:is|are)|here's)?"
-    rf"[^\n:]{{0,40}}?\b{_HEADER_WORDS}\b[^\n:]{{0,40}}?[:*_#\s]*$",
+_HEADER_LINE = re.compile(rf"\b{_HEADER_WORDS}\b", re.IGNORECASE)
+# What makes a line a header rather than a sentence: it ends with a colon, it is
+# markdown-decorated as a heading or in bold, or it opens with "Here is"/"Sure".
+_HEADER_FORM = re.compile(
+    r"(?::[*_\s]*$)|(?:^\s*#)|(?:^\s*[*_]{2}.*[*_]{2}\s*$)|(?:^\s*(?:sure|okay|ok|certainly|here\s+(?:is|are)|here's)\b)",
     re.IGNORECASE,
 )
 _INLINE_HEADER = re.compile(rf"^\s*[#>*_\s]*{_HEADER_WORDS}\s*[*_]*\s*:\s*[*_]*\s*", re.IGNORECASE)
@@ -176,38 +178,56 @@ def _strip_wrapping_quotes(text: str) -> str:
     return text
 
 
-def _example_start(lines: list[str], field_names: Sequence[str]) -> int | None:
-    """Index of the first line that starts a copied example block (an input line
-    followed, within a few lines, by a ``Label:`` line), if there is one."""
-    prefixes = ["input:"] + [f"{field_title(name).lower()}:" for name in field_names]
-    for i, line in enumerate(lines):
-        stripped = line.strip().lower().lstrip("-*> ")
-        if any(stripped.startswith(p) for p in prefixes):
-            window = lines[i + 1 : i + 1 + max(2, len(field_names) + 1)]
-            if any(w.strip().lower().lstrip("-*> ").startswith("label:") for w in window):
-                return i
-    return None
+def _example_lines(field_names: Sequence[str]) -> tuple[str, ...]:
+    return ("input:", "label:", *(f"{field_title(name).lower()}:" for name in field_names))
+
+
+def _trailing_examples_start(lines: list[str], field_names: Sequence[str]) -> int | None:
+    """Index where a trailing copy of labelled examples begins: from there on, every
+    non-blank line is an input or ``Label:`` line, and there is at least one label."""
+    prefixes = _example_lines(field_names)
+    start = None
+    for i in range(len(lines) - 1, -1, -1):
+        stripped = lines[i].strip().lower().lstrip("-*> ")
+        if not stripped:
+            continue
+        if not stripped.startswith(prefixes):
+            break
+        start = i
+    if start is None:
+        return None
+    tail = [line.strip().lower().lstrip("-*> ") for line in lines[start:]]
+    return start if any(line.startswith("label:") for line in tail) else None
+
+
+def _is_header(line: str) -> bool:
+    """A short line that only announces what follows ("Instruction:", "### Guidelines",
+    "Sure! Here's a prompt for the model:"), not a sentence of the instruction."""
+    return (
+        len(line) <= 80
+        and bool(_HEADER_LINE.search(line))
+        and bool(_HEADER_FORM.search(line))
+        and not _SENTENCE_END.search(line)
+    )
 
 
 def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",)) -> str:
     """Turn a generator's raw reply into an instruction.
 
-    Removes code fences, a leading header line ("Instruction:", "Here are the
+    Removes code fences, leading header lines ("Instruction:", "Here are the
     guidelines:"), wrapping quotes, an echoed format line, and a trailing copy of the
-    labelled examples. Returns ``""`` when nothing is left.
+    labelled examples (examples used as illustrations inside the text are kept).
+    Returns ``""`` when nothing is left.
     """
     if not reply:
         return ""
     lines = [line for line in reply.strip().splitlines() if not _FENCE.match(line)]
     # Drop leading blank and header-only lines ("Instruction:", "**Guidelines**").
-    while lines and (
-        not lines[0].strip()
-        or (_HEADER_LINE.match(lines[0]) and len(lines[0]) <= 80 and not _SENTENCE_END.search(lines[0]))
-    ):
+    while lines and (not lines[0].strip() or _is_header(lines[0])):
         lines.pop(0)
     if lines:
         lines[0] = _INLINE_HEADER.sub("", lines[0], count=1)
-    cut = _example_start(lines, field_names)
+    cut = _trailing_examples_start(lines, field_names)
     if cut is not None and cut > 0:
         lines = lines[:cut]
     lines = [line for line in lines if not _FORMAT_ECHO.match(line)]

@@ -156,6 +156,22 @@ def test_clean_instruction_keeps_a_normal_multi_paragraph_instruction():
     assert clean_instruction("  \n" + text + "\n\n") == text
 
 
+def test_clean_instruction_keeps_a_title_like_first_sentence_without_header_form():
+    # Names a header word ("prompt") but is neither a colon line, a heading, bold, nor "Here is".
+    text = "Classify each prompt as positive or negative\nLook at the verbs."
+    assert clean_instruction(text) == text
+
+
+def test_clean_instruction_keeps_an_illustrative_example_followed_by_prose():
+    text = "Label the mood.\nFor example:\nInput: great film\nLabel: positive\nPraise means positive."
+    assert clean_instruction(text) == text
+
+
+def test_clean_instruction_cuts_only_the_trailing_copy_of_examples():
+    text = "Label the mood.\nInput: a\nLabel: positive\nPraise means positive.\n\nInput: b\nLabel: negative"
+    assert clean_instruction(text) == "Label the mood.\nInput: a\nLabel: positive\nPraise means positive."
+
+
 @pytest.mark.parametrize("reply", [None, "", "   ", "Instruction:", "```\n```", '""', "**Guidelines**\n\n"])
 def test_clean_instruction_empty_when_nothing_is_left(reply):
     assert clean_instruction(reply) == ""
