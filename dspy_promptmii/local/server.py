@@ -28,7 +28,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LocalServer", "ServerError", "RESPONSE_FORMAT_STYLE", "DEFAULT_N_CTX"]
 
-#: The constrained-decoding form llama.cpp's Python server accepts (see LabelAdapter).
+#: The constrained-decoding form to use with llama.cpp's server (see LabelAdapter). Measured
+#: on SNIPS with the 0.5B follower (30 rows, naive instruction): the JSON form raised
+#: macro-F1 from 0.296 to 0.486, at about 2.5x the time per query; a grammar of the bare
+#: labels ("grammar") is as fast as plain text but, like plain text, scored 0.296.
 RESPONSE_FORMAT_STYLE = "json_object"
 #: Room for an n=20 meta-prompt (about 1-3k tokens on short-text tasks) plus a 1024-token reply.
 DEFAULT_N_CTX = 8192
