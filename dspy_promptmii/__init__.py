@@ -4,26 +4,60 @@
 >>> from dspy_promptmii import PromptMIIOptimizer
 >>> optimizer = PromptMIIOptimizer(generator_lm=dspy.LM("openai/gpt-4o-mini"), n=20)
 >>> compiled = optimizer.compile(program, trainset=trainset)  # doctest: +SKIP
+
+Names are imported on first use, so that ``dspy_promptmii.protocol`` (the one protocol,
+which needs only scikit-learn) can be used where DSPy is not installed, e.g. by the
+training reward on GPU nodes.
 """
 
-from dspy_promptmii.adapter import LabelAdapter, label_response_format
-from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, choose_template
-from dspy_promptmii.protocol import INVALID, NAIVE_INSTRUCTION, TEMPLATES, format_line, macro_f1, parse_label, score
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PromptMIIOptimizer",
-    "LabelAdapter",
-    "label_response_format",
-    "GenerationError",
-    "PromptBudgetError",
-    "choose_template",
-    "INVALID",
-    "NAIVE_INSTRUCTION",
-    "TEMPLATES",
-    "format_line",
-    "macro_f1",
-    "parse_label",
-    "score",
-]
+_EXPORTS = {
+    "PromptMIIOptimizer": "dspy_promptmii.optimizer",
+    "GenerationError": "dspy_promptmii.optimizer",
+    "PromptBudgetError": "dspy_promptmii.optimizer",
+    "choose_template": "dspy_promptmii.optimizer",
+    "LabelAdapter": "dspy_promptmii.adapter",
+    "label_response_format": "dspy_promptmii.protocol",
+    "INVALID": "dspy_promptmii.protocol",
+    "NAIVE_INSTRUCTION": "dspy_promptmii.protocol",
+    "TEMPLATES": "dspy_promptmii.protocol",
+    "format_line": "dspy_promptmii.protocol",
+    "macro_f1": "dspy_promptmii.protocol",
+    "parse_label": "dspy_promptmii.protocol",
+    "score": "dspy_promptmii.protocol",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dspy_promptmii.adapter import LabelAdapter
+    from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, choose_template
+    from dspy_promptmii.protocol import (
+        INVALID,
+        NAIVE_INSTRUCTION,
+        TEMPLATES,
+        format_line,
+        label_response_format,
+        macro_f1,
+        parse_label,
+        score,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dspy_promptmii' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -8,8 +8,6 @@ with far fewer prompt tokens and far fewer unparseable replies.
 
 from __future__ import annotations
 
-import json
-
 from typing import Any, Literal
 
 from dspy.adapters.base import Adapter
@@ -18,50 +16,20 @@ from dspy.clients.base_lm import BaseLM
 from dspy.signatures.signature import Signature
 from dspy.utils.exceptions import AdapterParseError
 
-from dspy_promptmii.protocol import DEMO_STYLES, follower_messages, parse_label, render_inputs
+from dspy_promptmii.protocol import (
+    CONSTRAINED_STYLES,
+    DEMO_STYLES,
+    ConstrainedStyle,
+    constrained_body,
+    follower_messages,
+    label_grammar,
+    label_response_format,
+    parse_label,
+    render_inputs,
+)
 from dspy_promptmii.task import ClassificationTask, signature_task
 
 __all__ = ["LabelAdapter", "label_response_format", "label_grammar", "constrained_body", "CONSTRAINED_STYLES"]
-
-ConstrainedStyle = Literal["json_schema", "json_object", "grammar"]
-CONSTRAINED_STYLES = ("json_schema", "json_object", "grammar")
-
-
-def label_grammar(labels: list[str] | tuple[str, ...]) -> str:
-    """A GBNF grammar (llama.cpp) whose only sentences are the labels themselves."""
-    return "root ::= " + " | ".join(json.dumps(str(label), ensure_ascii=False) for label in labels)
-
-
-def label_response_format(labels: list[str] | tuple[str, ...], style: ConstrainedStyle = "json_schema") -> dict:
-    """A ``response_format`` that lets the LM write only ``{"label": <one of labels>}``.
-
-    ``json_schema`` is the OpenAI form (vLLM, SGLang, OpenAI); ``json_object`` with a
-    ``schema`` key is the form llama.cpp's Python server (llama-cpp-python) accepts.
-    """
-    schema = {
-        "type": "object",
-        "properties": {"label": {"type": "string", "enum": [str(label) for label in labels]}},
-        "required": ["label"],
-        "additionalProperties": False,
-    }
-    if style == "json_schema":
-        return {"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}
-    if style == "json_object":
-        return {"type": "json_object", "schema": schema}
-    raise ValueError(f"a response_format style is 'json_schema' or 'json_object', got {style!r}")
-
-
-def constrained_body(labels: list[str] | tuple[str, ...], style: ConstrainedStyle) -> dict:
-    """The fields an OpenAI-compatible request body needs so that the LM can answer with
-    nothing but one of the labels: a ``response_format`` (JSON styles) or a llama.cpp
-    ``grammar`` of the bare labels (no JSON wrapper: fewer tokens, about as fast as
-    unconstrained decoding)."""
-    if style == "grammar":
-        return {"grammar": label_grammar(labels)}
-    if style in ("json_schema", "json_object"):
-        return {"response_format": label_response_format(labels, style)}
-    raise ValueError(f"constrained decoding style must be one of {CONSTRAINED_STYLES}, got {style!r}")
-
 
 def _signature_task(signature: type[Signature]) -> ClassificationTask | None:
     """The task of a signature whose only output is a classification field."""

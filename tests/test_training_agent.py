@@ -10,7 +10,6 @@ import asyncio
 import importlib.util
 import json
 import logging
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +20,6 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
 
 from training.follower import Follower, FollowerConfig  # noqa: E402
 from training.openrlhf_compat import OpenRLHFUnavailable, agent_module  # noqa: E402

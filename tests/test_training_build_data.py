@@ -7,14 +7,12 @@ from __future__ import annotations
 import ast
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # training/, fakes
 
 import dspy  # noqa: E402
 

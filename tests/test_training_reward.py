@@ -9,14 +9,12 @@ import asyncio
 import json
 import logging
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from dspy_promptmii.protocol import follower_prompt  # noqa: E402
 from training import reward  # noqa: E402

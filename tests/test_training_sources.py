@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from fakes import fake_lm  # noqa: E402
 from training.sources import (  # noqa: E402

@@ -5,12 +5,10 @@ template, a GGUF vocabulary through llama.cpp, and the errors."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.tokens import ApproxCounter, HFCounter, load_counter  # noqa: E402
 

@@ -48,8 +48,14 @@ from typing import Any, Literal
 
 import httpx
 
-from dspy_promptmii.adapter import CONSTRAINED_STYLES, constrained_body
-from dspy_promptmii.protocol import clean_instruction, follower_prompt, parse_label, score
+from dspy_promptmii.protocol import (
+    CONSTRAINED_STYLES,
+    clean_instruction,
+    constrained_body,
+    follower_prompt,
+    parse_label,
+    score,
+)
 
 logger = logging.getLogger("training.follower")
 
