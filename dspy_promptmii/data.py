@@ -107,6 +107,8 @@ def split_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A seeded, disjoint (train, test) split: ``test`` rows are drawn first, so the test
     rows stay the same whatever ``train`` is; train is the next ``train`` rows."""
+    if train < 0 or test < 0:
+        raise ValueError(f"train and test row counts must not be negative, got train={train}, test={test}")
     if train + test > len(rows):
         raise ValueError(f"asked for {train} train + {test} test rows but the task has {len(rows)}")
     order = list(range(len(rows)))

@@ -69,6 +69,11 @@ def run_demo(
     if adapter not in ("label", "chat"):
         raise ValueError(f"adapter must be 'label' or 'chat', got {adapter!r}")
     task = demo_task()
+    if not 1 <= test_rows <= len(task.rows) - n:
+        raise ValueError(
+            f"test_rows must be between 1 and {len(task.rows) - n} (the demo task has {len(task.rows)} rows "
+            f"and n={n} of them are the labelled examples), got {test_rows}"
+        )
     # Held-out test rows first; the n labelled examples every method sees are a
     # stratified sample of the rest.
     pool_rows, test_rows_ = split_rows(task.rows, train=len(task.rows) - test_rows, test=test_rows, seed=seed)

@@ -183,3 +183,9 @@ def test_load_task_from_folder_or_file(tmp_path):
 def test_classifier_signature_literal():
     signature = classifier_signature(["x", "y"], pair=False)
     assert signature.output_fields["label"].annotation == Literal["x", "y"]
+
+
+def test_split_rows_rejects_negative_counts():
+    rows = [{"text": str(i), "label": "a"} for i in range(10)]
+    with pytest.raises(ValueError, match="must not be negative"):
+        split_rows(rows, train=-5, test=12)
