@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -201,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dspy.utils.exceptions import LMError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -219,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"promptmii: error: {message}", file=sys.stderr)
+        return 2
+    except LMError as error:
+        # An LM route that cannot be called (e.g. a model name no provider knows):
+        # DSPy's error, whose first line names the problem, not a traceback.
+        lines = str(error).strip().splitlines()
+        print(f"promptmii: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
         return 2
 
 
