@@ -92,7 +92,7 @@ class LMPool:
             server.stop()
         self._servers.clear()
 
-    def __enter__(self) -> "LMPool":
+    def __enter__(self) -> LMPool:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -22,7 +22,7 @@ class Usage:
     completion_tokens: int = 0
     calls_without_usage: int = 0
 
-    def __sub__(self, other: "Usage") -> "Usage":
+    def __sub__(self, other: Usage) -> Usage:
         return Usage(
             self.calls - other.calls,
             self.prompt_tokens - other.prompt_tokens,

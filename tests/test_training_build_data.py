@@ -11,14 +11,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-
 import dspy  # noqa: E402
+import pytest
+from fakes import fake_lm  # noqa: E402
 
 from dspy_promptmii import PromptMIIOptimizer  # noqa: E402
 from dspy_promptmii.data import TaskData, load_task  # noqa: E402
-from fakes import fake_lm  # noqa: E402
 from training import build_data  # noqa: E402
 from training.build_data import BuildConfig, context_seed, plan_contexts, sample_context  # noqa: E402
 from training.tokens import ApproxCounter  # noqa: E402

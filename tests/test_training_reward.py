@@ -9,12 +9,10 @@ import asyncio
 import json
 import logging
 import socket
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-
 
 from dspy_promptmii.protocol import follower_prompt  # noqa: E402
 from training import reward  # noqa: E402

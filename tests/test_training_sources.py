@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-
 from fakes import fake_lm  # noqa: E402
+
 from training.sources import (  # noqa: E402
     ColumnChoice,
     ColumnDetectionError,

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-
 from training.tokens import ApproxCounter, HFCounter, load_counter  # noqa: E402
 
 GGUF = Path.home() / ".cache" / "dspy_promptmii" / "models" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
