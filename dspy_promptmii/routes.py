@@ -49,12 +49,24 @@ class Endpoint:
 class LMPool:
     """Hands out LMs for routes; one local server per local model, all stopped on exit.
 
+    ``n_threads`` sets the CPU threads of local servers (default: all cores). llama.cpp's
+    threads spin at every step, so when two local servers share a small machine (e.g.
+    a generator and a follower of different sizes), one thread each is much faster.
+
     >>> with LMPool() as pool:                                   # doctest: +SKIP
     ...     follower = pool.endpoint("local", max_tokens=16)
     """
 
-    def __init__(self, *, n_ctx: int = DEFAULT_N_CTX, auto_pull: bool = True, api_base: str | None = None):
+    def __init__(
+        self,
+        *,
+        n_ctx: int = DEFAULT_N_CTX,
+        n_threads: int | None = None,
+        auto_pull: bool = True,
+        api_base: str | None = None,
+    ):
         self.n_ctx = n_ctx
+        self.n_threads = n_threads
         self.auto_pull = auto_pull
         self.api_base = api_base
         self._servers: dict[str, LocalServer] = {}
@@ -65,7 +77,7 @@ class LMPool:
             model = DEFAULT_MODEL if route == "local" else route
             server = self._servers.get(model)
             if server is None:
-                server = LocalServer(model, n_ctx=self.n_ctx, auto_pull=self.auto_pull)
+                server = LocalServer(model, n_ctx=self.n_ctx, n_threads=self.n_threads, auto_pull=self.auto_pull)
                 server.start()
                 self._servers[model] = server
             return Endpoint(
