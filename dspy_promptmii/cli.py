@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from pathlib import Path
-from typing import Any
 
 # LiteLLM otherwise tries to download its model-cost map at import time; offline that
 # costs seconds of retries. A user's own setting wins.
@@ -20,20 +15,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 logger = logging.getLogger("dspy_promptmii")
 
 
-def write_json(data: Any, path: str | Path) -> None:
-    """Write ``data`` as JSON atomically: a finished file or none, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
-
-
 # -- demo ------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.demo import format_table, run_demo
+    from dspy_promptmii.files import write_json
 
     print(
         f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
@@ -71,6 +58,7 @@ def _induce(args: argparse.Namespace) -> int:
     import dspy
 
     from dspy_promptmii.data import load_task
+    from dspy_promptmii.files import write_json
     from dspy_promptmii.optimizer import PromptMIIOptimizer
     from dspy_promptmii.routes import LMPool
 
@@ -96,7 +84,12 @@ def _induce(args: argparse.Namespace) -> int:
     print(instruction)
     if args.out:
         write_json(
-            {"data": str(args.data), "generator": endpoint.route, "instruction": instruction, "report": optimizer.report},
+            {
+                "data": str(args.data),
+                "generator": endpoint.route,
+                "instruction": instruction,
+                "report": optimizer.report,
+            },
             args.out,
         )
         print(f"\ninstruction and report written to {args.out}", file=sys.stderr)
@@ -135,7 +128,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = LocalServer(args.model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True)
     with server:
         print(f"serving {server.model_path} at {server.base_url}", flush=True)
-        print(f'in DSPy: dspy.LM("hosted_vllm/{server.alias}", api_base="{server.base_url}", api_key="local")', flush=True)
+        route = f'dspy.LM("hosted_vllm/{server.alias}", api_base="{server.base_url}", api_key="local")'
+        print(f"in DSPy: {route}", flush=True)
         print("Ctrl-C stops it.", flush=True)
         try:
             while server.running:

@@ -3,6 +3,7 @@ the protocol's metrics, invalid-output rate and prompt tokens per query."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from dspy.utils.exceptions import AdapterParseError
 from dspy_promptmii.protocol import score
 from dspy_promptmii.task import ClassificationTask, signature_task
 from dspy_promptmii.usage import metered
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Evaluation", "evaluate", "program_task"]
 
@@ -28,6 +31,7 @@ class Evaluation:
     n: int
     prompt_tokens_per_query: float | None
     calls: int
+    lm_errors: int
     seconds: float
     predictions: list[str | None] = field(repr=False, default_factory=list)
 
@@ -73,7 +77,8 @@ def evaluate(
 ) -> Evaluation:
     """Run ``program`` on every example with ``lm`` (and ``adapter``) and score it.
 
-    An unparseable reply counts as invalid, its own wrong class (protocol.score). Prompt
+    An unparseable reply counts as invalid, its own wrong class (protocol.score); so does
+    an LM call that raised, counted in ``lm_errors`` and logged as a warning. Prompt
     tokens per query come from the LM's reported usage; they are ``None`` when some
     calls reported none (e.g. cache hits: pass an LM with ``cache=False`` to measure).
     """
@@ -100,6 +105,11 @@ def evaluate(
     usage = meter.snapshot()
     scores = score(gold, predicted)
     tokens = None if usage.calls_without_usage or not usage.calls else usage.prompt_tokens / len(examples)
+    if usage.errors:
+        logger.warning(
+            "%d of %d LM calls raised during evaluation and were scored as invalid; last: %s",
+            usage.errors, usage.calls, usage.last_error,
+        )
     return Evaluation(
         macro_f1=scores["macro_f1"],
         accuracy=scores["accuracy"],
@@ -107,6 +117,7 @@ def evaluate(
         n=len(examples),
         prompt_tokens_per_query=tokens,
         calls=usage.calls,
+        lm_errors=usage.errors,
         seconds=round(seconds, 3),
         predictions=predicted,
     )

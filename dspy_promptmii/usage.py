@@ -15,20 +15,16 @@ __all__ = ["Usage", "UsageMeter", "metered"]
 @dataclass
 class Usage:
     """Calls and tokens seen by a meter. ``calls_without_usage`` counts calls whose
-    response carried no token counts (cache hits, or servers that do not report them)."""
+    response carried no token counts (cache hits, or servers that do not report them);
+    ``errors`` counts calls that raised (a server gone, a prompt over the context), the
+    last one described in ``last_error``."""
 
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls_without_usage: int = 0
-
-    def __sub__(self, other: Usage) -> Usage:
-        return Usage(
-            self.calls - other.calls,
-            self.prompt_tokens - other.prompt_tokens,
-            self.completion_tokens - other.completion_tokens,
-            self.calls_without_usage - other.calls_without_usage,
-        )
+    errors: int = 0
+    last_error: str | None = None
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -54,7 +50,11 @@ class UsageMeter(BaseCallback):
     def on_lm_end(self, call_id: str, outputs: Any, exception: BaseException | None = None) -> None:
         with self._lock:
             instance = self._open.pop(call_id, None)
-            if instance is None or exception is not None:
+            if exception is not None:
+                self.total.errors += 1
+                self.total.last_error = f"{type(exception).__name__}: {exception}"[:500]
+                return
+            if instance is None:
                 return
             # The call's history entry is recorded before the callback ends; entries of
             # concurrent calls on the same LM are counted once each, whichever ends first.

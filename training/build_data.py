@@ -44,6 +44,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dspy_promptmii.data import TaskData
+from dspy_promptmii.files import write_json, write_jsonl
 from dspy_promptmii.optimizer import choose_template
 from dspy_promptmii.protocol import TEMPLATES, build_meta_prompt, check_template
 from dspy_promptmii.sampling import SAMPLING, example_order
@@ -454,21 +455,13 @@ def build(
     return BuildResult(records["train"], records["valid"], summary)
 
 
-def _write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def write_outputs(out_dir: str | Path, result: BuildResult) -> dict[str, Path]:
     """Write ``train.jsonl``, ``valid.jsonl`` and ``summary.json`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"train": out / "train.jsonl", "valid": out / "valid.jsonl", "summary": out / "summary.json"}
-    _write_jsonl(paths["train"], result.train)
-    _write_jsonl(paths["valid"], result.valid)
+    write_jsonl(result.train, paths["train"])
+    write_jsonl(result.valid, paths["valid"])
     result.summary["files"] = {
         "train": str(paths["train"].resolve()),
         "valid": str(paths["valid"].resolve()),
@@ -483,7 +476,7 @@ def write_outputs(out_dir: str | Path, result: BuildResult) -> dict[str, Path]:
         "label",
         "--data.apply_chat_template",
     ]
-    paths["summary"].write_text(json.dumps(result.summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(result.summary, paths["summary"])
     return paths
 
 

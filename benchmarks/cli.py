@@ -1,0 +1,266 @@
+"""``python -m benchmarks run|report``: the command line of the side-by-side benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+# LiteLLM otherwise tries to download its model-cost map at import (no network here).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from benchmarks.methods import METHODS, Budgets  # noqa: E402
+from benchmarks.tasks import DEFAULT_DATA_DIR, REPO_ROOT, resolve_tasks  # noqa: E402
+
+logger = logging.getLogger("benchmarks")
+
+__all__ = ["main", "build_parser", "QUICK", "DEFAULTS"]
+
+#: Defaults of the options a preset may set (None in the parser, so a preset can tell
+#: what the user typed from what it may fill in).
+DEFAULTS: dict[str, Any] = {
+    "tasks": None,
+    "n": "5,10,20,50,100",
+    "test_rows": 200,
+    "methods": "naive,icl,promptmii_zero,promptmii,gepa,miprov2",
+    "gepa_metric_calls": 150,
+    "miprov2_auto": "light",
+    "miprov2_candidates": None,
+    "miprov2_trials": None,
+    "generator_max_tokens": 1024,
+}
+
+#: The --quick preset: a smoke run that ends in under 15 minutes on 2 CPU cores with the
+#: embedded 0.5B model, search methods included at a reduced budget. Options typed on the
+#: command line win over it.
+QUICK: dict[str, Any] = {
+    "tasks": "snips,tweeteval_emotion",
+    "n": "10",
+    "test_rows": 30,
+    "methods": "naive,icl,promptmii_zero,promptmii,gepa,miprov2",
+    "gepa_metric_calls": 24,
+    "miprov2_auto": "none",
+    "miprov2_candidates": 2,
+    "miprov2_trials": 2,
+    "generator_max_tokens": 512,
+}
+QUICK_DESCRIPTION = (
+    f"smoke preset for 2 CPU cores and the embedded model: tasks {QUICK['tasks']}, n={QUICK['n']}, "
+    f"{QUICK['test_rows']} test rows per task, methods {QUICK['methods']} (promptmii only with "
+    "--generator-trained); search budgets reduced: GEPA "
+    f"max_metric_calls={QUICK['gepa_metric_calls']} (default and paper: 150); MIPROv2 auto=None with "
+    f"num_candidates={QUICK['miprov2_candidates']} and num_trials={QUICK['miprov2_trials']} (default: auto='light'); "
+    f"generator replies capped at {QUICK['generator_max_tokens']} tokens for every method (default 1024)"
+)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Side-by-side benchmark of Prompt-MII, naive, ICL, GEPA and MIPROv2 on classification tasks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log DSPy's own progress messages too")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the benchmark (resumes an interrupted run in the same --out)")
+    run.add_argument(
+        "--data-dir",
+        default=str(DEFAULT_DATA_DIR),
+        help="folder of task folders (each with data.jsonl); default ../shared/datasets from the repository root",
+    )
+    run.add_argument("--tasks", default=None, help="comma-separated task folder names (default: SPLITS.json 'dev')")
+    run.add_argument("--n", default=None, help=f"labelled examples per method, comma list (default {DEFAULTS['n']})")
+    run.add_argument("--test-rows", type=int, default=None, help="held-out rows per task (default 200)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the split and of the optimizers (default 0)")
+    run.add_argument("--follower", default="local", help="follower LM route (default: the embedded model)")
+    run.add_argument("--generator", default="local", help="instruction generator / reflection LM route (default local)")
+    run.add_argument(
+        "--generator-trained", default=None, help="route of a trained Prompt-MII generator (method promptmii)"
+    )
+    run.add_argument("--api-base", default=None, help="OpenAI-compatible base URL for non-local routes (e.g. vLLM)")
+    run.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
+    run.add_argument("--gepa-metric-calls", type=int, default=None, help="GEPA max_metric_calls (default 150)")
+    run.add_argument(
+        "--miprov2-auto",
+        choices=["light", "medium", "heavy", "none"],
+        default=None,
+        help="MIPROv2 auto (default light)",
+    )
+    run.add_argument(
+        "--miprov2-candidates", type=int, default=None, help="MIPROv2 num_candidates (with --miprov2-auto none)"
+    )
+    run.add_argument("--miprov2-trials", type=int, default=None, help="MIPROv2 num_trials (with --miprov2-auto none)")
+    run.add_argument("--generator-max-tokens", type=int, default=None, help="generator reply limit (default 1024)")
+    run.add_argument("--follower-max-tokens", type=int, default=16, help="follower reply limit (default 16)")
+    run.add_argument(
+        "--threads", type=int, default=1, help="parallel follower calls (the local server serves one at a time)"
+    )
+    run.add_argument(
+        "--adapter", choices=["label", "chat"], default="label", help="follower prompt shape (default label)"
+    )
+    run.add_argument(
+        "--no-constrained", action="store_true", help="no constrained decoding of the follower's label (LabelAdapter)"
+    )
+    run.add_argument("--n-ctx", type=int, default=None, help="context size of the local server (default 8192)")
+    run.add_argument(
+        "--n-threads",
+        type=int,
+        default=None,
+        help="CPU threads of the local server (default: all cores; use 1 when other llama.cpp servers share the cores)",
+    )
+    run.add_argument(
+        "--out", default=None, help="results folder (default benchmarks/results/run-<date>, quick-<date> with --quick)"
+    )
+    run.add_argument("--quick", action="store_true", help=QUICK_DESCRIPTION)
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = sub.add_parser("report", help="write report.md and pareto.png for a results folder")
+    report.add_argument("results_dir", help="a folder written by `run`")
+    return parser
+
+
+def _resolved(args: argparse.Namespace) -> dict[str, Any]:
+    """Option values after the preset and the defaults are applied (typed values win)."""
+    preset = QUICK if args.quick else {}
+    values = {}
+    for name, default in DEFAULTS.items():
+        typed = getattr(args, name)
+        values[name] = typed if typed is not None else preset.get(name, default)
+    return values
+
+
+def _setup_logging(out: Path | None, verbose: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    console.setLevel(logging.INFO)
+    if not verbose:
+        # DSPy's optimizers log every step at INFO: keep them for the log file only.
+        class _Quiet(logging.Filter):
+            def filter(self, record: logging.LogRecord) -> bool:
+                return record.levelno >= logging.WARNING or record.name.startswith(("benchmarks", "dspy_promptmii"))
+
+        console.addFilter(_Quiet())
+    root.addHandler(console)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(out / "run.log", encoding="utf-8")
+        file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(file)
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "urllib3", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DSPy logs through its own stderr handler and does not propagate: send its records
+    # through ours instead, so that the optimizers' step-by-step messages reach run.log.
+    dspy_logger = logging.getLogger("dspy")
+    for handler in list(dspy_logger.handlers):
+        dspy_logger.removeHandler(handler)
+    dspy_logger.propagate = True
+
+
+def _run(args: argparse.Namespace) -> int:
+    from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark
+    from dspy_promptmii.routes import LMPool
+
+    values = _resolved(args)
+    try:
+        n_values = _int_list(values["n"])
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"--n: {error}") from None
+    methods = [m.strip() for m in values["methods"].split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; known: {','.join(METHODS)}")
+    auto = None if values["miprov2_auto"] == "none" else values["miprov2_auto"]
+    if auto is None and not (values["miprov2_candidates"] and values["miprov2_trials"]):
+        raise SystemExit("--miprov2-auto none needs --miprov2-candidates and --miprov2-trials")
+    budgets = Budgets(
+        gepa_metric_calls=values["gepa_metric_calls"],
+        miprov2_auto=auto,
+        miprov2_candidates=None if auto else values["miprov2_candidates"],
+        miprov2_trials=None if auto else values["miprov2_trials"],
+        generator_max_tokens=values["generator_max_tokens"],
+    )
+    default_name = f"{'quick' if args.quick else 'run'}-{date.today().isoformat()}"
+    out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / default_name
+    _setup_logging(out, args.verbose)
+    try:
+        tasks = resolve_tasks(
+            args.data_dir, [t.strip() for t in values["tasks"].split(",")] if values["tasks"] else None
+        )
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+
+    recorded_args = {**vars(args), **values}
+    pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
+    with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base) as pool:
+        endpoint = pool.endpoint
+        logger.info("starting LMs: follower %s, generator %s", args.follower, args.generator)
+        follower = endpoint(args.follower, temperature=0.0, max_tokens=args.follower_max_tokens, cache=False)
+        generator = endpoint(args.generator, temperature=0.0, max_tokens=budgets.generator_max_tokens, cache=False)
+        trained = None
+        if args.generator_trained:
+            trained = endpoint(
+                args.generator_trained, temperature=0.0, max_tokens=budgets.generator_max_tokens, cache=False
+            )
+        config = RunConfig(
+            out=out,
+            tasks=tasks,
+            n_values=n_values,
+            methods=methods,
+            test_rows=values["test_rows"],
+            seed=args.seed,
+            threads=args.threads,
+            adapter=args.adapter,
+            constrained=not args.no_constrained,
+            follower_max_tokens=args.follower_max_tokens,
+            budgets=budgets,
+            progress=not args.no_progress,
+            preset={"name": "quick", "description": QUICK_DESCRIPTION, "values": QUICK} if args.quick else None,
+            args=recorded_args,
+        )
+        try:
+            summary = run_benchmark(config, Endpoints(follower=follower, generator=generator, trained=trained))
+        except ConfigMismatch as error:
+            raise SystemExit(str(error)) from None
+    print(
+        f"{summary.status}: {summary.cells_run} cells run ({summary.by_status}), "
+        f"{summary.cells_already_done} already done, {summary.cells_total} in all; {summary.wall_seconds:.0f} s. "
+        f"Results in {out}; next: python -m benchmarks report {out}",
+        flush=True,
+    )
+    return 0 if summary.status == "finished" else 130 if summary.status == "interrupted" else 1
+
+
+def _report(args: argparse.Namespace) -> int:
+    from benchmarks.report import write_report
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        paths = write_report(args.results_dir)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    return _report(args)

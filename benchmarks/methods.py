@@ -1,0 +1,267 @@
+"""How each benchmarked method turns the same student program and the same ``n``
+labelled examples into a compiled program.
+
+Every method starts from ``dspy.Predict(text[, text_pair] -> label: Literal[...])`` and is
+followed by the same follower LM through the same adapter; the compile step is the only
+thing that differs. The runner calls a method inside ``dspy.context(lm=<metered follower
+copy>, adapter=<the shared adapter>)``; a method that needs a generator gets its own
+metered copy in :attr:`CompileContext.generator_lm`, so compile calls are counted per role.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import dspy
+
+from dspy_promptmii.baselines import fit_icl_demos, icl_program, naive_program
+from dspy_promptmii.evaluation import program_task
+from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer
+from dspy_promptmii.routes import Endpoint
+from dspy_promptmii.task import ClassificationTask
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "Budgets",
+    "CompileContext",
+    "Compiled",
+    "MethodFailure",
+    "label_metric",
+    "train_val_split",
+    "REPLY_ROOM",
+]
+
+#: Tokens kept free in the follower's context for its reply and the chat template's framing.
+REPLY_ROOM = 64
+#: Room for the generator's chat framing on top of its reply (as in dspy_promptmii.demo).
+GENERATOR_FRAMING = 64
+
+
+class MethodFailure(RuntimeError):
+    """The method ran and produced no program (e.g. an empty generator reply): a result
+    of the method, recorded as ``failed`` and not retried on resume."""
+
+
+@dataclass
+class Budgets:
+    """Search budgets of the methods that search, and the generator's reply length."""
+
+    gepa_metric_calls: int = 150
+    miprov2_auto: str | None = "light"
+    miprov2_candidates: int | None = None
+    miprov2_trials: int | None = None
+    generator_max_tokens: int = 1024
+
+    def describe(self) -> dict[str, str]:
+        if self.miprov2_auto:
+            mipro = f"auto={self.miprov2_auto!r}, instruction-only (no demos)"
+        else:
+            mipro = (
+                f"auto=None, num_candidates={self.miprov2_candidates}, num_trials={self.miprov2_trials}, "
+                "instruction-only (no demos)"
+            )
+        return {
+            "naive": "the protocol's naive instruction, no compile calls",
+            "icl": "LabeledFewShot with the n examples as demos (largest prefix that fits the follower context)",
+            "promptmii_zero": "PromptMIIOptimizer with the untrained generator (--generator), one call",
+            "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
+            "gepa": (
+                f"dspy.GEPA, reflection LM = generator, max_metric_calls={self.gepa_metric_calls}, "
+                "n examples split 1:2 into train/val"
+            ),
+            "miprov2": f"dspy.MIPROv2, prompt model = generator, {mipro}, n examples split 1:2 into train/val",
+        }
+
+
+@dataclass
+class CompileContext:
+    """Everything one compile gets."""
+
+    student: dspy.Module
+    examples: list[dspy.Example]
+    seed: int
+    threads: int
+    budgets: Budgets
+    follower: Endpoint
+    generator: Endpoint | None = None
+    generator_lm: dspy.BaseLM | None = None  # a metered copy, for this compile only
+    follower_lm: dspy.BaseLM | None = None  # the metered follower copy also set in dspy.context
+    longest_input: dict[str, str] | None = None
+    demo_style: str = "turns"  # how the shared adapter shows demos (see make_adapter)
+
+
+@dataclass
+class Compiled:
+    program: dspy.Module
+    n_used: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def label_metric(task: ClassificationTask) -> Callable[..., float]:
+    """1.0 when the prediction's label is the gold label, else 0.0 (an invalid, ``None``
+    prediction scores 0). Accepts GEPA's five arguments and MIPROv2's three."""
+
+    def metric(gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None) -> float:
+        want = task.label_of(gold[task.label_field])
+        try:
+            value = pred[task.label_field] if pred is not None else None
+        except (KeyError, AttributeError, TypeError):
+            value = None
+        return 1.0 if value is not None and task.label_of(value) == want else 0.0
+
+    return metric
+
+
+def train_val_split(examples: list[dspy.Example]) -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """The n examples split 1:2 into train and val (every third one to train, so both keep
+    the stratified order's mix); fewer than 3 examples serve as both."""
+    if len(examples) < 3:
+        return list(examples), list(examples)
+    train = [ex for i, ex in enumerate(examples) if i % 3 == 0]
+    val = [ex for i, ex in enumerate(examples) if i % 3 != 0]
+    return train, val
+
+
+def _instruction_student(ctx: CompileContext) -> dspy.Module:
+    """The searched methods start from the naive program (naive instruction + format line)."""
+    return naive_program(ctx.student)
+
+
+# --- the methods --------------------------------------------------------------------
+
+
+def compile_naive(ctx: CompileContext) -> Compiled:
+    return Compiled(naive_program(ctx.student), n_used=0)
+
+
+def compile_icl(ctx: CompileContext) -> Compiled:
+    examples = ctx.examples
+    k = len(examples)
+    details: dict[str, Any] = {"context_check": "none (the follower route gives no token counter)"}
+    if ctx.follower.token_counter is not None and ctx.follower.context_tokens:
+        budget = ctx.follower.context_tokens - REPLY_ROOM
+        k = fit_icl_demos(
+            ctx.student,
+            examples,
+            budget,
+            ctx.follower.token_counter,
+            longest_input=ctx.longest_input,
+            demo_style=ctx.demo_style,
+        )
+        details = {
+            "context_check": f"largest prefix whose prompt with the longest test input fits {budget} tokens",
+            "context_tokens": ctx.follower.context_tokens,
+        }
+        if k < len(examples):
+            logger.info("ICL: %d of %d examples fit the follower's context", k, len(examples))
+    program = icl_program(ctx.student, examples[:k]) if k else naive_program(ctx.student)
+    return Compiled(program, n_used=k, details=details)
+
+
+def compile_promptmii(ctx: CompileContext) -> Compiled:
+    if ctx.generator_lm is None or ctx.generator is None:
+        raise ValueError("Prompt-MII needs a generator LM")
+    budget = None
+    if ctx.generator.context_tokens and ctx.generator.token_counter is not None:
+        budget = ctx.generator.context_tokens - ctx.budgets.generator_max_tokens - GENERATOR_FRAMING
+    optimizer = PromptMIIOptimizer(
+        generator_lm=ctx.generator_lm,
+        n=len(ctx.examples),
+        seed=ctx.seed,
+        max_prompt_tokens=budget,
+        token_counter=ctx.generator.token_counter,
+        max_tokens=ctx.budgets.generator_max_tokens,
+    )
+    try:
+        program = optimizer.compile(ctx.student, trainset=ctx.examples)
+    except (GenerationError, PromptBudgetError) as error:
+        raise MethodFailure(f"{type(error).__name__}: {error}") from error
+    report = optimizer.report[0]
+    details = {
+        k: report[k]
+        for k in (
+            "template",
+            "template_choice",
+            "meta_prompt_tokens",
+            "prompt_tokens",
+            "completion_tokens",
+            "raw_reply",
+        )
+    }
+    return Compiled(program, n_used=report["n_used"], details=details)
+
+
+def compile_gepa(ctx: CompileContext) -> Compiled:
+    if ctx.generator_lm is None:
+        raise ValueError("GEPA needs a reflection (generator) LM")
+    student = _instruction_student(ctx)
+    train, val = train_val_split(ctx.examples)
+    optimizer = dspy.GEPA(
+        metric=label_metric(program_task(student)),
+        reflection_lm=ctx.generator_lm,
+        max_metric_calls=ctx.budgets.gepa_metric_calls,
+        num_threads=ctx.threads,
+        seed=ctx.seed,
+        track_stats=False,
+    )
+    program = optimizer.compile(student, trainset=train, valset=val)
+    details = {"train": len(train), "val": len(val), "max_metric_calls": ctx.budgets.gepa_metric_calls}
+    return Compiled(program, n_used=len(ctx.examples), details=details)
+
+
+def compile_miprov2(ctx: CompileContext) -> Compiled:
+    if ctx.generator_lm is None:
+        raise ValueError("MIPROv2 needs a prompt (generator) LM")
+    student = _instruction_student(ctx)
+    train, val = train_val_split(ctx.examples)
+    b = ctx.budgets
+    common = dict(
+        metric=label_metric(program_task(student)),
+        prompt_model=ctx.generator_lm,
+        task_model=ctx.follower_lm,
+        max_bootstrapped_demos=0,
+        max_labeled_demos=0,
+        num_threads=ctx.threads,
+        seed=ctx.seed,
+        verbose=False,
+    )
+    if b.miprov2_auto:
+        optimizer = dspy.MIPROv2(auto=b.miprov2_auto, **common)
+        program = optimizer.compile(student, trainset=train, valset=val)
+    else:
+        if not b.miprov2_candidates or not b.miprov2_trials:
+            raise ValueError("MIPROv2 without auto needs miprov2_candidates and miprov2_trials")
+        optimizer = dspy.MIPROv2(auto=None, num_candidates=b.miprov2_candidates, **common)
+        # Minibatches larger than the valset are refused; with a small valset, full evals.
+        program = optimizer.compile(
+            student, trainset=train, valset=val, num_trials=b.miprov2_trials, minibatch=len(val) > 35
+        )
+    details = {"train": len(train), "val": len(val), "budget": b.describe()["miprov2"]}
+    return Compiled(program, n_used=len(ctx.examples), details=details)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    compile: Callable[[CompileContext], Compiled]
+    #: Which generator the method calls: None, "generator" (--generator) or "trained".
+    generator: str | None
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("naive", compile_naive, None),
+        MethodSpec("icl", compile_icl, None),
+        MethodSpec("promptmii_zero", compile_promptmii, "generator"),
+        MethodSpec("promptmii", compile_promptmii, "trained"),
+        MethodSpec("gepa", compile_gepa, "generator"),
+        MethodSpec("miprov2", compile_miprov2, "generator"),
+    )
+}

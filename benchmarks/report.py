@@ -1,0 +1,470 @@
+"""``python -m benchmarks report RESULTS_DIR``: report.md (means per method and n, cost
+ratios, win rates, paired Wilcoxon tests) and pareto.png from a results folder.
+
+Every figure is computed from the folder's ``results.jsonl`` (the last ``ok`` record of
+each (task, n, method, seed) cell); the manifest supplies the header (models, machine,
+settings).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scipy.stats import wilcoxon
+
+from benchmarks.methods import METHODS
+from benchmarks.store import MANIFEST, RESULTS, latest, read_records
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Row",
+    "MIN_WILCOXON_PAIRS",
+    "method_order",
+    "summary_rows",
+    "paired",
+    "ratio",
+    "win_rate",
+    "wilcoxon_test",
+    "render_report",
+    "write_report",
+]
+
+#: With fewer non-zero paired differences, a two-sided Wilcoxon signed-rank test cannot
+#: reach p < 0.05 (its smallest exact p is 2 / 2**k), so the report says so instead.
+MIN_WILCOXON_PAIRS = 6
+#: The references the cost ratios are taken against, when present.
+REFERENCES = ("icl", "gepa", "miprov2")
+
+Cell = tuple[str, int, int]  # (task, n, seed)
+
+
+def method_order(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Methods present, in the canonical order (unknown names after, sorted)."""
+    present = {r["method"] for r in records}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
+
+
+@dataclass
+class Row:
+    """Means over tasks (and seeds) of one method at one n."""
+
+    method: str
+    n: int
+    cells: int
+    tasks: int
+    macro_f1: float | None
+    accuracy: float | None
+    invalid_rate: float | None
+    tokens_per_query: float | None
+    compile_calls: float | None
+    compile_generator_calls: float | None
+    compile_follower_calls: float | None
+    compile_tokens: float | None
+    compile_seconds: float | None
+    eval_seconds: float | None
+    n_used: float | None
+
+
+def summary_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
+    """One :class:`Row` per (method, n) present, methods in canonical order, n ascending."""
+    rows = []
+    for method in method_order(records):
+        for n in sorted({r["n"] for r in records if r["method"] == method}):
+            group = [r for r in records if r["method"] == method and r["n"] == n]
+
+            def mean(key: str, group: list[dict[str, Any]] = group) -> float | None:
+                return _mean(r.get(key) for r in group)
+
+            rows.append(
+                Row(
+                    method=method,
+                    n=n,
+                    cells=len(group),
+                    tasks=len({r["task"] for r in group}),
+                    macro_f1=mean("macro_f1"),
+                    accuracy=mean("accuracy"),
+                    invalid_rate=mean("invalid_rate"),
+                    tokens_per_query=mean("prompt_tokens_per_query"),
+                    compile_calls=mean("compile_calls"),
+                    compile_generator_calls=mean("compile_generator_calls"),
+                    compile_follower_calls=mean("compile_follower_calls"),
+                    compile_tokens=mean("compile_tokens"),
+                    compile_seconds=mean("compile_seconds"),
+                    eval_seconds=mean("eval_seconds"),
+                    n_used=mean("n_used"),
+                )
+            )
+    return rows
+
+
+def _by_cell(records: Sequence[dict[str, Any]], method: str, n: int | None = None) -> dict[Cell, dict[str, Any]]:
+    return {(r["task"], r["n"], r["seed"]): r for r in records if r["method"] == method and (n is None or r["n"] == n)}
+
+
+def paired(
+    records: Sequence[dict[str, Any]], a: str, b: str, key: str, n: int | None = None
+) -> list[tuple[Cell, float, float]]:
+    """(cell, a's value, b's value) for every cell where both methods have a value of ``key``."""
+    left, right = _by_cell(records, a, n), _by_cell(records, b, n)
+    out = []
+    for cell in sorted(set(left) & set(right)):
+        x, y = left[cell].get(key), right[cell].get(key)
+        if x is not None and y is not None:
+            out.append((cell, float(x), float(y)))
+    return out
+
+
+def ratio(records: Sequence[dict[str, Any]], method: str, reference: str, key: str, n: int) -> float | None:
+    """Mean of ``key`` for ``method`` over the mean for ``reference``, over the cells at
+    ``n`` where both have it; None when there is no such cell or the reference's mean is 0."""
+    pairs = paired(records, method, reference, key, n)
+    if not pairs:
+        return None
+    denominator = statistics.fmean(y for _, _, y in pairs)
+    if denominator == 0:
+        return None
+    return statistics.fmean(x for _, x, _ in pairs) / denominator
+
+
+def win_rate(records: Sequence[dict[str, Any]], a: str, b: str, key: str = "macro_f1") -> tuple[float | None, int]:
+    """Share of paired cells where ``a`` scores higher than ``b`` (a tie counts half), and the pair count."""
+    pairs = paired(records, a, b, key)
+    if not pairs:
+        return None, 0
+    wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for _, x, y in pairs)
+    return wins / len(pairs), len(pairs)
+
+
+@dataclass
+class WilcoxonResult:
+    a: str
+    b: str
+    pairs: int
+    nonzero: int
+    mean_difference: float | None
+    median_difference: float | None
+    statistic: float | None
+    p_value: float | None
+    note: str
+
+
+def wilcoxon_test(records: Sequence[dict[str, Any]], a: str, b: str, key: str = "macro_f1") -> WilcoxonResult:
+    """Paired two-sided Wilcoxon signed-rank test of ``a`` against ``b`` over (task, n, seed) cells
+    (``scipy.stats.wilcoxon`` with its defaults); a note instead when there are too few pairs."""
+    pairs = paired(records, a, b, key)
+    x = [p[1] for p in pairs]
+    y = [p[2] for p in pairs]
+    differences = [xi - yi for xi, yi in zip(x, y)]
+    nonzero = sum(d != 0 for d in differences)
+    mean_d = statistics.fmean(differences) if differences else None
+    median_d = statistics.median(differences) if differences else None
+    base = dict(a=a, b=b, pairs=len(pairs), nonzero=nonzero, mean_difference=mean_d, median_difference=median_d)
+    if nonzero == 0 and pairs:
+        return WilcoxonResult(**base, statistic=None, p_value=None, note="all paired differences are zero")
+    if nonzero < MIN_WILCOXON_PAIRS:
+        return WilcoxonResult(
+            **base,
+            statistic=None,
+            p_value=None,
+            note=(
+                f"too few pairs: {nonzero} non-zero differences "
+                f"(need at least {MIN_WILCOXON_PAIRS} for p < 0.05 to be possible)"
+            ),
+        )
+    result = wilcoxon(x, y)
+    return WilcoxonResult(**base, statistic=float(result.statistic), p_value=float(result.pvalue), note="")
+
+
+# --- rendering ----------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None) -> str:
+    """A mean count: whole numbers as such, others to one decimal."""
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _x(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3g}x"
+
+
+def _loads(values: Sequence[float] | None) -> str:
+    return "n/a" if not values else "/".join(f"{v:.2f}" for v in values)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _header(
+    manifest: dict[str, Any] | None, records: Sequence[dict[str, Any]], all_records: Sequence[dict[str, Any]]
+) -> str:
+    lines = ["# Benchmark report", ""]
+    if not manifest:
+        lines += ["(no manifest.json in this folder)", ""]
+        return "\n".join(lines)
+    models = manifest.get("models", {})
+
+    def model(name: str) -> str:
+        info = models.get(name)
+        if not info:
+            return "none"
+        local = info.get("local_server")
+        text = f"`{info.get('route')}`"
+        if local:
+            name = Path(local.get("model_path") or "").name
+            text += f" (llama.cpp, {name}, n_ctx {local.get('n_ctx')}, {local.get('n_threads')} threads)"
+        return text
+
+    runs = manifest.get("runs", [])
+    machine = (runs[-1].get("machine") if runs else None) or {}
+    versions = manifest.get("versions", {})
+    adapter = manifest.get("adapter", {})
+    lines += [
+        f"- results: `{RESULTS}` ({len(all_records)} records, {len(records)} finished cells scored)",
+        f"- created {manifest.get('created')}, updated {manifest.get('updated')}",
+        f"- follower: {model('follower')}; generator: {model('generator')}; "
+        f"trained generator: {model('generator_trained')}",
+        f"- adapter: {adapter.get('kind')} (constrained: {adapter.get('constrained')}, "
+        f"demos: {adapter.get('demos', 'n/a')})",
+        f"- tasks: {', '.join(manifest.get('tasks', []))}; n: {manifest.get('n_values')}; "
+        f"test rows per task: {manifest.get('test_rows')}; seeds: {manifest.get('seeds')}",
+        f"- machine: {machine.get('cpus_usable')} CPU cores ({machine.get('cpu_model')}), "
+        f"{machine.get('memory_gib')} GiB, GPUs: {', '.join(machine.get('gpus') or []) or 'none'}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
+    ]
+    if manifest.get("preset"):
+        lines.append(f"- preset: {manifest['preset'].get('name')}: {manifest['preset'].get('description')}")
+    for name, text in (manifest.get("methods") or {}).items():
+        lines.append(f"- `{name}`: {text}")
+    for run in runs:
+        lines.append(
+            f"- run {run.get('started')} -> {run.get('finished')}: {run.get('status')}, "
+            f"{run.get('cells_run')} cells run, wall {run.get('wall_seconds')} s, load average (1/5/15 min) "
+            f"at start {_loads((run.get('machine') or {}).get('load_average_at_start'))} "
+            f"and end {_loads(run.get('load_average_at_end'))}"
+        )
+    for note in manifest.get("notes") or []:
+        lines.append(f"- note: {note}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> str:
+    """The markdown report of a results folder."""
+    folder = Path(folder)
+    all_records = read_records(folder / RESULTS)
+    records = latest(all_records)
+    manifest_path = folder / MANIFEST
+    manifest_data = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
+    parts = [_header(manifest_data, records, all_records)]
+    if not records:
+        parts.append("No finished cell yet.\n")
+        return "\n".join(parts)
+    methods = method_order(records)
+    rows = summary_rows(records)
+
+    parts += [
+        "## Mean over tasks, per method and n",
+        "",
+        "Macro-F1 and accuracy by the protocol's scorer (an invalid reply is wrong and its own class); "
+        "tokens/query: mean prompt tokens per test query reported by the follower; compile calls: LM calls "
+        "to compile, generator + follower; n used: examples the method actually used (ICL: the largest "
+        "prefix that fits the follower's context; Prompt-MII: the optimizer's n_used; naive: none).",
+        "",
+        _table(
+            [
+                "method",
+                "n",
+                "tasks",
+                "macro-F1",
+                "accuracy",
+                "invalid",
+                "tokens/query",
+                "compile calls (gen + fol)",
+                "compile tokens",
+                "compile s",
+                "eval s",
+                "n used",
+            ],
+            (
+                [
+                    r.method,
+                    str(r.n),
+                    str(r.tasks),
+                    _f(r.macro_f1),
+                    _f(r.accuracy),
+                    _pct(r.invalid_rate),
+                    _f(r.tokens_per_query, 0),
+                    f"{_num(r.compile_calls)} ({_num(r.compile_generator_calls)} + {_num(r.compile_follower_calls)})",
+                    _f(r.compile_tokens, 0),
+                    _f(r.compile_seconds, 1),
+                    _f(r.eval_seconds, 1),
+                    _num(r.n_used),
+                ]
+                for r in rows
+            ),
+        ),
+        "",
+    ]
+
+    references = [m for m in REFERENCES if m in methods]
+    if references:
+        parts += [
+            "## Cost ratios",
+            "",
+            "Each method's mean over the reference's mean, over the (task, seed) cells at that n where both "
+            "finished: below 1x the method costs less than the reference. Tokens are prompt tokens per test "
+            "query; calls are compile LM calls (generator + follower); n/a where the reference spends none "
+            "or has no cell.",
+            "",
+        ]
+        header = ["method", "n"]
+        columns = [(ref, "prompt_tokens_per_query", f"tokens/query vs {ref}") for ref in references]
+        # ICL makes no compile call: a call ratio against it is never defined.
+        columns += [(ref, "compile_calls", f"compile calls vs {ref}") for ref in references if ref != "icl"]
+        header += [title for _, _, title in columns]
+        table = []
+        for r in rows:
+            table.append(
+                [r.method, str(r.n)] + [_x(ratio(records, r.method, ref, key, r.n)) for ref, key, _ in columns]
+            )
+        parts += [_table(header, table), ""]
+
+    parts += [
+        "## Win rates (macro-F1)",
+        "",
+        "Share of paired (task, n, seed) cells in which the row method's macro-F1 is higher than the column "
+        "method's (a tie counts half); the number of pairs in brackets.",
+        "",
+    ]
+    table = []
+    for a in methods:
+        line = [a]
+        for b in methods:
+            if a == b:
+                line.append("-")
+                continue
+            rate, count = win_rate(records, a, b)
+            line.append("n/a" if rate is None else f"{rate:.2f} ({count})")
+        table.append(line)
+    parts += [_table(["row beats column", *methods], table), ""]
+
+    tasks = sorted({r["task"] for r in records})
+    parts += [
+        "## Per task (macro-F1, mean over n)",
+        "",
+        "The best method of each task in bold; the last row counts the tasks each method wins (ties split).",
+        "",
+    ]
+    wins = {m: 0.0 for m in methods}
+    table = []
+    for task in tasks:
+        means = {m: _mean(r["macro_f1"] for r in records if r["task"] == task and r["method"] == m) for m in methods}
+        present = {m: v for m, v in means.items() if v is not None}
+        best = max(present.values()) if present else None
+        winners = [m for m, v in present.items() if v == best]
+        for m in winners:
+            wins[m] += 1 / len(winners)
+        table.append([task] + [("**" + _f(means[m]) + "**") if m in winners else _f(means[m]) for m in methods])
+    table.append(["tasks won"] + [f"{wins[m]:.3g} / {len(tasks)}" for m in methods])
+    parts += [_table(["task", *methods], table), ""]
+
+    parts += [
+        "## Paired Wilcoxon signed-rank tests (macro-F1)",
+        "",
+        "Two-sided `scipy.stats.wilcoxon` over the (task, n, seed) cells both methods finished; "
+        "difference = first minus second.",
+        "",
+    ]
+    table = []
+    for a, b in itertools.combinations(methods, 2):
+        t = wilcoxon_test(records, a, b)
+        table.append(
+            [
+                f"{a} vs {b}",
+                str(t.pairs),
+                _f(t.mean_difference),
+                _f(t.median_difference),
+                _f(t.statistic, 1),
+                _f(t.p_value, 4),
+                t.note or ("p < 0.05" if t.p_value < 0.05 else "not significant"),
+            ]
+        )
+    parts += [_table(["pair", "pairs", "mean diff", "median diff", "W", "p", "reading"], table, "lrrrrrl"), ""]
+
+    problems = [r for r in latest(all_records, ("ok", "failed", "error")) if r.get("status") != "ok"]
+    if problems:
+        parts += ["## Cells without a score", ""]
+        parts += [
+            f"- {r['task']} n={r['n']} {r['method']} seed={r['seed']}: {r['status']}: {str(r.get('error', ''))[:300]}"
+            for r in problems
+        ]
+        parts.append("")
+
+    if plot_name:
+        parts += ["## Pareto plot", "", f"![prompt tokens per query vs macro-F1]({plot_name})", ""]
+
+    parts += ["## Instructions", "", "What each compiled program told the follower (before the format line).", ""]
+    for r in sorted(records, key=lambda r: (r["task"], r["n"], methods.index(r["method"]), r["seed"])):
+        text = (r.get("instruction") or "").strip()
+        demos = f", {r['demos']} demos" if r.get("demos") else ""
+        parts += [
+            f"<details><summary>{r['task']} n={r['n']} {r['method']} (seed {r['seed']}{demos}): "
+            f"macro-F1 {_f(r.get('macro_f1'))}</summary>",
+            "",
+            "```text",
+            text.replace("```", "'''"),
+            "```",
+            "</details>",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def write_report(folder: str | Path) -> list[Path]:
+    """Write report.md and pareto.png into ``folder``; return their paths."""
+    from benchmarks.plot import pareto_plot
+
+    folder = Path(folder)
+    if not (folder / RESULTS).is_file():
+        raise FileNotFoundError(f"no {RESULTS} in {folder}: run `python -m benchmarks run --out {folder}` first")
+    records = latest(read_records(folder / RESULTS))
+    written = []
+    plot = folder / "pareto.png"
+    if records:
+        pareto_plot(summary_rows(records), plot)
+        written.append(plot)
+    report = folder / "report.md"
+    report.write_text(render_report(folder, plot.name if records else None), encoding="utf-8")
+    written.insert(0, report)
+    return written

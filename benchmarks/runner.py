@@ -1,0 +1,460 @@
+"""The benchmark loop: every (task, n, method) cell compiled, evaluated on the task's
+held-out rows, and appended to ``results.jsonl`` as soon as it finishes.
+
+Per cell: the method compiles inside ``dspy.context(lm=<metered follower copy>,
+adapter=<the shared adapter>)`` and any generator call goes through a second metered
+copy, so compile LM calls and tokens are counted per role; the compiled program is then
+scored with :func:`dspy_promptmii.evaluation.evaluate` (macro-F1, accuracy, invalid rate,
+prompt tokens per query from the LM's usage) on the same test rows for every method.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+from tqdm import tqdm
+
+from benchmarks import methods as methods_module
+from benchmarks.manifest import config_id, machine, model_info, now, versions
+from benchmarks.methods import Budgets, CompileContext, MethodFailure
+from benchmarks.store import ResultStore
+from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
+from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.data import load_task
+from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.routes import Endpoint
+from dspy_promptmii.usage import Usage, metered
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunConfig", "Endpoints", "RunSummary", "ConfigMismatch", "make_adapter", "run_benchmark", "run_cell"]
+
+#: Consecutive machinery errors after which the run stops (a dead server fails every cell).
+MAX_CONSECUTIVE_ERRORS = 3
+
+
+class ConfigMismatch(RuntimeError):
+    """The output folder holds results made with other settings."""
+
+
+@dataclass
+class RunConfig:
+    out: Path
+    tasks: list[Path]
+    n_values: list[int]
+    methods: list[str]
+    test_rows: int = 200
+    seed: int = 0
+    threads: int = 1
+    adapter: str = "label"
+    constrained: bool = True
+    follower_max_tokens: int = 16
+    budgets: Budgets = field(default_factory=Budgets)
+    progress: bool = True
+    preset: dict[str, Any] | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Endpoints:
+    """The LMs of a run: the follower, the (untrained) generator, and optionally a trained generator."""
+
+    follower: Endpoint
+    generator: Endpoint
+    trained: Endpoint | None = None
+
+
+@dataclass
+class RunSummary:
+    status: str  # finished | interrupted | stopped
+    cells_total: int
+    cells_already_done: int
+    cells_run: int
+    by_status: dict[str, int]
+    wall_seconds: float
+    notes: list[str]
+
+
+def _load() -> list[float] | None:
+    """The 1/5/15-minute load averages: other processes on a small machine slow a cell down."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def make_adapter(kind: str, follower: Endpoint, constrained: bool) -> tuple[dspy.Adapter, dict[str, Any]]:
+    """The one adapter instance every method's follower calls go through, and its description."""
+    if kind == "label":
+        style = (follower.constrained_style or False) if constrained else False
+        adapter = LabelAdapter(constrained=style, demos="turns")
+        return adapter, {
+            "kind": "label",
+            "class": "dspy_promptmii.adapter.LabelAdapter",
+            "constrained": style,
+            "demos": "turns",
+            "note": (
+                "one instance for every method; methods without demos get the paper's one-message prompt "
+                "(instruction, format line, input); ICL's demos are chat turns (inline demos measured far "
+                "worse with the 0.5B follower); other predictors (GEPA/MIPROv2 proposers) fall back to ChatAdapter"
+            ),
+        }
+    if kind == "chat":
+        return dspy.ChatAdapter(), {"kind": "chat", "class": "dspy.ChatAdapter", "constrained": False}
+    raise ValueError(f"adapter must be 'label' or 'chat', got {kind!r}")
+
+
+def _route(endpoint: Endpoint | None) -> str | None:
+    return None if endpoint is None else endpoint.route
+
+
+def _settings(config: RunConfig, endpoints: Endpoints, adapter: dict[str, Any]) -> dict[str, Any]:
+    """The settings that change a cell's figures (the run's config_id hashes them)."""
+
+    def lm(endpoint: Endpoint | None) -> dict[str, Any] | None:
+        if endpoint is None:
+            return None
+        kwargs = getattr(endpoint.lm, "kwargs", {}) or {}
+        return {
+            "route": endpoint.route,
+            "model": getattr(endpoint.lm, "model", None),
+            "temperature": kwargs.get("temperature"),
+            "max_tokens": kwargs.get("max_tokens"),
+        }
+
+    return {
+        "test_rows": config.test_rows,
+        "follower": lm(endpoints.follower),
+        "generator": lm(endpoints.generator),
+        "generator_trained": lm(endpoints.trained),
+        "adapter": {k: v for k, v in adapter.items() if k != "note"},
+        "follower_max_tokens": config.follower_max_tokens,
+        "budgets": asdict(config.budgets),
+        "split_protocol": SPLIT_PROTOCOL,
+    }
+
+
+def _generator_for(spec: methods_module.MethodSpec, endpoints: Endpoints) -> Endpoint | None:
+    return {None: None, "generator": endpoints.generator, "trained": endpoints.trained}[spec.generator]
+
+
+def _usage_fields(prefix: str, usage: Usage | None) -> dict[str, int]:
+    usage = usage or Usage()
+    return {
+        f"{prefix}_calls": usage.calls,
+        f"{prefix}_prompt_tokens": usage.prompt_tokens,
+        f"{prefix}_completion_tokens": usage.completion_tokens,
+        f"{prefix}_calls_without_usage": usage.calls_without_usage,
+    }
+
+
+def run_cell(
+    split: Split,
+    n: int,
+    method: str,
+    *,
+    config: RunConfig,
+    endpoints: Endpoints,
+    adapter: dspy.Adapter,
+    run_config_id: str,
+) -> dict[str, Any]:
+    """Compile and evaluate one cell and return its record (status ok, failed or error)."""
+    spec = methods_module.METHODS[method]
+    task = split.task
+    examples = split.examples(n)
+    follower_lm, follower_meter = metered(endpoints.follower.lm)
+    generator = _generator_for(spec, endpoints)
+    generator_lm = generator_meter = None
+    if generator is not None:
+        generator_lm, generator_meter = metered(generator.lm)
+
+    record: dict[str, Any] = {
+        "task": task.name,
+        "n": n,
+        "method": method,
+        "seed": split.seed,
+        "status": None,
+        "n_available": split.n_available,
+        "n_examples": len(examples),
+        "n_used": None,
+        "test_rows": len(split.test),
+        "labels": len(task.labels),
+        "split_id": split.split_id(n),
+        "config_id": run_config_id,
+        "follower": _route(endpoints.follower),
+        "generator": _route(generator),
+    }
+
+    def compile_usage() -> dict[str, Any]:
+        g = generator_meter.snapshot() if generator_meter is not None else None
+        f = follower_meter.snapshot()
+        fields = {**_usage_fields("compile_generator", g), **_usage_fields("compile_follower", f)}
+        fields["compile_calls"] = fields["compile_generator_calls"] + fields["compile_follower_calls"]
+        fields["compile_tokens"] = sum(
+            fields[f"compile_{role}_{kind}_tokens"]
+            for role in ("generator", "follower")
+            for kind in ("prompt", "completion")
+        )
+        fields["compile_lm_errors"] = f.errors + (g.errors if g is not None else 0)
+        return fields
+
+    ctx = CompileContext(
+        student=dspy.Predict(task.signature()),
+        examples=examples,
+        seed=split.seed,
+        threads=config.threads,
+        budgets=config.budgets,
+        follower=endpoints.follower,
+        generator=generator,
+        generator_lm=generator_lm,
+        follower_lm=follower_lm,
+        longest_input=split.longest_input(),
+        # LabelAdapter says how it shows demos; ChatAdapter sends them as turns too.
+        demo_style=getattr(adapter, "demos", "turns"),
+    )
+    started = time.perf_counter()
+    try:
+        with dspy.context(lm=follower_lm, adapter=adapter):
+            compiled = spec.compile(ctx)
+    except MethodFailure as error:
+        logger.warning("%s n=%d %s: the method failed: %s", task.name, n, method, error)
+        return {
+            **record,
+            "status": "failed",
+            "error": str(error)[:2000],
+            "compile_seconds": round(time.perf_counter() - started, 3),
+            **compile_usage(),
+            "finished_at": now(),
+        }
+    except Exception as error:  # the machinery broke: record, and retry on the next run
+        logger.error("%s n=%d %s: compile raised %s: %s", task.name, n, method, type(error).__name__, error)
+        return {
+            **record,
+            "status": "error",
+            "error": f"compile: {type(error).__name__}: {error}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+            "compile_seconds": round(time.perf_counter() - started, 3),
+            **compile_usage(),
+            "finished_at": now(),
+        }
+    compile_seconds = time.perf_counter() - started
+    record.update(compile_usage())
+    record["compile_seconds"] = round(compile_seconds, 3)
+
+    predictor = compiled.program.predictors()[-1]
+    record["n_used"] = compiled.n_used
+    record["demos"] = len(getattr(predictor, "demos", []) or [])
+    record["instruction"] = predictor.signature.instructions
+    record["details"] = compiled.details
+
+    try:
+        result = evaluate(
+            compiled.program,
+            split.test,
+            lm=endpoints.follower.lm,
+            adapter=adapter,
+            threads=config.threads,
+            progress=config.progress,
+        )
+    except Exception as error:
+        logger.error("%s n=%d %s: evaluation raised %s: %s", task.name, n, method, type(error).__name__, error)
+        return {
+            **record,
+            "status": "error",
+            "error": f"evaluate: {type(error).__name__}: {error}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+            "finished_at": now(),
+        }
+    record.update(
+        {
+            "status": "ok",
+            "macro_f1": result.macro_f1,
+            "accuracy": result.accuracy,
+            "invalid_rate": result.invalid_rate,
+            "prompt_tokens_per_query": result.prompt_tokens_per_query,
+            "eval_calls": result.calls,
+            "eval_lm_errors": result.lm_errors,
+            "eval_seconds": result.seconds,
+            "finished_at": now(),
+            "load_average": _load(),
+        }
+    )
+    if result.lm_errors and result.lm_errors >= len(split.test):
+        record["status"] = "error"
+        record["error"] = f"evaluate: every follower call raised ({result.lm_errors} errors)"
+    return record
+
+
+def _check_compatible(store: ResultStore, settings: dict[str, Any], run_id: str) -> dict[str, Any] | None:
+    existing = store.read_manifest()
+    if existing is None:
+        return None
+    if existing.get("config_id") != run_id:
+        old = existing.get("settings", {})
+        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise ConfigMismatch(
+            f"{store.folder} holds results made with other settings (differing: {', '.join(differ) or 'unknown'}); "
+            "resume with the same settings or pass another --out"
+        )
+    return existing
+
+
+def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
+    """Run every unfinished cell of ``config`` and return a summary.
+
+    Finished cells found in ``config.out`` are skipped; a Ctrl-C stops after writing the
+    manifest, losing only the cell in progress.
+    """
+    wall_started = time.perf_counter()
+    store = ResultStore(config.out)
+    adapter, adapter_info = make_adapter(config.adapter, endpoints.follower, config.constrained)
+    settings = _settings(config, endpoints, adapter_info)
+    run_id = config_id(settings)
+    existing = _check_compatible(store, settings, run_id)
+
+    unknown = [m for m in config.methods if m not in methods_module.METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {list(methods_module.METHODS)}")
+    notes: list[str] = []
+    methods = list(config.methods)
+    if "promptmii" in methods and endpoints.trained is None:
+        methods.remove("promptmii")
+        notes.append(
+            "method promptmii skipped: no trained generator route given (--generator-trained); "
+            "promptmii_zero uses the untrained generator"
+        )
+        logger.warning(notes[-1])
+
+    # Load and split every task up front: a bad folder fails before any LM call.
+    splits = []
+    for path in config.tasks:
+        task = load_task(path)
+        split = make_split(task, config.test_rows, config.seed)
+        too_big = [n for n in config.n_values if n > split.n_available]
+        if too_big:
+            notes.append(f"{task.name}: n={too_big} exceed the {split.n_available} non-test rows; all of them are used")
+            logger.warning(notes[-1])
+        splits.append(split)
+
+    finished = store.finished()
+    cells = [(s, n, m) for s in splits for n in config.n_values for m in methods]
+    todo = [c for c in cells if (c[0].task.name, c[1], c[2], config.seed) not in finished]
+
+    run_entry: dict[str, Any] = {
+        "started": now(),
+        "finished": None,
+        "status": "running",
+        "argv": list(sys.argv),
+        "args": config.args,
+        "cells_total": len(cells),
+        "cells_already_done": len(cells) - len(todo),
+        "cells_run": 0,
+        "machine": machine(),
+    }
+    manifest = existing or {
+        "benchmark": "dspy-promptmii side-by-side: naive, ICL, Prompt-MII(-Zero), GEPA, MIPROv2",
+        "created": now(),
+        "config_id": run_id,
+        "settings": settings,
+        "runs": [],
+    }
+    manifest.update(
+        {
+            "updated": now(),
+            "versions": versions(),
+            "models": {
+                "follower": model_info(endpoints.follower),
+                "generator": model_info(endpoints.generator),
+                "generator_trained": model_info(endpoints.trained),
+            },
+            "adapter": adapter_info,
+            "methods": {m: config.budgets.describe()[m] for m in methods},
+            "preset": config.preset,
+            "split_protocol": SPLIT_PROTOCOL,
+            "seeds": sorted({*manifest.get("seeds", []), config.seed}),
+            "tasks": sorted({*manifest.get("tasks", []), *(s.task.name for s in splits)}),
+            "n_values": sorted({*manifest.get("n_values", []), *config.n_values}),
+            "test_rows": config.test_rows,
+            "notes": notes,
+        }
+    )
+    manifest["runs"].append(run_entry)
+    store.write_manifest(manifest)
+    logger.info(
+        "%d cells (%d tasks x %d n x %d methods); %d already finished in %s",
+        len(cells),
+        len(splits),
+        len(config.n_values),
+        len(methods),
+        len(cells) - len(todo),
+        config.out,
+    )
+
+    by_status: dict[str, int] = {}
+    status = "finished"
+    consecutive_errors = 0
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not config.progress)
+    try:
+        for split, n, method in todo:
+            bar.set_postfix_str(f"{split.task.name} n={n} {method}")
+            record = run_cell(
+                split, n, method, config=config, endpoints=endpoints, adapter=adapter, run_config_id=run_id
+            )
+            store.append(record)
+            run_entry["cells_run"] += 1
+            by_status[record["status"]] = by_status.get(record["status"], 0) + 1
+            bar.update(1)
+            if record["status"] == "ok":
+                logger.info(
+                    "%s n=%d %s: macro-F1 %.3f, %s prompt tokens/query, compile calls %d gen + %d fol, %.1f s + %.1f s",
+                    split.task.name,
+                    n,
+                    method,
+                    record["macro_f1"],
+                    "n/a" if record["prompt_tokens_per_query"] is None else f"{record['prompt_tokens_per_query']:.0f}",
+                    record["compile_generator_calls"],
+                    record["compile_follower_calls"],
+                    record["compile_seconds"],
+                    record["eval_seconds"],
+                )
+            consecutive_errors = consecutive_errors + 1 if record["status"] == "error" else 0
+            if consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+                status = "stopped"
+                logger.error("%d cells in a row raised errors: stopping (see results.jsonl)", consecutive_errors)
+                break
+    except KeyboardInterrupt:
+        status = "interrupted"
+        logger.warning(
+            "interrupted: finished cells are saved in %s; run the same command again to resume", store.results
+        )
+    finally:
+        bar.close()
+        wall = time.perf_counter() - wall_started
+        run_entry.update(
+            {
+                "finished": now(),
+                "status": status,
+                "wall_seconds": round(wall, 1),
+                "cells_by_status": by_status,
+                "load_average_at_end": _load(),
+            }
+        )
+        manifest["updated"] = now()
+        store.write_manifest(manifest)
+    return RunSummary(
+        status=status,
+        cells_total=len(cells),
+        cells_already_done=len(cells) - len(todo),
+        cells_run=run_entry["cells_run"],
+        by_status=by_status,
+        wall_seconds=round(wall, 1),
+        notes=notes,
+    )

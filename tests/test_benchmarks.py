@@ -1,0 +1,385 @@
+"""The benchmark runner with fake LMs: shared splits, resume, per-role accounting, and
+every method (GEPA and MIPROv2 at tiny budgets included) end to end, offline."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from fakes import fake_lm, message_texts, word_count
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys.path
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import cli, methods  # noqa: E402
+from benchmarks.methods import Budgets, MethodSpec, train_val_split  # noqa: E402
+from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark  # noqa: E402
+from benchmarks.store import ResultStore, cell_key, read_records  # noqa: E402
+from benchmarks.tasks import make_split, resolve_tasks  # noqa: E402
+from dspy_promptmii.data import load_task  # noqa: E402
+from dspy_promptmii.routes import Endpoint  # noqa: E402
+
+ALL = ["naive", "icl", "promptmii_zero", "gepa", "miprov2"]
+TINY = Budgets(gepa_metric_calls=12, miprov2_auto=None, miprov2_candidates=2, miprov2_trials=2, generator_max_tokens=64)
+WORDS = {"pos": "great", "neg": "awful", "meh": "okay"}
+
+
+# --- fakes ----------------------------------------------------------------------------
+
+
+def make_tasks(root: Path) -> Path:
+    """Two small tasks (single-text, 3 labels; text pair, 2 labels) and a SPLITS.json."""
+    (root / "toy").mkdir(parents=True)
+    rows = [{"text": f"row {i} was {WORDS[lab]}", "label": lab} for i, lab in enumerate(["pos", "neg", "meh"] * 16)]
+    (root / "toy" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "pairs").mkdir()
+    rows = [
+        {"text": f"claim {i} is {WORDS[lab]}", "text_pair": f"evidence {i}", "label": lab}
+        for i, lab in enumerate(["pos", "neg"] * 20)
+    ]
+    (root / "pairs" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "unused").mkdir()
+    (root / "unused" / "data.jsonl").write_text(json.dumps({"text": "x", "label": "a"}) + "\n")
+    (root / "SPLITS.json").write_text(json.dumps({"dev": ["toy", "pairs"], "train": ["unused"]}))
+    return root
+
+
+def follower_reply(request) -> str:
+    """Right on 'great' and 'awful', wrong ('pos') on 'okay': GEPA has failures to reflect on."""
+    last = message_texts(request.messages[-1])
+    return "neg" if "awful" in last else "pos"
+
+
+def generator_reply(request) -> str:
+    """Answers DSPy's ChatAdapter and JSONAdapter prompts (GEPA, MIPROv2) with their output
+    fields, and anything else (Prompt-MII's meta-prompt) with a plain instruction."""
+    last = message_texts(request.messages[-1])
+    chat = [f for f in re.findall(r"`\[\[ ## (\w+) ## \]\]`", last) if f != "completed"]
+    if chat:
+        return "\n\n".join(f"[[ ## {f} ## ]]\nSay pos for praise and neg for complaints." for f in chat) + (
+            "\n\n[[ ## completed ## ]]"
+        )
+    fields = re.search(r"JSON object in the following order of fields: (.*)", last)
+    if fields:
+        return json.dumps(
+            {f: "Say pos for praise and neg for complaints." for f in re.findall(r"`(\w+)`", fields.group(1))}
+        )
+    return "Instruction: decide whether the text praises (pos), complains (neg) or is lukewarm (meh)."
+
+
+def endpoint(lm, route: str, context_tokens: int | None = 4096) -> Endpoint:
+    return Endpoint(
+        lm=lm,
+        route=route,
+        token_counter=word_count if context_tokens else None,
+        context_tokens=context_tokens,
+        constrained_style="json_schema",
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return make_tasks(tmp_path / "datasets")
+
+
+@pytest.fixture
+def lms():
+    follower, follower_engine = fake_lm(follower_reply, model="fake/follower")
+    generator, generator_engine = fake_lm(generator_reply, model="fake/generator")
+    return {
+        "endpoints": Endpoints(
+            follower=endpoint(follower, "fake/follower"), generator=endpoint(generator, "fake/generator")
+        ),
+        "follower": follower_engine,
+        "generator": generator_engine,
+    }
+
+
+def config(data_dir: Path, out: Path, **overrides) -> RunConfig:
+    values = dict(
+        out=out,
+        tasks=resolve_tasks(data_dir),
+        n_values=[6],
+        methods=list(ALL),
+        test_rows=9,
+        seed=0,
+        constrained=False,
+        budgets=TINY,
+        progress=False,
+    )
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def ok(out: Path) -> dict:
+    return {cell_key(r): r for r in read_records(out) if r["status"] == "ok"}
+
+
+# --- tasks and splits -----------------------------------------------------------------
+
+
+def test_tasks_default_to_the_dev_list_and_missing_folders_are_named(data_dir: Path, tmp_path: Path):
+    assert [p.name for p in resolve_tasks(data_dir)] == ["toy", "pairs"]
+    assert [p.name for p in resolve_tasks(data_dir, ["pairs"])] == ["pairs"]
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        resolve_tasks(missing)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        resolve_tasks(data_dir, ["nope"])
+    with pytest.raises(SystemExit, match=str(missing)):  # before any LM is started
+        cli.main(["run", "--data-dir", str(missing), "--out", str(tmp_path / "out")])
+
+
+def test_split_draws_test_rows_first_and_examples_as_a_stratified_prefix(data_dir: Path):
+    task = load_task(data_dir / "toy")
+    split = make_split(task, test_rows=9, seed=3)
+    test_texts = {r["text"] for r in split.test_rows}
+    assert len(test_texts) == 9 and not test_texts & {r["text"] for r in split.ordered_rows}
+    five, ten = split.examples(5), split.examples(10)
+    assert [e.text for e in ten[:5]] == [e.text for e in five]
+    assert {e.label for e in split.examples(3)} == {"pos", "neg", "meh"}
+    # The test rows do not depend on how many examples are asked for, and are seeded.
+    assert make_split(task, 9, 3).test_rows == split.test_rows
+    assert make_split(task, 9, 4).test_rows != split.test_rows
+    assert split.split_id(5) != split.split_id(10)
+    train, val = train_val_split(ten)
+    assert (len(train), len(val)) == (4, 6) and not {e.text for e in train} & {e.text for e in val}
+
+
+def test_every_method_sees_the_same_examples_and_test_rows_and_never_a_test_row_to_compile(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    summary = run_benchmark(config(data_dir, out), lms["endpoints"])
+    assert summary.status == "finished" and summary.by_status == {"ok": 10}
+    records = ok(out)
+    assert {(t, m) for t, _, m, _ in records} == {(t, m) for t in ("toy", "pairs") for m in ALL}
+    for task_name in ("toy", "pairs"):
+        assert len({r["split_id"] for r in records.values() if r["task"] == task_name}) == 1
+        assert {r["test_rows"] for r in records.values()} == {9}
+
+    for task_name in ("toy", "pairs"):
+        split = make_split(load_task(data_dir / task_name), 9, 0)
+        test_texts = [r["text"] for r in split.test_rows]
+        example_texts = {r["text"] for r in split.ordered_rows[:6]}
+        asked = [message_texts(req.messages[-1]) for req in lms["follower"].requests]
+        # Each test row is labelled exactly once per method (compile never asks about it) ...
+        for text in test_texts:
+            assert sum(text in a for a in asked) == len(ALL), text
+        # ... every other follower query during compile is one of the n examples ...
+        other = task_name == "toy" and [a for a in asked if "row " in a and not any(t in a for t in test_texts)]
+        for query in other or []:
+            assert any(t in query for t in example_texts), query
+        # ... and no generator prompt (Prompt-MII, GEPA reflection, MIPROv2 proposals) holds a test row.
+        for request in lms["generator"].requests:
+            prompt = "\n".join(message_texts(m) for m in request.messages)
+            assert not any(re.search(rf"\b{re.escape(t)}\b", prompt) for t in test_texts)
+
+
+def test_search_methods_really_search_at_a_tiny_budget(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    run_benchmark(
+        config(data_dir, out, methods=["gepa", "miprov2"], tasks=resolve_tasks(data_dir, ["toy"])), lms["endpoints"]
+    )
+    records = ok(out)
+    gepa, mipro = records[("toy", 6, "gepa", 0)], records[("toy", 6, "miprov2", 0)]
+    assert gepa["compile_generator_calls"] >= 1 and gepa["compile_follower_calls"] >= 4  # reflected, evaluated
+    assert gepa["details"] == {"train": 2, "val": 4, "max_metric_calls": 12}
+    assert mipro["compile_generator_calls"] >= 2 and mipro["compile_follower_calls"] >= 4
+    assert "num_candidates=2" in mipro["details"]["budget"]
+
+
+# --- accounting ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_compile_calls_and_tokens_are_counted_per_role(data_dir, tmp_path, method):
+    follower, follower_engine = fake_lm(follower_reply, model="fake/follower", usage=(10, 1))
+    generator, generator_engine = fake_lm(generator_reply, model="fake/generator", usage=(100, 20))
+    endpoints = Endpoints(follower=endpoint(follower, "fake/follower"), generator=endpoint(generator, "fake/generator"))
+    out = tmp_path / "out"
+    run_benchmark(config(data_dir, out, methods=[method], tasks=resolve_tasks(data_dir, ["toy"])), endpoints)
+    (record,) = ok(out).values()
+
+    assert record["compile_generator_calls"] == generator_engine.calls
+    assert record["compile_follower_calls"] + record["eval_calls"] == follower_engine.calls
+    assert record["eval_calls"] == 9 and record["prompt_tokens_per_query"] == 10
+    assert record["compile_calls"] == record["compile_generator_calls"] + record["compile_follower_calls"]
+    assert record["compile_generator_prompt_tokens"] == 100 * record["compile_generator_calls"]
+    assert record["compile_generator_completion_tokens"] == 20 * record["compile_generator_calls"]
+    assert record["compile_follower_prompt_tokens"] == 10 * record["compile_follower_calls"]
+    assert record["compile_tokens"] == 120 * record["compile_generator_calls"] + 11 * record["compile_follower_calls"]
+    expected_generator_calls = {"naive": 0, "icl": 0, "promptmii_zero": 1}
+    if method in expected_generator_calls:
+        assert record["compile_generator_calls"] == expected_generator_calls[method]
+        assert record["compile_follower_calls"] == 0
+    else:
+        assert record["compile_generator_calls"] >= 1 and record["compile_follower_calls"] >= 4
+    assert record["compile_seconds"] >= 0 and record["eval_seconds"] >= 0
+    assert record["instruction"]
+    # Each role got only its own kind of request: the follower labels inputs, the
+    # generator writes (GEPA's reflections, MIPROv2's proposals go through DSPy adapters).
+    for request in follower_engine.requests:
+        text = "\n".join(message_texts(m) for m in request.messages)
+        assert "[[ ## " not in text and "JSON object" not in text and "Input: row" in text
+    for request in generator_engine.requests:
+        assert "Input: row" not in message_texts(request.messages[-1]) or method == "promptmii_zero"
+
+
+def test_n_used_icl_fits_the_context_and_promptmii_reports_its_n(data_dir, lms, tmp_path):
+    follower, _ = fake_lm(follower_reply, model="fake/follower")
+    generator, _ = fake_lm(generator_reply, model="fake/generator")
+    # About 30 words of prompt plus 4 per demo: a 60-word context fits a few demos, not all 20.
+    endpoints = Endpoints(
+        follower=endpoint(follower, "fake/follower", 60 + 64 + 8 * 20), generator=endpoint(generator, "g")
+    )
+    out = tmp_path / "out"
+    run_benchmark(
+        config(data_dir, out, n_values=[20], methods=["icl", "promptmii_zero"], tasks=resolve_tasks(data_dir, ["toy"])),
+        endpoints,
+    )
+    records = ok(out)
+    icl, pmii = records[("toy", 20, "icl", 0)], records[("toy", 20, "promptmii_zero", 0)]
+    assert 0 < icl["n_used"] < 20 and icl["demos"] == icl["n_used"]
+    assert pmii["n_used"] == 20 and pmii["details"]["template"] == "meta2"
+    # A route that gives no token counter: no fit, all n shown.
+    out2 = tmp_path / "out2"
+    endpoints = Endpoints(follower=endpoint(follower, "fake/follower", None), generator=endpoint(generator, "g", None))
+    run_benchmark(
+        config(data_dir, out2, n_values=[20], methods=["icl"], tasks=resolve_tasks(data_dir, ["toy"])), endpoints
+    )
+    assert ok(out2)[("toy", 20, "icl", 0)]["n_used"] == 20
+
+
+def test_promptmii_needs_a_trained_generator_and_uses_it(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    summary = run_benchmark(config(data_dir, out, methods=["promptmii"]), lms["endpoints"])
+    assert summary.cells_total == 0 and "skipped" in summary.notes[0]
+    assert "skipped" in json.loads((out / "manifest.json").read_text())["notes"][0]
+
+    trained, trained_engine = fake_lm("Label praise pos, complaints neg, lukewarm meh.", model="fake/trained")
+    endpoints = Endpoints(**{**lms["endpoints"].__dict__, "trained": endpoint(trained, "fake/trained")})
+    run_benchmark(config(data_dir, tmp_path / "out2", methods=["promptmii"]), endpoints)
+    records = ok(tmp_path / "out2")
+    assert trained_engine.calls == 2 and lms["generator"].calls == 0
+    assert {r["generator"] for r in records.values()} == {"fake/trained"}
+    assert all(r["instruction"].startswith("Label praise pos") for r in records.values())
+
+
+# --- resume -----------------------------------------------------------------------------
+
+
+def test_an_interrupted_run_resumes_and_skips_finished_cells(data_dir, lms, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = config(data_dir, out, methods=["naive", "icl", "promptmii_zero"], n_values=[3, 6])
+    real = dict(methods.METHODS)
+    calls: list[tuple[str, int]] = []
+
+    def spy(name, crash_at=None):
+        def compile(ctx):
+            calls.append((name, len(ctx.examples)))
+            if crash_at is not None and len(calls) == crash_at:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of a cell
+            return real[name].compile(ctx)
+
+        return MethodSpec(name, compile, real[name].generator)
+
+    for name in ("naive", "icl"):
+        monkeypatch.setitem(methods.METHODS, name, spy(name))
+    monkeypatch.setitem(methods.METHODS, "promptmii_zero", spy("promptmii_zero", crash_at=6))
+    summary = run_benchmark(cfg, lms["endpoints"])
+    assert summary.status == "interrupted" and summary.cells_run == 5
+    finished = ok(out)
+    assert len(finished) == 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["runs"][-1]["status"] == "interrupted"
+    # A crash in the middle of writing a record leaves a torn line: it is ignored.
+    with (out / "results.jsonl").open("a") as handle:
+        handle.write('{"task": "toy", "n": 6, "method": "na')
+
+    calls.clear()
+    monkeypatch.setitem(methods.METHODS, "promptmii_zero", spy("promptmii_zero"))
+    summary = run_benchmark(cfg, lms["endpoints"])
+    assert summary.status == "finished" and summary.cells_already_done == 5 and summary.cells_run == 7
+    assert len(calls) == 7  # only the unfinished cells compiled again
+    records = read_records(out)
+    assert len(records) == 12 and len(ok(out)) == 12  # each cell once, the torn line skipped
+    assert {k: v["finished_at"] for k, v in finished.items()} == {k: ok(out)[k]["finished_at"] for k in finished}
+    assert [r["status"] for r in json.loads((out / "manifest.json").read_text())["runs"]] == ["interrupted", "finished"]
+
+    summary = run_benchmark(cfg, lms["endpoints"])  # nothing left to do
+    assert summary.cells_run == 0 and len(read_records(out)) == 12
+
+
+def test_machinery_errors_are_recorded_and_retried_method_failures_are_not(data_dir, lms, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cfg = config(data_dir, out, methods=["naive", "promptmii_zero"], tasks=resolve_tasks(data_dir, ["toy"]))
+
+    def broken(ctx):
+        raise ConnectionError("server went away")
+
+    monkeypatch.setitem(methods.METHODS, "naive", MethodSpec("naive", broken, None))
+    empty, _ = fake_lm("```\n```", model="fake/generator")  # an instruction that cleans to nothing
+    endpoints = Endpoints(follower=lms["endpoints"].follower, generator=endpoint(empty, "fake/generator"))
+    summary = run_benchmark(cfg, endpoints)
+    assert summary.by_status == {"error": 1, "failed": 1}
+    statuses = {r["method"]: r for r in read_records(out)}
+    assert "ConnectionError" in statuses["naive"]["error"]
+    assert "GenerationError" in statuses["promptmii_zero"]["error"]
+
+    monkeypatch.setitem(methods.METHODS, "naive", MethodSpec("naive", methods.compile_naive, None))
+    summary = run_benchmark(cfg, endpoints)
+    assert summary.cells_run == 1 and summary.by_status == {"ok": 1}  # the error is retried, the failure kept
+    assert ResultStore(out).finished() == {("toy", 6, "naive", 0), ("toy", 6, "promptmii_zero", 0)}
+
+
+def test_other_settings_in_the_same_folder_are_refused(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    run_benchmark(config(data_dir, out, methods=["naive"]), lms["endpoints"])
+    with pytest.raises(ConfigMismatch, match="test_rows"):
+        run_benchmark(config(data_dir, out, methods=["naive"], test_rows=5), lms["endpoints"])
+    # More tasks, n or methods under the same settings are fine.
+    run_benchmark(config(data_dir, out, methods=["naive", "icl"], n_values=[3, 6]), lms["endpoints"])
+    assert len(ok(out)) == 8
+
+
+def test_manifest_records_versions_models_adapter_and_preset(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    cfg = config(data_dir, out, methods=["naive"], preset={"name": "quick", "description": "d", "values": {}})
+    run_benchmark(cfg, lms["endpoints"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["versions"]["dspy"] and "dspy-promptmii" in manifest["versions"]
+    assert manifest["models"]["follower"]["route"] == "fake/follower"
+    assert manifest["adapter"] == {**manifest["adapter"], "kind": "label", "demos": "turns", "constrained": False}
+    assert manifest["preset"]["name"] == "quick" and manifest["seeds"] == [0]
+    assert manifest["runs"][0]["machine"]["cpu_count"] >= 1
+    assert manifest["runs"][0]["wall_seconds"] >= 0
+
+
+def test_chat_adapter_runs_every_method_through_dspy_chat_prompts(data_dir, lms, tmp_path):
+    def chat_follower(request) -> str:
+        return "[[ ## label ## ]]\n" + follower_reply(request) + "\n\n[[ ## completed ## ]]"
+
+    follower, engine = fake_lm(chat_follower, model="fake/follower")
+    endpoints = Endpoints(follower=endpoint(follower, "fake/follower"), generator=lms["endpoints"].generator)
+    out = tmp_path / "out"
+    run_benchmark(
+        config(data_dir, out, methods=["naive", "icl"], adapter="chat", tasks=resolve_tasks(data_dir, ["toy"])),
+        endpoints,
+    )
+    records = ok(out)
+    assert {r["invalid_rate"] for r in records.values()} == {0.0}
+    assert all("[[ ## text ## ]]" in message_texts(r.messages[-1]) for r in engine.requests)
+    assert json.loads((out / "manifest.json").read_text())["adapter"]["kind"] == "chat"
+
+
+def test_quick_preset_fills_only_what_was_not_typed():
+    args = cli.build_parser().parse_args(["run", "--quick", "--n", "5"])
+    values = cli._resolved(args)
+    assert values["n"] == "5" and values["test_rows"] == cli.QUICK["test_rows"]
+    assert {"gepa", "miprov2"} & set(values["methods"].split(","))
+    assert values["gepa_metric_calls"] < cli.DEFAULTS["gepa_metric_calls"]
+    plain = cli._resolved(cli.build_parser().parse_args(["run"]))
+    assert plain == cli.DEFAULTS
