@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 
 # LiteLLM otherwise tries to download its model-cost map at import time; offline that
@@ -69,6 +71,11 @@ def _induce(args: argparse.Namespace) -> int:
         budget = args.max_prompt_tokens
         if budget is None and endpoint.context_tokens:
             budget = endpoint.context_tokens - args.max_tokens - 64
+            if budget < 1:
+                raise ValueError(
+                    f"--n-ctx {endpoint.context_tokens} leaves no room for a meta-prompt once the reply "
+                    f"(--max-tokens {args.max_tokens}) and 64 tokens of chat framing are set aside"
+                )
         optimizer = PromptMIIOptimizer(
             generator_lm=endpoint.lm,
             n=args.n,
@@ -196,7 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds the stack like Ctrl-C: `with` blocks stop local servers, and
+    # files are written whole or not at all.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from dspy.utils.exceptions import LMError
 
     parser = build_parser()

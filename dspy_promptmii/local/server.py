@@ -59,7 +59,9 @@ def _port_in_use(host: str, port: int) -> bool:
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """Ask Linux to kill the server if this process dies without stopping it. SIGKILL,
     not SIGTERM: on SIGTERM llama.cpp's server first finishes the request in flight,
-    which nobody is waiting for any more (minutes of CPU on a busy machine)."""
+    which nobody is waiting for any more (minutes of CPU on a busy machine). Linux ties
+    this to the thread that started the server: start servers from a thread that
+    outlives them (the main thread, normally)."""
     try:
         import ctypes
 
@@ -107,6 +109,7 @@ class LocalServer:
         self.n_threads = n_threads or os.cpu_count() or 2
         self.host = host
         self.port = port
+        self._auto_port = port is None
         self.startup_timeout = startup_timeout
         self.auto_pull = auto_pull
         self.lm_kwargs = {"temperature": 0.0, **(lm_kwargs or {})}
@@ -151,7 +154,7 @@ class LocalServer:
                 ) from None
             command = [sys.executable, "-m", "llama_cpp.server"]
         self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
-        if self.port is None:
+        if self._auto_port:
             self.port = _free_port(self.host)
         elif _port_in_use(self.host, self.port):
             raise ServerError(f"port {self.port} on {self.host} is already in use; pass another port or port=None")
@@ -166,14 +169,18 @@ class LocalServer:
         ]
         self._log = tempfile.NamedTemporaryFile(prefix="promptmii-server-", suffix=".log", delete=False)
         logger.info("starting %s", " ".join(args))
-        self.process = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
         atexit.register(self.stop)
+        try:
+            self.process = subprocess.Popen(
+                args,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        except OSError as error:
+            self.stop()
+            raise ServerError(f"could not launch the server command {command[0]!r}: {error}") from None
         try:
             self._wait_until_ready()
         except BaseException:
@@ -225,6 +232,8 @@ class LocalServer:
             Path(self._log.name).unlink(missing_ok=True)
             self._log = None
         atexit.unregister(self.stop)
+        if self._auto_port:
+            self.port = None  # a restart picks a free port again
 
     def __enter__(self) -> dspy.LM:
         return self.start()

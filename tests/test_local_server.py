@@ -1,0 +1,456 @@
+"""LocalServer's lifecycle and LMPool's routes, with a fake server script standing in
+for llama.cpp (tests/support/fake_llama_server.py): no model, no llama.cpp build."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Literal
+
+import dspy
+import pytest
+
+from dspy_promptmii import routes
+from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.local.registry import DEFAULT_MODEL, get_spec
+from dspy_promptmii.local.server import DEFAULT_N_CTX, RESPONSE_FORMAT_STYLE, LocalServer, ServerError
+
+FAKE_SERVER = Path(__file__).resolve().parent / "support" / "fake_llama_server.py"
+FAKE_COMMAND = [sys.executable, str(FAKE_SERVER)]
+CRASH_MESSAGE = "fake llama: error loading model: invalid magic characters"
+
+pull_module = importlib.import_module("dspy_promptmii.local.pull")
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a zombie has exited; only its
+    parent has not collected its status yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid: int, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def read_record(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def recorded_pids(path: Path) -> list[int]:
+    return [entry["pid"] for entry in read_record(path) if "pid" in entry]
+
+
+@pytest.fixture
+def model_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny-model.gguf"
+    path.write_bytes(b"GGUF not really")
+    return path
+
+
+@pytest.fixture
+def record(tmp_path: Path, monkeypatch) -> Path:
+    """The fake server's log of its arguments and of every request body it got."""
+    path = tmp_path / "record.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_RECORD", str(path))
+    monkeypatch.delenv("FAKE_LLAMA_MODE", raising=False)
+    monkeypatch.delenv("FAKE_LLAMA_REPLY", raising=False)
+    return path
+
+
+@pytest.fixture
+def server_logs(tmp_path: Path, monkeypatch) -> Path:
+    """Temporary files (the servers' logs) go to a folder of this test's own."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def make_server(model_file, record, server_logs):
+    """LocalServer with the fake command; every server made here is stopped at the end,
+    and the test fails if one of the fake's processes is still alive then."""
+    made: list[LocalServer] = []
+
+    def make(model=None, **kwargs) -> LocalServer:
+        kwargs.setdefault("startup_timeout", 20)
+        server = LocalServer(model_file if model is None else model, command=FAKE_COMMAND, **kwargs)
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.stop()
+    leftover = [pid for pid in recorded_pids(record) if not wait_gone(pid, 5)]
+    assert not leftover, f"fake server processes still alive: {leftover}"
+    assert not list(server_logs.glob("promptmii-server-*")), "a server log was left behind"
+
+
+# -- ready ------------------------------------------------------------------------------
+
+
+def test_start_returns_an_lm_routed_to_the_server(make_server, record, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_REPLY", "hello from the fake server")
+    server = make_server(n_ctx=2048, n_threads=3)
+
+    lm = server.start()
+
+    assert server.running
+    assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+    assert isinstance(lm, dspy.LM)
+    assert lm.model == "hosted_vllm/tiny-model"
+    assert lm.kwargs["api_base"] == server.base_url
+    assert lm.kwargs["temperature"] == 0.0
+    # The arguments llama.cpp's server takes, as LocalServer passed them.
+    argv = read_record(record)[0]["argv"]
+    assert dict(zip(argv[::2], argv[1::2])) == {
+        "--model": str(server.model_path),
+        "--model_alias": "tiny-model",
+        "--host": "127.0.0.1",
+        "--port": str(server.port),
+        "--n_ctx": "2048",
+        "--n_threads": "3",
+    }
+
+    # A real call, through DSPy and LiteLLM, reaches the fake and comes back.
+    assert server.lm(cache=False, max_tokens=7)("a question for the fake") == ["hello from the fake server"]
+    body = next(e["body"] for e in read_record(record) if e.get("path") == "/v1/chat/completions")
+    assert body["model"] == "tiny-model"
+    assert body["messages"][-1]["content"] == "a question for the fake"
+    assert body["max_tokens"] == 7 and "max_completion_tokens" not in body  # what llama.cpp accepts
+
+    assert server.count_tokens("four words right here") == 4
+
+    # start() on a running server hands out another LM, not another process.
+    pid = server.process.pid
+    assert server.start().model == lm.model
+    assert server.process.pid == pid and len(recorded_pids(record)) == 1
+
+
+@pytest.mark.parametrize("style", sorted({"json_object", RESPONSE_FORMAT_STYLE}))
+def test_constrained_label_request_reaches_the_server(make_server, record, style):
+    """LabelAdapter's constrained decoding, in llama.cpp's JSON form and in the form
+    LocalServer's route uses, arrives at the server intact (the fake answers the first
+    allowed label)."""
+
+    class Intent(dspy.Signature):
+        """Classify the request."""
+
+        text: str = dspy.InputField()
+        label: Literal["PlayMusic", "GetWeather"] = dspy.OutputField()
+
+    server = make_server()
+    lm = server.start().copy(cache=False)
+    with dspy.context(lm=lm, adapter=LabelAdapter(constrained=style)):
+        prediction = dspy.Predict(Intent)(text="will it rain in Paris tomorrow")
+
+    assert prediction.label == "PlayMusic"
+    body = next(e["body"] for e in read_record(record) if e.get("path") == "/v1/chat/completions")
+    constraint = body.get("grammar") or body.get("response_format")
+    assert constraint, f"no constraint in the request: {sorted(body)}"
+    assert "PlayMusic" in json.dumps(constraint) and "GetWeather" in json.dumps(constraint)
+
+
+# -- failures at start ----------------------------------------------------------------
+
+
+def test_crash_at_start_carries_the_server_output(make_server, record, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "crash")
+    server = make_server()
+
+    with pytest.raises(ServerError, match="exited with code 3") as caught:
+        server.start()
+
+    assert CRASH_MESSAGE in str(caught.value)
+    assert not server.running and server.process is None
+    [pid] = recorded_pids(record)
+    assert not alive(pid)
+
+
+def test_server_that_never_answers_times_out_and_is_stopped(make_server, record, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "hang")
+    server = make_server(startup_timeout=1.0)
+
+    started = time.monotonic()
+    with pytest.raises(ServerError, match="did not answer within 1 s"):
+        server.start()
+    elapsed = time.monotonic() - started
+
+    assert 1.0 <= elapsed < 15
+    assert not server.running and server.process is None
+    [pid] = recorded_pids(record)
+    assert not alive(pid)
+
+
+def test_ctrl_c_while_waiting_for_the_server_stops_it(make_server, record, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "hang")
+    server = make_server(startup_timeout=30)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C one second into the wait
+        with pytest.raises(KeyboardInterrupt):
+            server.start()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+    assert server.process is None
+    [pid] = recorded_pids(record)
+    assert not alive(pid)
+
+
+def test_busy_port_is_named(make_server, record):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        server = make_server(port=port)
+        with pytest.raises(ServerError, match=f"port {port}"):
+            server.start()
+    assert server.process is None and recorded_pids(record) == []
+
+
+def test_missing_model_names_the_pull_command(make_server, record, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMPTMII_HOME", str(tmp_path / "home"))
+
+    def no_pull(*args, **kwargs):
+        raise AssertionError("LocalServer must not pull unless auto_pull is set")
+
+    monkeypatch.setattr(pull_module, "pull", no_pull)
+    with pytest.raises(FileNotFoundError, match=f"promptmii models pull {DEFAULT_MODEL}"):
+        make_server(DEFAULT_MODEL).start()
+    with pytest.raises(FileNotFoundError, match="no model file"):
+        make_server(tmp_path / "absent.gguf").start()
+    assert recorded_pids(record) == []
+
+
+def test_llama_cpp_missing_names_the_local_extra(model_file, monkeypatch):
+    # A None entry in sys.modules makes the import fail, as if the package were absent.
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    monkeypatch.setitem(sys.modules, "llama_cpp.server", None)
+    server = LocalServer(model_file)  # the default command: python -m llama_cpp.server
+
+    with pytest.raises(ServerError, match=r"dspy-promptmii\[local\]"):
+        server.start()
+    assert server.process is None
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="n_ctx"):
+        LocalServer("x.gguf", n_ctx=256)
+    server = LocalServer("x.gguf")
+    assert server.n_ctx == DEFAULT_N_CTX
+    with pytest.raises(ServerError, match="not been started"):
+        _ = server.base_url
+    with pytest.raises(ServerError, match="not running"):
+        server.lm()
+
+
+# -- stopping ---------------------------------------------------------------------------
+
+
+def test_stop_terminates_the_server(make_server):
+    server = make_server()
+    server.start()
+    process = server.process
+
+    server.stop()
+
+    assert process.returncode == -signal.SIGTERM
+    assert not alive(process.pid)
+    assert not server.running
+    with pytest.raises(ServerError, match="not running"):
+        server.lm()
+    server.stop()  # twice is harmless
+
+
+def test_server_ignoring_sigterm_is_killed_after_the_grace_period(make_server, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "ignore-term")
+    server = make_server(stop_grace=0.5)
+    server.start()
+    process = server.process
+
+    started = time.monotonic()
+    server.stop()
+
+    assert time.monotonic() - started >= 0.5
+    assert process.returncode == -signal.SIGKILL
+    assert not alive(process.pid)
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [Boom, KeyboardInterrupt])
+def test_context_manager_stops_on_error_and_ctrl_c(make_server, error):
+    server = make_server()
+    with pytest.raises(error):
+        with server as lm:
+            assert isinstance(lm, dspy.LM) and server.running
+            process = server.process
+            raise error("inside the with block")
+    assert not server.running
+    assert process.returncode is not None and not alive(process.pid)
+
+
+@pytest.mark.parametrize("mode", ["normal", "ignore-term"])
+def test_server_dies_with_its_parent(model_file, record, server_logs, monkeypatch, mode):
+    """A Python process that starts a server and dies without stopping it (os._exit:
+    no atexit, no finally) takes the server with it, also a server that would not stop
+    on SIGTERM (llama.cpp's server, on SIGTERM, first finishes the request in flight,
+    which can take minutes on a busy 2-core machine)."""
+    monkeypatch.setenv("FAKE_LLAMA_MODE", mode)
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from dspy_promptmii.local.server import LocalServer
+        server = LocalServer({str(model_file)!r}, command={FAKE_COMMAND!r}, startup_timeout=20)
+        server.start()
+        print(server.process.pid, flush=True)
+        os._exit(0)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split()[-1])
+    assert pid in recorded_pids(record)
+    try:
+        assert wait_gone(pid, 10), f"the server {pid} outlived the process that started it"
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# -- LMPool ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cached_models(tmp_path, monkeypatch):
+    """PROMPTMII_HOME with the default and the smollm2 model 'cached' (sparse files of
+    the right size: resolve_model checks the size only)."""
+    monkeypatch.setenv("PROMPTMII_HOME", str(tmp_path / "home"))
+    folder = tmp_path / "home" / "models"
+    folder.mkdir(parents=True)
+    for name in (DEFAULT_MODEL, "smollm2-135m-instruct"):
+        spec = get_spec(name)
+        with (folder / spec.filename).open("wb") as handle:
+            handle.truncate(spec.size)
+
+    def no_pull(*args, **kwargs):
+        raise AssertionError("nothing may be pulled here")
+
+    monkeypatch.setattr(pull_module, "pull", no_pull)
+    return folder
+
+
+def test_pool_starts_one_local_server_per_model_and_stops_them(make_server, cached_models, record, monkeypatch):
+    def fake_local_server(model, **kwargs):
+        return make_server(model, **kwargs)
+
+    monkeypatch.setattr(routes, "LocalServer", fake_local_server)
+
+    with routes.LMPool(n_ctx=1024, n_threads=1) as pool:
+        follower = pool.endpoint("local", max_tokens=5, cache=False)
+        generator = pool.endpoint(DEFAULT_MODEL, max_tokens=900, cache=False)
+        small = pool.endpoint("smollm2-135m-instruct", cache=False)
+
+        assert follower.server is generator.server is not small.server
+        assert len(recorded_pids(record)) == 2
+        assert follower.lm.model == generator.lm.model == f"hosted_vllm/{DEFAULT_MODEL}"
+        assert small.lm.model == "hosted_vllm/smollm2-135m-instruct"
+        assert follower.lm.kwargs["api_base"] == follower.server.base_url
+        assert (follower.lm.kwargs["max_tokens"], generator.lm.kwargs["max_tokens"]) == (5, 900)
+        assert follower.route == "local" and generator.route == DEFAULT_MODEL
+        assert follower.context_tokens == 1024 and follower.server.n_ctx == 1024
+        assert all(entry["argv"][-2:] == ["--n_threads", "1"] for entry in read_record(record) if "argv" in entry)
+        assert follower.constrained_style == RESPONSE_FORMAT_STYLE
+        assert follower.token_counter("three small words") == 3
+        assert follower.lm("hi") == ["fake reply"]
+        assert follower.server.model_path == cached_models / get_spec(DEFAULT_MODEL).filename
+        servers = [follower.server, small.server]
+        processes = [server.process for server in servers]
+
+    assert not any(server.running for server in servers)
+    assert all(process.returncode is not None and not alive(process.pid) for process in processes)
+
+
+def test_pool_stops_its_servers_on_an_exception(make_server, model_file, monkeypatch):
+    monkeypatch.setattr(routes, "LocalServer", lambda model, **kwargs: make_server(model, **kwargs))
+    with pytest.raises(Boom):
+        with routes.LMPool() as pool:
+            endpoint = pool.endpoint(str(model_file))  # a .gguf path is a local route
+            assert endpoint.lm.model == "hosted_vllm/tiny-model"
+            process = endpoint.server.process
+            raise Boom()
+    assert not alive(process.pid)
+
+
+def test_pool_remote_routes(monkeypatch):
+    def no_local_server(*args, **kwargs):
+        raise AssertionError("a remote route must not start a local server")
+
+    monkeypatch.setattr(routes, "LocalServer", no_local_server)
+    base = "http://gpu-box:8000/v1"
+    with routes.LMPool() as pool:
+        vllm = pool.endpoint("milli19/promptmii-llama-3.1-8b-instruct", api_base=base, max_tokens=1024)
+        assert vllm.route == vllm.lm.model == "hosted_vllm/milli19/promptmii-llama-3.1-8b-instruct"
+        assert vllm.lm.kwargs["api_base"] == base and vllm.lm.kwargs["max_tokens"] == 1024
+        assert vllm.server is None and vllm.token_counter is None and vllm.context_tokens is None
+        assert vllm.constrained_style == "json_schema"
+
+        explicit = pool.endpoint("openai/gpt-4o-mini", api_base=base)
+        assert explicit.lm.model == "openai/gpt-4o-mini" and explicit.lm.kwargs["api_base"] == base
+
+        hosted = pool.endpoint("openai/gpt-4o-mini")
+        assert hosted.lm.model == "openai/gpt-4o-mini" and "api_base" not in hosted.lm.kwargs
+
+    with routes.LMPool(api_base=base) as pool:
+        assert pool.endpoint("my-model").lm.model == "hosted_vllm/my-model"
+        assert pool.endpoint("my-model").lm.kwargs["api_base"] == base
+        other = "http://other:9000/v1"
+        assert pool.endpoint("my-model", api_base=other).lm.kwargs["api_base"] == other
+
+
+def test_a_stopped_server_with_an_automatic_port_restarts_on_a_free_port(make_server):
+    server = make_server()
+    server.start()
+    first = server.port
+    server.stop()
+    assert server.port is None
+    # Someone else takes the old port meanwhile: the restart must not insist on it.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", first))
+        server.start()
+        assert server.running and server.port != first
+    server.stop()
+
+
+def test_a_command_that_cannot_be_launched_is_named_and_leaves_no_log(model_file, server_logs):
+    server = LocalServer(model_file, command=[str(server_logs / "no-such-binary")], startup_timeout=5)
+    with pytest.raises(ServerError, match="could not launch the server command"):
+        server.start()
+    assert not server.running
+    assert not list(server_logs.glob("promptmii-server-*"))

@@ -1,0 +1,143 @@
+"""End to end on the REAL embedded model (llama.cpp, Qwen2.5-Coder-0.5B, 2 CPU cores):
+compile a SNIPS intent classifier with one generator call, evaluate it through
+LabelAdapter with constrained decoding, and leave no server process behind.
+
+Marked ``real_model``; skipped when llama-cpp-python or the model is missing, unless
+PROMPTMII_REQUIRE_REAL_MODEL=1 (CI), which makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import dspy
+import pytest
+
+from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.data import split_rows
+from dspy_promptmii.demo import demo_task
+from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, ServerError
+from dspy_promptmii.local.server import RESPONSE_FORMAT_STYLE
+from dspy_promptmii.optimizer import PromptMIIOptimizer
+from dspy_promptmii.protocol import format_line
+from dspy_promptmii.usage import metered
+
+pytestmark = pytest.mark.real_model
+
+TEST_ROWS = 30
+GENERATOR_MAX_TOKENS = 512
+
+
+def llama_server_children() -> dict[int, str]:
+    """This process's child processes running llama.cpp's server: pid -> command line
+    (from /proc; zombies, which have exited, are not counted)."""
+    found = {}
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == me and state != "Z" and "llama_cpp.server" in cmdline:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+@pytest.fixture(scope="module")
+def snips():
+    task = demo_task()
+    train_rows, test_rows = split_rows(task.rows, train=len(task.rows) - TEST_ROWS, test=TEST_ROWS, seed=0)
+    return task, task.examples(train_rows), task.examples(test_rows)
+
+
+@pytest.fixture(scope="module")
+def compiled(local_server, snips):
+    """The classifier compiled with the local model as generator (one call), with the
+    optimizer and the generator's metered usage."""
+    task, trainset, _ = snips
+    generator, meter = metered(local_server.lm(cache=False, max_tokens=GENERATOR_MAX_TOKENS))
+    optimizer = PromptMIIOptimizer(
+        generator_lm=generator,
+        n=20,
+        seed=0,
+        max_tokens=GENERATOR_MAX_TOKENS,
+        max_prompt_tokens=local_server.n_ctx - GENERATOR_MAX_TOKENS - 64,
+        token_counter=local_server.count_tokens,
+    )
+    started = time.perf_counter()
+    program = optimizer.compile(dspy.Predict(task.signature()), trainset=trainset)
+    return program, optimizer, meter.snapshot(), time.perf_counter() - started
+
+
+def test_compile_makes_one_generator_call(compiled, snips):
+    task, _, _ = snips
+    program, optimizer, usage, seconds = compiled
+
+    assert usage.calls == 1
+    [report] = optimizer.report
+    assert report["generator_calls"] == 1
+    assert report["n_used"] == 20 and set(report["labels"]) == set(task.labels)
+    assert report["prompt_tokens"] and report["prompt_tokens"] > 20 * 5  # twenty examples went in
+    instruction = program.predictors()[0].signature.instructions
+    line = format_line(task.labels)
+    assert instruction.endswith(line)
+    assert len(instruction[: -len(line)].strip()) >= 20, f"the generator wrote next to nothing: {instruction!r}"
+    print(f"\ncompile: {seconds:.1f} s, {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens")
+    print(instruction)
+
+
+@pytest.mark.parametrize("style", sorted({"json_object", RESPONSE_FORMAT_STYLE}))
+def test_compiled_classifier_gives_valid_labels(local_server, compiled, snips, style):
+    task, _, test = snips
+    program = compiled[0]
+
+    result = evaluate(
+        program,
+        test,
+        lm=local_server.lm(cache=False, max_tokens=16),
+        adapter=LabelAdapter(constrained=style),
+        progress=False,
+    )
+
+    print(f"\n{style}: {result.summary()}")
+    assert result.n == result.calls == TEST_ROWS
+    assert result.invalid_rate < 0.2
+    assert 0.0 <= result.macro_f1 <= 1.0
+    assert result.macro_f1 > 1 / len(task.labels)  # above chance (7 intents)
+    assert result.prompt_tokens_per_query is not None and result.prompt_tokens_per_query > 20
+
+
+def test_fresh_server_leaves_no_process(local_server):
+    """A LocalServer started and stopped here: its llama.cpp process is gone after.
+    (``local_server`` only for the skip when llama.cpp or the model is missing.)"""
+    before = llama_server_children()
+    server = LocalServer(DEFAULT_MODEL, n_ctx=512, startup_timeout=300)
+    with server:  # started means it answered on its port
+        pid = server.process.pid
+        assert pid in llama_server_children()  # the scan does see a running server
+    assert pid not in llama_server_children()
+    assert llama_server_children() == before
+    assert not Path(f"/proc/{pid}").exists()  # gone and reaped, not a zombie
+
+
+def test_bad_model_file_is_a_clear_error(local_server, tmp_path):
+    """llama.cpp refusing a file that is not a model: the error says the server exited and
+    carries its output. (``local_server`` only for the skip when llama.cpp is missing.)"""
+    bogus = tmp_path / "not-a-model.gguf"
+    bogus.write_bytes(b"this is not a GGUF file\n" * 100)
+    server = LocalServer(bogus, n_ctx=512, startup_timeout=120)
+
+    with pytest.raises(ServerError, match="exited with code") as caught:
+        server.start()
+
+    assert str(bogus) in str(caught.value)
+    print(caught.value)
+    assert server.process is None
+    assert not llama_server_children().keys() - {local_server.process.pid}
