@@ -64,6 +64,7 @@ class PredictorReport:
     prompt_tokens: int | None
     completion_tokens: int | None
     cached: bool
+    truncated: bool
     meta_prompt_tokens: int | None
     seconds: float
     instruction: str
@@ -186,7 +187,9 @@ class PromptMIIOptimizer(Teleprompter):
             started = time.perf_counter()
             reply, usage = self._generate(generator, meta_prompt)
             seconds = time.perf_counter() - started
-            instruction = clean_instruction(reply, plan.task.input_fields)
+            max_tokens = self.generation_kwargs.get("max_tokens")
+            truncated = bool(max_tokens) and (usage.get("completion_tokens") or 0) >= max_tokens
+            instruction = clean_instruction(reply, plan.task.input_fields, truncated=truncated)
             if not instruction:
                 raise GenerationError(
                     f"the generator's reply for predictor {plan.name!r} is empty after cleaning; raw reply: {reply!r}",
@@ -209,6 +212,7 @@ class PromptMIIOptimizer(Teleprompter):
                     prompt_tokens=usage.get("prompt_tokens"),
                     completion_tokens=usage.get("completion_tokens"),
                     cached=not usage,
+                    truncated=truncated,
                     meta_prompt_tokens=prompt_tokens,
                     seconds=round(seconds, 3),
                     instruction=instructions[-1],

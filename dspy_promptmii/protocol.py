@@ -215,17 +215,47 @@ def _is_header(line: str) -> bool:
     )
 
 
-def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",)) -> str:
+_LIST_MARKER = re.compile(r"^\s*(?:[-*+\u2022]|\(?\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
+
+
+def _line_key(line: str) -> str:
+    """A line's content for spotting repeats: no list marker, case or spacing."""
+    return re.sub(r"\s+", " ", _LIST_MARKER.sub("", line)).strip().casefold()
+
+
+def _without_repeats(lines: list[str]) -> list[str]:
+    """Drop every line that repeats an earlier one (ignoring list markers, so "7. Avoid
+    X." repeats "4. Avoid X.") and runs of blank lines: small generators decoding
+    greedily loop on a line until the token limit."""
+    seen: set[str] = set()
+    kept: list[str] = []
+    for line in lines:
+        key = _line_key(line)
+        if not key:
+            if kept and kept[-1].strip():
+                kept.append("")
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append(line)
+    return kept
+
+
+def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",), *, truncated: bool = False) -> str:
     """Turn a generator's raw reply into an instruction.
 
     Removes code fences, leading header lines ("Instruction:", "Here are the
-    guidelines:"), wrapping quotes, an echoed format line, and a trailing copy of the
-    labelled examples (examples used as illustrations inside the text are kept).
-    Returns ``""`` when nothing is left.
+    guidelines:"), wrapping quotes, an echoed format line, a trailing copy of the
+    labelled examples (examples used as illustrations inside the text are kept), and
+    lines that repeat earlier ones. With ``truncated`` (the reply hit the token limit),
+    an unfinished last line is dropped too. Returns ``""`` when nothing is left.
     """
     if not reply:
         return ""
     lines = [line for line in reply.strip().splitlines() if not _FENCE.match(line)]
+    if truncated and len(lines) > 1 and not _SENTENCE_END.search(lines[-1]):
+        lines.pop()
     # Drop leading blank and header-only lines ("Instruction:", "**Guidelines**").
     while lines and (not lines[0].strip() or _is_header(lines[0])):
         lines.pop(0)
@@ -234,7 +264,7 @@ def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",))
     cut = _trailing_examples_start(lines, field_names)
     if cut is not None and cut > 0:
         lines = lines[:cut]
-    lines = [line for line in lines if not _FORMAT_ECHO.match(line)]
+    lines = _without_repeats([line for line in lines if not _FORMAT_ECHO.match(line)])
     text = "\n".join(lines).strip()
     return _strip_wrapping_quotes(text).strip()
 

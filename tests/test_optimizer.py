@@ -470,10 +470,21 @@ def test_report_on_optimizer_and_program():
     assert report["prompt_tokens"] == 321
     assert report["completion_tokens"] == 54
     assert report["cached"] is False
+    assert report["truncated"] is False
     assert isinstance(report["seconds"], float) and report["seconds"] >= 0
     assert report["instruction"] == INSTRUCTION == compiled.signature.instructions
     assert report["raw_reply"] == REPLY
     assert json.loads(json.dumps(compiled.promptmii_report)) == optimizer.report
+
+
+def test_a_reply_cut_at_the_token_limit_loses_its_unfinished_last_line():
+    reply = "Decide whether the review is positive or negative.\nPraise means pos.\n- Sarcasm can look like"
+    lm, _ = fake_lm([reply], usage=(100, 64))
+    optimizer = PromptMIIOptimizer(generator_lm=lm, n=5, max_tokens=64)
+    compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset(8))
+    assert optimizer.report[0]["truncated"] is True
+    expected = "Decide whether the review is positive or negative.\nPraise means pos."
+    assert compiled.signature.instructions == f"{expected}\n{format_line(['pos', 'neg'])}"
 
 
 def test_n_larger_than_trainset_reports_what_was_used():

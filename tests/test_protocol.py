@@ -172,6 +172,21 @@ def test_clean_instruction_cuts_only_the_trailing_copy_of_examples():
     assert clean_instruction(text) == "Label the mood.\nInput: a\nLabel: positive\nPraise means positive."
 
 
+def test_clean_instruction_drops_lines_that_repeat_earlier_ones():
+    looping = (
+        "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n3. Avoid X.\n4. Prefer Y.\n"
+        "- **Avoid X.**\n- Avoid  x.\n\n\n\nWatch Z."
+    )
+    assert clean_instruction(looping) == "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n- **Avoid X.**\n\nWatch Z."
+
+
+def test_clean_instruction_drops_an_unfinished_last_line_only_when_truncated():
+    reply = "Label the intent.\nGet the weather for weather questions.\n- Overlapping: avoid the same"
+    assert clean_instruction(reply, truncated=True) == "Label the intent.\nGet the weather for weather questions."
+    assert clean_instruction(reply) == reply
+    assert clean_instruction("Label the intent and", truncated=True) == "Label the intent and"  # never to nothing
+
+
 @pytest.mark.parametrize("reply", [None, "", "   ", "Instruction:", "```\n```", '""', "**Guidelines**\n\n"])
 def test_clean_instruction_empty_when_nothing_is_left(reply):
     assert clean_instruction(reply) == ""
