@@ -177,7 +177,8 @@ def test_clean_instruction_drops_lines_that_repeat_earlier_ones():
         "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n3. Avoid X.\n4. Prefer Y.\n"
         "- **Avoid X.**\n- Avoid  x.\n\n\n\nWatch Z."
     )
-    assert clean_instruction(looping) == "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n- **Avoid X.**\n\nWatch Z."
+    expected = "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n- **Avoid X.**\n\nWatch Z."
+    assert clean_instruction(looping) == expected
 
 
 def test_clean_instruction_drops_an_unfinished_last_line_only_when_truncated():
