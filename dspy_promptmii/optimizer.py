@@ -189,7 +189,9 @@ class PromptMIIOptimizer(Teleprompter):
             seconds = time.perf_counter() - started
             max_tokens = self.generation_kwargs.get("max_tokens")
             truncated = bool(max_tokens) and (usage.get("completion_tokens") or 0) >= max_tokens
-            instruction = clean_instruction(reply, plan.task.input_fields, truncated=truncated)
+            instruction = clean_instruction(
+                reply, plan.task.input_fields, truncated=truncated, examples=shown, labels=plan.task.labels
+            )
             if not instruction:
                 raise GenerationError(
                     f"the generator's reply for predictor {plan.name!r} is empty after cleaning; raw reply: {reply!r}",

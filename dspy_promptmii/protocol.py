@@ -182,26 +182,55 @@ def _strip_wrapping_quotes(text: str) -> str:
     return text
 
 
-def _example_lines(field_names: Sequence[str]) -> tuple[str, ...]:
-    return ("input:", "label:", *(f"{field_title(name).lower()}:" for name in field_names))
+def _plain(line: str) -> str:
+    """A line without markdown emphasis, quotes, list markers or case: what it says."""
+    text = re.sub(r"[*_`]+", "", line).strip()
+    text = _LIST_MARKER.sub("", text).lstrip("#>- \t")
+    return re.sub(r"\s+", " ", text).strip().strip("\"'\u201c\u201d").casefold()
 
 
-def _trailing_examples_start(lines: list[str], field_names: Sequence[str]) -> int | None:
-    """Index where a trailing copy of labelled examples begins: from there on, every
-    non-blank line is an input or ``Label:`` line, and there is at least one label."""
-    prefixes = _example_lines(field_names)
-    start = None
-    for i in range(len(lines) - 1, -1, -1):
-        stripped = lines[i].strip().lower().lstrip("-*> ")
-        if not stripped:
-            continue
-        if not stripped.startswith(prefixes):
-            break
-        start = i
-    if start is None:
+def _trailing_examples_start(
+    lines: list[str],
+    field_names: Sequence[str],
+    examples: Sequence[tuple[Mapping[str, Any], str]] = (),
+    labels: Sequence[Any] = (),
+) -> int | None:
+    """Index where a trailing copy of the labelled examples begins, if there is one.
+
+    From there on every non-blank line is an ``Input:``/field/``Label:`` line, a shown
+    example's input quoted whole, or a bare label (markdown and list markers aside),
+    and at least one is a ``Label:`` line or a quoted input (a closing list of label
+    names alone is kept). A header such as "Examples:" just before the copy goes too.
+    """
+    prefixes = ("input:", "label:", *(f"{field_title(name).lower()}:" for name in field_names))
+    texts = {_plain(str(value)) for inputs, _ in examples for value in inputs.values() if str(value).strip()}
+    label_set = {_plain(str(label)) for label in labels} | {_plain(label) for _, label in examples}
+
+    def kind(line: str) -> str | None:
+        plain = _plain(line)
+        if plain.startswith("label:") or plain in texts:
+            return "copy"
+        if plain.startswith(prefixes) or plain in label_set:
+            return "part"
         return None
-    tail = [line.strip().lower().lstrip("-*> ") for line in lines[start:]]
-    return start if any(line.startswith("label:") for line in tail) else None
+
+    start, copies = None, 0
+    for i in range(len(lines) - 1, -1, -1):
+        if not lines[i].strip():
+            continue
+        found = kind(lines[i])
+        if found is None:
+            break
+        copies += found == "copy"
+        start = i
+    if start is None or not copies:
+        return None
+    before = start - 1
+    while before >= 0 and not lines[before].strip():
+        before -= 1
+    if before >= 0 and lines[before].rstrip().endswith(":") and "example" in lines[before].lower():
+        start = before
+    return start
 
 
 def _is_header(line: str) -> bool:
@@ -242,14 +271,23 @@ def _without_repeats(lines: list[str]) -> list[str]:
     return kept
 
 
-def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",), *, truncated: bool = False) -> str:
+def clean_instruction(
+    reply: str | None,
+    field_names: Sequence[str] = ("text",),
+    *,
+    truncated: bool = False,
+    examples: Sequence[tuple[Mapping[str, Any], str]] = (),
+    labels: Sequence[Any] = (),
+) -> str:
     """Turn a generator's raw reply into an instruction.
 
     Removes code fences, leading header lines ("Instruction:", "Here are the
     guidelines:"), wrapping quotes, an echoed format line, a trailing copy of the
-    labelled examples (examples used as illustrations inside the text are kept), and
-    lines that repeat earlier ones. With ``truncated`` (the reply hit the token limit),
-    an unfinished last line is dropped too. Returns ``""`` when nothing is left.
+    labelled examples (examples used as illustrations inside the text are kept; given
+    the shown ``examples`` and ``labels``, a copy in markdown, numbered, or without
+    ``Input:`` markers is recognised too), and lines that repeat earlier ones. With
+    ``truncated`` (the reply hit the token limit), an unfinished last line is dropped
+    too. Returns ``""`` when nothing is left.
     """
     if not reply:
         return ""
@@ -261,7 +299,7 @@ def clean_instruction(reply: str | None, field_names: Sequence[str] = ("text",),
         lines.pop(0)
     if lines:
         lines[0] = _INLINE_HEADER.sub("", lines[0], count=1)
-    cut = _trailing_examples_start(lines, field_names)
+    cut = _trailing_examples_start(lines, field_names, examples, labels)
     if cut is not None and cut > 0:
         lines = lines[:cut]
     lines = _without_repeats([line for line in lines if not _FORMAT_ECHO.match(line)])

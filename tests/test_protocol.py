@@ -172,6 +172,26 @@ def test_clean_instruction_cuts_only_the_trailing_copy_of_examples():
     assert clean_instruction(text) == "Label the mood.\nInput: a\nLabel: positive\nPraise means positive."
 
 
+SHOWN = [({"text": "give four stars to What the Day Owes the Night"}, "RateBook"), ({"text": "play some jazz"}, "PlayMusic")]
+LABELS = ["PlayMusic", "RateBook", "SearchCreativeWork"]
+
+
+def test_clean_instruction_cuts_a_markdown_copy_of_the_shown_examples():
+    reply = (
+        "Label each request with its intent.\n\nExamples:\n\n"
+        "1. **give four stars to What the Day Owes the Night**\n   - **Label**: RateBook\n\n"
+        "2. **SearchCreativeWork**\n\n3. **play some jazz**"
+    )
+    assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == "Label each request with its intent."
+    # Without knowing what was shown, the numbered copy is not recognised as one.
+    assert clean_instruction(reply) != "Label each request with its intent."
+
+
+def test_clean_instruction_keeps_a_closing_list_of_label_names():
+    reply = "Label each request with its intent.\nThe intents:\n- PlayMusic\n- RateBook\n- SearchCreativeWork"
+    assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == reply
+
+
 def test_clean_instruction_drops_lines_that_repeat_earlier_ones():
     looping = (
         "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n3. Avoid X.\n4. Prefer Y.\n"
