@@ -189,6 +189,10 @@ def _plain(line: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip("\"'\u201c\u201d").casefold()
 
 
+_DANGLING = re.compile(r"^\s*(?:#.*|.*:[*_\s]*|[*_]{2}[^*_]+[*_]{2})\s*$")
+_NOTE_PREFIXES = ("reason:", "reasoning:", "explanation:", "rationale:", "why:")
+
+
 def _trailing_examples_start(
     lines: list[str],
     field_names: Sequence[str],
@@ -197,20 +201,22 @@ def _trailing_examples_start(
 ) -> int | None:
     """Index where a trailing copy of the labelled examples begins, if there is one.
 
-    From there on every non-blank line is an ``Input:``/field/``Label:`` line, a shown
-    example's input quoted whole, or a bare label (markdown and list markers aside),
-    and at least one is a ``Label:`` line or a quoted input (a closing list of label
-    names alone is kept). A header such as "Examples:" just before the copy goes too.
+    From there on every non-blank line is an ``Input:``/field/``Label:`` line, a line
+    quoting a shown example's input, a bare label, or a note on an example ("Reason:"),
+    markdown and list markers aside; and at least one is a ``Label:`` line or a quoted
+    input (a closing list of label names alone is kept). A header such as "Examples:"
+    just before the copy goes too.
     """
     prefixes = ("input:", "label:", *(f"{field_title(name).lower()}:" for name in field_names))
-    texts = {_plain(str(value)) for inputs, _ in examples for value in inputs.values() if str(value).strip()}
+    # Inputs shorter than this are not matched inside a line: too likely to be ordinary words.
+    texts = {_plain(str(v)) for inputs, _ in examples for v in inputs.values() if len(_plain(str(v))) >= 8}
     label_set = {_plain(str(label)) for label in labels} | {_plain(label) for _, label in examples}
 
     def kind(line: str) -> str | None:
         plain = _plain(line)
-        if plain.startswith("label:") or plain in texts:
+        if plain.startswith("label:") or any(text in plain for text in texts):
             return "copy"
-        if plain.startswith(prefixes) or plain in label_set:
+        if plain.startswith(prefixes) or plain.rstrip(":") in label_set or plain.startswith(_NOTE_PREFIXES):
             return "part"
         return None
 
@@ -303,6 +309,9 @@ def clean_instruction(
     if cut is not None and cut > 0:
         lines = lines[:cut]
     lines = _without_repeats([line for line in lines if not _FORMAT_ECHO.match(line)])
+    # A heading or a line ending in ":" with nothing after it introduces nothing.
+    while len(lines) > 1 and (not lines[-1].strip() or _DANGLING.match(lines[-1])):
+        lines.pop()
     text = "\n".join(lines).strip()
     return _strip_wrapping_quotes(text).strip()
 

@@ -172,7 +172,10 @@ def test_clean_instruction_cuts_only_the_trailing_copy_of_examples():
     assert clean_instruction(text) == "Label the mood.\nInput: a\nLabel: positive\nPraise means positive."
 
 
-SHOWN = [({"text": "give four stars to What the Day Owes the Night"}, "RateBook"), ({"text": "play some jazz"}, "PlayMusic")]
+SHOWN = [
+    ({"text": "give four stars to What the Day Owes the Night"}, "RateBook"),
+    ({"text": "play some jazz"}, "PlayMusic"),
+]
 LABELS = ["PlayMusic", "RateBook", "SearchCreativeWork"]
 
 
@@ -185,6 +188,18 @@ def test_clean_instruction_cuts_a_markdown_copy_of_the_shown_examples():
     assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == "Label each request with its intent."
     # Without knowing what was shown, the numbered copy is not recognised as one.
     assert clean_instruction(reply) != "Label each request with its intent."
+    annotated = (
+        "Label each request with its intent.\n"
+        "1. **give four stars to What the Day Owes the Night**:\n   - **Label**: RateBook\n"
+        "   - **Reason**: it rates a book.\n2. **play some jazz**:\n   - **Reason**: music."
+    )
+    assert clean_instruction(annotated, examples=SHOWN, labels=LABELS) == "Label each request with its intent."
+
+
+def test_clean_instruction_drops_headings_left_with_nothing_after_them():
+    reply = "Label the intent.\n\n#### Examples\n1. **find me a table for two**:"
+    assert clean_instruction(reply) == "Label the intent."
+    assert clean_instruction("Intents:") == "Intents:"  # never to nothing
 
 
 def test_clean_instruction_keeps_a_closing_list_of_label_names():
