@@ -105,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--miprov2-trials", type=int, default=None, help="MIPROv2 num_trials (with --miprov2-auto none)")
     run.add_argument("--generator-max-tokens", type=int, default=None, help="generator reply limit (default 1024)")
-    run.add_argument("--follower-max-tokens", type=int, default=16, help="follower reply limit (default 16)")
+    run.add_argument(
+        "--follower-max-tokens",
+        type=int,
+        default=None,
+        help="follower reply limit (default 16 with --adapter label, 128 with chat: its field markers need room)",
+    )
     run.add_argument(
         "--threads", type=int, default=1, help="parallel follower calls (the local server serves one at a time)"
     )
@@ -141,6 +146,14 @@ def _resolved(args: argparse.Namespace) -> dict[str, Any]:
         typed = getattr(args, name)
         values[name] = typed if typed is not None else preset.get(name, default)
     return values
+
+
+def _follower_max_tokens(args: argparse.Namespace) -> int:
+    """The follower's reply limit: as typed, else the adapter's default (16 tokens for a
+    label, 128 for ChatAdapter's field markers)."""
+    from dspy_promptmii.adapter import FOLLOWER_REPLY_LIMIT
+
+    return args.follower_max_tokens if args.follower_max_tokens is not None else FOLLOWER_REPLY_LIMIT[args.adapter]
 
 
 def _setup_logging(out: Path | None, verbose: bool) -> None:
@@ -205,6 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
 
+    args.follower_max_tokens = _follower_max_tokens(args)
     recorded_args = {**vars(args), **values}
     pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
     with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base) as pool:

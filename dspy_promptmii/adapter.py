@@ -29,7 +29,19 @@ from dspy_promptmii.protocol import (
 )
 from dspy_promptmii.task import ClassificationTask, signature_task
 
-__all__ = ["LabelAdapter", "label_response_format", "label_grammar", "constrained_body", "CONSTRAINED_STYLES"]
+__all__ = [
+    "LabelAdapter",
+    "label_response_format",
+    "label_grammar",
+    "constrained_body",
+    "CONSTRAINED_STYLES",
+    "FOLLOWER_REPLY_LIMIT",
+]
+
+#: Default max_tokens of a follower call per adapter kind: a bare label (or its one-key JSON
+#: object) fits 16 tokens; DSPy's ChatAdapter needs room for its field markers
+#: (``[[ ## label ## ]]`` ... ``[[ ## completed ## ]]``), so 16 would truncate it.
+FOLLOWER_REPLY_LIMIT: dict[str, int] = {"label": 16, "chat": 128}
 
 def _signature_task(signature: type[Signature]) -> ClassificationTask | None:
     """The task of a signature whose only output is a classification field."""

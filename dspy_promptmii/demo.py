@@ -16,7 +16,7 @@ from typing import Any
 
 import dspy
 
-from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.adapter import FOLLOWER_REPLY_LIMIT, LabelAdapter
 from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
@@ -82,7 +82,7 @@ def run_demo(
     student = dspy.Predict(task.signature())
 
     with LMPool(n_ctx=n_ctx) as pool:
-        follow = pool.endpoint(follower, temperature=0.0, max_tokens=16, cache=False)
+        follow = pool.endpoint(follower, temperature=0.0, max_tokens=FOLLOWER_REPLY_LIMIT[adapter], cache=False)
         gen = pool.endpoint(generator or follower, temperature=0.0, max_tokens=1024, cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.

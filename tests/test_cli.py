@@ -44,7 +44,7 @@ def task_file(tmp_path: Path) -> Path:
 
 class FakePool:
     """Stands in for routes.LMPool: hands out fake endpoints (a generator for requests
-    of more than 64 tokens, a follower otherwise) and records how it was built and used."""
+    of more than 128 tokens, a follower otherwise) and records how it was built and used."""
 
     instances: list[FakePool] = []
 
@@ -60,7 +60,7 @@ class FakePool:
     def endpoint(self, route, **kwargs):
         self.requests.append((route, kwargs))
         settings = {k: v for k, v in kwargs.items() if k not in ("api_base", "cache")}
-        lm = self.follower if (kwargs.get("max_tokens") or 0) <= 64 else self.generator
+        lm = self.follower if (kwargs.get("max_tokens") or 0) <= 128 else self.generator
         return Endpoint(
             lm=lm.copy(**settings),
             route=f"fake/{route}",
@@ -156,11 +156,11 @@ def test_induce_prints_the_instruction_and_writes_the_report(capsys, tmp_path, t
 def test_induce_fits_the_meta_prompt_into_a_local_context(capsys, tmp_path, task_file, fake_pool):
     """With a local endpoint (a context size), the meta-prompt budget is the context
     left after the reply: fewer examples are shown."""
-    fake_pool(context_tokens=100 + 64 + 150)  # 150 words for the meta-prompt
+    fake_pool(context_tokens=200 + 64 + 150)  # 150 words for the meta-prompt
     out_file = tmp_path / "instruction.json"
 
     code, out, err = run(
-        capsys, "induce", "--data", str(task_file), "--generator", "local", "--max-tokens", "100",
+        capsys, "induce", "--data", str(task_file), "--generator", "local", "--max-tokens", "200",
         "--out", str(out_file),
     )
 
@@ -308,6 +308,20 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
     for row in result["results"]:
         assert row["method"] in out
     assert "macro-F1" in out and result["instruction"].splitlines()[0] in out
+    assert [kwargs["max_tokens"] for _, kwargs in pool.requests] == [16, 1024]  # a label fits 16 tokens
+
+
+def test_demo_gives_chat_adapter_replies_room_for_its_field_markers(capsys, tmp_path, fake_pool):
+    fake_pool(follower_reply="[[ ## label ## ]]\nPlayMusic\n\n[[ ## completed ## ]]")
+    out_file = tmp_path / "demo.json"
+
+    code, out, err = run(capsys, "demo", "--test-rows", "4", "--n", "7", "--adapter", "chat", "--out", str(out_file))
+
+    assert code == 0, err
+    [pool] = FakePool.instances
+    assert [kwargs["max_tokens"] for _, kwargs in pool.requests] == [128, 1024]
+    result = json.loads(out_file.read_text())
+    assert result["adapter"] == "chat" and all(row["invalid_rate"] == 0.0 for row in result["results"])
 
 
 # -- help -------------------------------------------------------------------------------

@@ -205,11 +205,14 @@ def test_ctrl_c_while_waiting_for_the_server_stops_it(make_server, record, monke
     server = make_server(startup_timeout=30)
 
     def ctrl_c(signum, frame):
+        if not recorded_pids(record):  # a loaded machine: the server has not even started yet
+            signal.setitimer(signal.ITIMER_REAL, 0.2)
+            return
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGALRM, ctrl_c)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C one second into the wait
+        signal.setitimer(signal.ITIMER_REAL, 1.0)  # Ctrl-C during the wait, once the server runs
         with pytest.raises(KeyboardInterrupt):
             server.start()
     finally:
@@ -442,7 +445,10 @@ def test_a_stopped_server_with_an_automatic_port_restarts_on_a_free_port(make_se
     assert server.port is None
     # Someone else takes the old port meanwhile: the restart must not insist on it.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        # SO_REUSEADDR: the old server's closed connections may still sit in TIME_WAIT.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", first))
+        squatter.listen(1)
         server.start()
         assert server.running and server.port != first
     server.stop()
