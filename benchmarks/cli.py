@@ -15,6 +15,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from benchmarks.methods import METHODS, Budgets  # noqa: E402
 from benchmarks.tasks import DEFAULT_DATA_DIR, REPO_ROOT, resolve_tasks  # noqa: E402
+from dspy_promptmii.cli import positive_int  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--tasks", default=None, help="comma-separated task folder names (default: SPLITS.json 'dev')")
     run.add_argument("--n", default=None, help=f"labelled examples per method, comma list (default {DEFAULTS['n']})")
-    run.add_argument("--test-rows", type=int, default=None, help="held-out rows per task (default 200)")
+    run.add_argument("--test-rows", type=positive_int, default=None, help="held-out rows per task (default 200)")
     run.add_argument("--seed", type=int, default=0, help="seed of the split and of the optimizers (default 0)")
     run.add_argument("--follower", default="local", help="follower LM route (default: the embedded model)")
     run.add_argument("--generator", default="local", help="instruction generator / reflection LM route (default local)")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--api-base", default=None, help="OpenAI-compatible base URL for non-local routes (e.g. vLLM)")
     run.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
-    run.add_argument("--gepa-metric-calls", type=int, default=None, help="GEPA max_metric_calls (default 150)")
+    run.add_argument("--gepa-metric-calls", type=positive_int, default=None, help="GEPA max_metric_calls (default 150)")
     run.add_argument(
         "--miprov2-auto",
         choices=["light", "medium", "heavy", "none"],
@@ -101,18 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="MIPROv2 auto (default light)",
     )
     run.add_argument(
-        "--miprov2-candidates", type=int, default=None, help="MIPROv2 num_candidates (with --miprov2-auto none)"
+        "--miprov2-candidates",
+        type=positive_int,
+        default=None,
+        help="MIPROv2 num_candidates (with --miprov2-auto none)",
     )
-    run.add_argument("--miprov2-trials", type=int, default=None, help="MIPROv2 num_trials (with --miprov2-auto none)")
-    run.add_argument("--generator-max-tokens", type=int, default=None, help="generator reply limit (default 1024)")
+    run.add_argument(
+        "--miprov2-trials", type=positive_int, default=None, help="MIPROv2 num_trials (with --miprov2-auto none)"
+    )
+    run.add_argument(
+        "--generator-max-tokens", type=positive_int, default=None, help="generator reply limit (default 1024)"
+    )
     run.add_argument(
         "--follower-max-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="follower reply limit (default 16 with --adapter label, 128 with chat: its field markers need room)",
     )
     run.add_argument(
-        "--threads", type=int, default=1, help="parallel follower calls (the local server serves one at a time)"
+        "--threads",
+        type=positive_int,
+        default=1,
+        help="parallel follower calls (the local server serves one at a time)",
     )
     run.add_argument(
         "--adapter", choices=["label", "chat"], default="label", help="follower prompt shape (default label)"
@@ -120,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-constrained", action="store_true", help="no constrained decoding of the follower's label (LabelAdapter)"
     )
-    run.add_argument("--n-ctx", type=int, default=None, help="context size of the local server (default 8192)")
+    run.add_argument("--n-ctx", type=positive_int, default=None, help="context size of the local server (default 8192)")
     run.add_argument(
         "--n-threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads of the local server (default: all cores; use 1 when other llama.cpp servers share the cores)",
     )

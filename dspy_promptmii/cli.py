@@ -20,6 +20,17 @@ logger = logging.getLogger("dspy_promptmii")
 # -- demo ------------------------------------------------------------------------------
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, limits, sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.demo import format_table, run_demo
     from dspy_promptmii.files import write_json
@@ -162,13 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="compile and evaluate a classifier on the embedded model, offline")
     demo.add_argument("--follower", default="local", help=f"the follower LM: {lm_help}")
     demo.add_argument("--generator", default=None, help="the generator LM (default: the follower)")
-    demo.add_argument("--n", type=int, default=20, help="labelled examples every method sees (default 20)")
-    demo.add_argument("--test-rows", type=int, default=100, help="held-out rows to evaluate on (default 100)")
+    demo.add_argument("--n", type=positive_int, default=20, help="labelled examples every method sees (default 20)")
+    demo.add_argument("--test-rows", type=positive_int, default=100, help="held-out rows to evaluate on (default 100)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--adapter", choices=("label", "chat"), default="label",
-                      help="follower prompt: the compact LabelAdapter (default) or DSPy's ChatAdapter")
+    demo.add_argument(
+        "--adapter",
+        choices=("label", "chat"),
+        default="label",
+        help="follower prompt: the compact LabelAdapter (default) or DSPy's ChatAdapter",
+    )
     demo.add_argument("--no-constrained", action="store_true", help="no constrained decoding with LabelAdapter")
-    demo.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context size of the local server")
+    demo.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of the local server")
     demo.add_argument("--out", help="also write the results as JSON here")
     demo.set_defaults(func=_demo)
 
@@ -176,13 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     induce.add_argument("--data", required=True, help='JSONL with {"text", ["text_pair"], "label"}, or a task folder')
     induce.add_argument("--generator", required=True, help=f"the generator LM: {lm_help}")
     induce.add_argument("--api-base", help="base URL of an OpenAI-compatible server (vLLM, llama.cpp, ...)")
-    induce.add_argument("--n", type=int, default=20, help="examples shown to the generator (default 20)")
+    induce.add_argument("--n", type=positive_int, default=20, help="examples shown to the generator (default 20)")
     induce.add_argument("--template", default="auto", help="meta1, meta2, auto (default) or a custom template")
     induce.add_argument("--seed", type=int, default=0)
     induce.add_argument("--sampling", choices=("stratified", "random"), default="stratified")
-    induce.add_argument("--max-tokens", type=int, default=1024, help="most tokens the generator may write")
-    induce.add_argument("--max-prompt-tokens", type=int, help="meta-prompt budget (local default: context - reply)")
-    induce.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX, help="context size of a local server")
+    induce.add_argument("--max-tokens", type=positive_int, default=1024, help="most tokens the generator may write")
+    induce.add_argument(
+        "--max-prompt-tokens", type=positive_int, help="meta-prompt budget (local default: context - reply)"
+    )
+    induce.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of a local server")
     induce.add_argument("--out", help="write the instruction and the report as JSON here")
     induce.set_defaults(func=_induce)
 
@@ -196,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run llama.cpp's OpenAI-compatible server for a local model")
     serve.add_argument("--model", default=DEFAULT_MODEL, help="registry name or .gguf path")
-    serve.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    serve.add_argument("--n-ctx", type=int, default=DEFAULT_N_CTX)
-    serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--port", type=positive_int, default=None, help="port (default: a free one)")
+    serve.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX)
+    serve.add_argument("--threads", type=positive_int, default=None)
     serve.set_defaults(func=_serve)
     return parser
 

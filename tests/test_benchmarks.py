@@ -390,3 +390,11 @@ def test_follower_reply_limit_defaults_by_adapter():
     assert cli._follower_max_tokens(parse(["run"])) == 16
     assert cli._follower_max_tokens(parse(["run", "--adapter", "chat"])) == 128  # room for its field markers
     assert cli._follower_max_tokens(parse(["run", "--adapter", "chat", "--follower-max-tokens", "40"])) == 40
+
+
+@pytest.mark.parametrize("flag", ["--test-rows", "--gepa-metric-calls", "--follower-max-tokens", "--threads"])
+def test_count_flags_refuse_zero_before_anything_runs(capsys, flag):
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["run", flag, "0"])
+    assert exited.value.code == 2
+    assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err

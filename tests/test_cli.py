@@ -373,3 +373,23 @@ def test_installed_entry_point(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr == f"promptmii: error: no task file at {missing}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "--n", "0"],
+        ["demo", "--test-rows", "-3"],
+        ["induce", "--data", "x.jsonl", "--generator", "g", "--max-tokens", "ten"],
+        ["serve", "--threads", "0"],
+    ],
+    ids=" ".join,
+)
+def test_counts_and_sizes_must_be_positive_integers(capsys, fake_pool, argv):
+    fake_pool()
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}: expected" in err and argv[-1] in err
+    assert FakePool.instances == []  # refused before any LM is set up
