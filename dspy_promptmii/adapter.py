@@ -43,6 +43,7 @@ __all__ = [
 #: (``[[ ## label ## ]]`` ... ``[[ ## completed ## ]]``), so 16 would truncate it.
 FOLLOWER_REPLY_LIMIT: dict[str, int] = {"label": 16, "chat": 128}
 
+
 def _signature_task(signature: type[Signature]) -> ClassificationTask | None:
     """The task of a signature whose only output is a classification field."""
     if len(signature.output_fields) != 1:

@@ -17,9 +17,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 logger = logging.getLogger("dspy_promptmii")
 
 
-# -- demo ------------------------------------------------------------------------------
-
-
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (counts, limits, sizes)."""
     try:
@@ -29,6 +26,9 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+# -- demo ------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
