@@ -19,7 +19,7 @@ import dspy
 
 from dspy_promptmii.baselines import fit_icl_demos, icl_program, naive_program
 from dspy_promptmii.evaluation import program_task
-from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer
+from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, meta_prompt_budget
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.task import ClassificationTask
 
@@ -39,8 +39,6 @@ __all__ = [
 
 #: Tokens kept free in the follower's context for its reply and the chat template's framing.
 REPLY_ROOM = 64
-#: Room for the generator's chat framing on top of its reply (as in dspy_promptmii.demo).
-GENERATOR_FRAMING = 64
 
 
 class MethodFailure(RuntimeError):
@@ -168,8 +166,8 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
     if ctx.generator_lm is None or ctx.generator is None:
         raise ValueError("Prompt-MII needs a generator LM")
     budget = None
-    if ctx.generator.context_tokens and ctx.generator.token_counter is not None:
-        budget = ctx.generator.context_tokens - ctx.budgets.generator_max_tokens - GENERATOR_FRAMING
+    if ctx.generator.token_counter is not None:
+        budget = meta_prompt_budget(ctx.generator.context_tokens, ctx.budgets.generator_max_tokens)
     optimizer = PromptMIIOptimizer(
         generator_lm=ctx.generator_lm,
         n=len(ctx.examples),

@@ -72,7 +72,7 @@ def _induce(args: argparse.Namespace) -> int:
 
     from dspy_promptmii.data import load_task
     from dspy_promptmii.files import write_json
-    from dspy_promptmii.optimizer import PromptMIIOptimizer
+    from dspy_promptmii.optimizer import CHAT_FRAMING, PromptMIIOptimizer, meta_prompt_budget
     from dspy_promptmii.routes import LMPool
 
     task = load_task(args.data)
@@ -80,12 +80,12 @@ def _induce(args: argparse.Namespace) -> int:
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
         endpoint = pool.endpoint(args.generator, temperature=0.0, max_tokens=args.max_tokens)
         budget = args.max_prompt_tokens
-        if budget is None and endpoint.context_tokens:
-            budget = endpoint.context_tokens - args.max_tokens - 64
-            if budget < 1:
+        if budget is None:
+            budget = meta_prompt_budget(endpoint.context_tokens, args.max_tokens)
+            if budget is not None and budget < 1:
                 raise ValueError(
                     f"--n-ctx {endpoint.context_tokens} leaves no room for a meta-prompt once the reply "
-                    f"(--max-tokens {args.max_tokens}) and 64 tokens of chat framing are set aside"
+                    f"(--max-tokens {args.max_tokens}) and {CHAT_FRAMING} tokens of chat framing are set aside"
                 )
         optimizer = PromptMIIOptimizer(
             generator_lm=endpoint.lm,

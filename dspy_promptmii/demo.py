@@ -21,7 +21,7 @@ from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.local.server import DEFAULT_N_CTX
-from dspy_promptmii.optimizer import PromptMIIOptimizer
+from dspy_promptmii.optimizer import PromptMIIOptimizer, meta_prompt_budget
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.usage import metered
@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["demo_task", "run_demo", "format_table"]
 
-#: Room left in the context for the generator's reply and the chat template.
-_REPLY_ROOM = 1024 + 64
+#: The generator's reply limit.
+_GENERATOR_MAX_TOKENS = 1024
 
 
 def demo_task() -> TaskData:
@@ -83,7 +83,7 @@ def run_demo(
 
     with LMPool(n_ctx=n_ctx) as pool:
         follow = pool.endpoint(follower, temperature=0.0, max_tokens=FOLLOWER_REPLY_LIMIT[adapter], cache=False)
-        gen = pool.endpoint(generator or follower, temperature=0.0, max_tokens=1024, cache=False)
+        gen = pool.endpoint(generator or follower, temperature=0.0, max_tokens=_GENERATOR_MAX_TOKENS, cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
         chosen = (
@@ -114,7 +114,7 @@ def run_demo(
         run(f"icl (n={len(shown)})", icl_program(student, shown), 0, 0.0)
 
         generator_lm, meter = metered(gen.lm)
-        budget = (gen.context_tokens - _REPLY_ROOM) if gen.context_tokens else None
+        budget = meta_prompt_budget(gen.context_tokens, _GENERATOR_MAX_TOKENS)
         optimizer = PromptMIIOptimizer(
             generator_lm=generator_lm, n=n, seed=seed, max_prompt_tokens=budget, token_counter=gen.token_counter
         )

@@ -18,7 +18,25 @@ from dspy_promptmii.task import ClassificationTask, LabelledExample, classificat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PromptMIIOptimizer", "GenerationError", "PromptBudgetError", "choose_template"]
+__all__ = [
+    "PromptMIIOptimizer",
+    "GenerationError",
+    "PromptBudgetError",
+    "choose_template",
+    "meta_prompt_budget",
+    "CHAT_FRAMING",
+]
+
+#: Tokens a chat template adds around the meta-prompt's one user message and the reply.
+CHAT_FRAMING = 64
+
+
+def meta_prompt_budget(context_tokens: int | None, max_tokens: int) -> int | None:
+    """Meta-prompt tokens that fit a generator's context once its reply (``max_tokens``)
+    and :data:`CHAT_FRAMING` are set aside; ``None`` when the context size is unknown."""
+    if not context_tokens:
+        return None
+    return context_tokens - max_tokens - CHAT_FRAMING
 
 
 class GenerationError(RuntimeError):

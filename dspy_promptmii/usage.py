@@ -26,7 +26,7 @@ class Usage:
     errors: int = 0
     last_error: str | None = None
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | str | None]:
         return dict(self.__dict__)
 
 
