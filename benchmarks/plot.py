@@ -13,6 +13,8 @@ matplotlib.use("Agg")  # files only: no display on benchmark machines
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dspy_promptmii.files import partial_path  # noqa: E402
+
 if TYPE_CHECKING:
     from benchmarks.report import Row
 
@@ -67,7 +69,8 @@ def pareto_plot(rows: Sequence[Row], path: str | Path, title: str = "Prompt toke
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
+    partial = partial_path(path)
+    fig.savefig(partial, format="png")
     plt.close(fig)
+    partial.replace(path)
     return path

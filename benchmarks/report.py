@@ -22,6 +22,7 @@ from scipy.stats import wilcoxon
 
 from benchmarks.methods import METHODS
 from benchmarks.store import MANIFEST, RESULTS, latest, read_records
+from dspy_promptmii.files import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +466,6 @@ def write_report(folder: str | Path) -> list[Path]:
         pareto_plot(summary_rows(records), plot)
         written.append(plot)
     report = folder / "report.md"
-    report.write_text(render_report(folder, plot.name if records else None), encoding="utf-8")
+    write_text(render_report(folder, plot.name if records else None), report)
     written.insert(0, report)
     return written

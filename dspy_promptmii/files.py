@@ -8,12 +8,19 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "write_jsonl"]
+__all__ = ["write_text", "write_json", "write_jsonl", "partial_path"]
 
 
-def _replace(path: Path, text: str) -> None:
+def partial_path(path: Path) -> Path:
+    """Where a file is written before it is renamed into place (same folder, so the rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    return path.with_name(path.name + ".partial")
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    path = Path(path)
+    partial = partial_path(path)
     with partial.open("w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
@@ -23,9 +30,9 @@ def _replace(path: Path, text: str) -> None:
 
 def write_json(data: Any, path: str | Path) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    _replace(Path(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", path)
 
 
 def write_jsonl(records: Iterable[Any], path: str | Path) -> None:
     """Write one JSON object a line, atomically."""
-    _replace(Path(path), "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), path)

@@ -180,6 +180,21 @@ def test_report_and_plot_are_written(folder: Path):
     assert "AMD EPYC" in text and "method promptmii skipped" in text
     assert "![prompt tokens per query vs macro-F1](pareto.png)" in text
     assert render_report(folder) == text
+    assert not list(folder.glob("*.partial"))  # written beside, then renamed into place
+
+
+def test_a_failed_report_write_keeps_the_previous_report(folder: Path, monkeypatch):
+    write_report(folder)
+    before = (folder / "report.md").read_text()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("benchmarks.report.render_report", lambda *args: "a new report")
+    monkeypatch.setattr("dspy_promptmii.files.os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write_report(folder)
+    assert (folder / "report.md").read_text() == before  # the write failed before the rename
 
 
 def test_report_command(folder: Path, capsys):
