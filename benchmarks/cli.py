@@ -117,7 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--follower-max-tokens",
         type=positive_int,
         default=None,
-        help="follower reply limit (default 16 with --adapter label, 128 with chat: its field markers need room)",
+        help=(
+            "follower reply limit (default with --adapter label: the protocol's, room for the longest label; "
+            "128 with chat: its field markers need room)"
+        ),
+    )
+    run.add_argument(
+        "--template",
+        default="auto",
+        help="meta-prompt of Prompt-MII: meta1, meta2, auto (default), a template file or a template text",
     )
     run.add_argument(
         "--threads",
@@ -159,9 +167,9 @@ def _resolved(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _follower_max_tokens(args: argparse.Namespace) -> int:
-    """The follower's reply limit: as typed, else the adapter's default (16 tokens for a
-    label, 128 for ChatAdapter's field markers)."""
+def _follower_max_tokens(args: argparse.Namespace) -> int | None:
+    """The follower's reply limit: as typed, else the adapter's default (None with
+    LabelAdapter: its protocol's limit per label set; 128 for ChatAdapter's field markers)."""
     from dspy_promptmii.adapter import FOLLOWER_REPLY_LIMIT
 
     return args.follower_max_tokens if args.follower_max_tokens is not None else FOLLOWER_REPLY_LIMIT[args.adapter]
@@ -209,6 +217,12 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; known: {','.join(METHODS)}")
+    from dspy_promptmii.protocol import load_template
+
+    try:
+        load_template(args.template)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"--template: {error}") from None
     auto = None if values["miprov2_auto"] == "none" else values["miprov2_auto"]
     if auto is None and not (values["miprov2_candidates"] and values["miprov2_trials"]):
         raise SystemExit("--miprov2-auto none needs --miprov2-candidates and --miprov2-trials")
@@ -235,7 +249,10 @@ def _run(args: argparse.Namespace) -> int:
     with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base) as pool:
         endpoint = pool.endpoint
         logger.info("starting LMs: follower %s, generator %s", args.follower, args.generator)
-        follower = endpoint(args.follower, temperature=0.0, max_tokens=args.follower_max_tokens, cache=False)
+        if args.adapter == "label":  # temperature and reply limit come from the run's protocol
+            follower = endpoint(args.follower, cache=False)
+        else:
+            follower = endpoint(args.follower, temperature=0.0, max_tokens=args.follower_max_tokens, cache=False)
         generator = endpoint(args.generator, temperature=0.0, max_tokens=budgets.generator_max_tokens, cache=False)
         trained = None
         if args.generator_trained:
@@ -253,6 +270,7 @@ def _run(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             constrained=not args.no_constrained,
             follower_max_tokens=args.follower_max_tokens,
+            template=args.template,
             budgets=budgets,
             progress=not args.no_progress,
             preset={"name": "quick", "description": QUICK_DESCRIPTION, "values": QUICK} if args.quick else None,

@@ -17,9 +17,11 @@ from typing import Any
 
 import dspy
 
+from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.baselines import fit_icl_demos, icl_program, naive_program
 from dspy_promptmii.evaluation import program_task
 from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, meta_prompt_budget
+from dspy_promptmii.protocol import Protocol, label_list
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.task import ClassificationTask
 
@@ -33,6 +35,7 @@ __all__ = [
     "Compiled",
     "MethodFailure",
     "label_metric",
+    "feedback_metric",
     "train_val_split",
     "REPLY_ROOM",
 ]
@@ -71,7 +74,9 @@ class Budgets:
             "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
             "gepa": (
                 f"dspy.GEPA, reflection LM = generator, max_metric_calls={self.gepa_metric_calls}, "
-                "n examples split 1:2 into train/val"
+                "n examples split 1:2 into train/val; its metric returns textual feedback (gold label, predicted "
+                "label or the raw unparseable reply, the label set); same follower, adapter and protocol as every "
+                "method (an unparseable reply reaches the metric as no label instead of an adapter error)"
             ),
             "miprov2": f"dspy.MIPROv2, prompt model = generator, {mipro}, n examples split 1:2 into train/val",
         }
@@ -91,7 +96,7 @@ class CompileContext:
     generator_lm: dspy.BaseLM | None = None  # a metered copy, for this compile only
     follower_lm: dspy.BaseLM | None = None  # the metered follower copy also set in dspy.context
     longest_input: dict[str, str] | None = None
-    demo_style: str = "turns"  # how the shared adapter shows demos (see make_adapter)
+    protocol: Protocol = field(default_factory=Protocol)  # the shared adapter's (see runner.make_adapter)
 
 
 @dataclass
@@ -112,6 +117,38 @@ def label_metric(task: ClassificationTask) -> Callable[..., float]:
         except (KeyError, AttributeError, TypeError):
             value = None
         return 1.0 if value is not None and task.label_of(value) == want else 0.0
+
+    return metric
+
+
+def _predicted(task: ClassificationTask, pred: Any) -> str | None:
+    try:
+        value = pred[task.label_field] if pred is not None else None
+    except (KeyError, AttributeError, TypeError):
+        value = None
+    return None if value is None else task.label_of(value)
+
+
+def feedback_metric(task: ClassificationTask) -> Callable[..., dspy.Prediction]:
+    """GEPA's metric: ``dspy.Prediction(score=1.0 or 0.0, feedback=...)``, where the
+    feedback names the gold label, the predicted label (or the raw reply that named no
+    label) and the label set, so that GEPA's reflection LM sees what went wrong."""
+    labels = label_list(task.labels)
+
+    def metric(
+        gold: Any, pred: Any, trace: Any = None, pred_name: Any = None, pred_trace: Any = None
+    ) -> dspy.Prediction:
+        want = task.label_of(gold[task.label_field])
+        got = _predicted(task, pred)
+        if got == want:
+            return dspy.Prediction(score=1.0, feedback=f"Correct: the label is {want}.")
+        if got is None:
+            raw = pred.get("invalid_reply") if isinstance(pred, dspy.Prediction) else None
+            said = f"The reply {raw!r} names" if raw is not None else "The reply named"
+            feedback = f"{said} none of the labels ({labels}); the correct label is {want}."
+        else:
+            feedback = f"Wrong: the predicted label is {got}, the correct label is {want} (labels: {labels})."
+        return dspy.Prediction(score=0.0, feedback=feedback)
 
     return metric
 
@@ -150,7 +187,7 @@ def compile_icl(ctx: CompileContext) -> Compiled:
             budget,
             ctx.follower.token_counter,
             longest_input=ctx.longest_input,
-            demo_style=ctx.demo_style,
+            protocol=ctx.protocol,
         )
         details = {
             "context_check": f"largest prefix whose prompt with the longest test input fits {budget} tokens",
@@ -171,6 +208,7 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
     optimizer = PromptMIIOptimizer(
         generator_lm=ctx.generator_lm,
         n=len(ctx.examples),
+        protocol=ctx.protocol,
         seed=ctx.seed,
         max_prompt_tokens=budget,
         token_counter=ctx.generator.token_counter,
@@ -189,6 +227,8 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
             "meta_prompt_tokens",
             "prompt_tokens",
             "completion_tokens",
+            "finish_reason",
+            "copied_fraction",
             "raw_reply",
         )
     }
@@ -201,14 +241,20 @@ def compile_gepa(ctx: CompileContext) -> Compiled:
     student = _instruction_student(ctx)
     train, val = train_val_split(ctx.examples)
     optimizer = dspy.GEPA(
-        metric=label_metric(program_task(student)),
+        metric=feedback_metric(program_task(student)),
         reflection_lm=ctx.generator_lm,
         max_metric_calls=ctx.budgets.gepa_metric_calls,
         num_threads=ctx.threads,
         seed=ctx.seed,
         track_stats=False,
     )
-    program = optimizer.compile(student, trainset=train, valset=val)
+    adapter = dspy.settings.adapter
+    if isinstance(adapter, LabelAdapter):
+        # The same follower requests; an unparseable reply reaches the metric (and its
+        # feedback) as no label with the raw reply, instead of an adapter error.
+        adapter = LabelAdapter(protocol=adapter.protocol, fallback=adapter.fallback, on_invalid="none")
+    with dspy.context(adapter=adapter):
+        program = optimizer.compile(student, trainset=train, valset=val)
     details = {"train": len(train), "val": len(val), "max_metric_calls": ctx.budgets.gepa_metric_calls}
     return Compiled(program, n_used=len(ctx.examples), details=details)
 

@@ -30,12 +30,22 @@ from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import load_task
 from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.usage import Usage, metered
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunConfig", "Endpoints", "RunSummary", "ConfigMismatch", "make_adapter", "run_benchmark", "run_cell"]
+__all__ = [
+    "RunConfig",
+    "Endpoints",
+    "RunSummary",
+    "ConfigMismatch",
+    "make_protocol",
+    "make_adapter",
+    "run_benchmark",
+    "run_cell",
+]
 
 #: Consecutive machinery errors after which the run stops (a dead server fails every cell).
 MAX_CONSECUTIVE_ERRORS = 3
@@ -56,7 +66,9 @@ class RunConfig:
     threads: int = 1
     adapter: str = "label"
     constrained: bool = True
-    follower_max_tokens: int = 16
+    #: The follower's reply limit with LabelAdapter; None: the protocol's default per label set.
+    follower_max_tokens: int | None = None
+    template: str = "auto"
     budgets: Budgets = field(default_factory=Budgets)
     progress: bool = True
     preset: dict[str, Any] | None = None
@@ -91,16 +103,30 @@ def _load() -> list[float] | None:
         return None
 
 
-def make_adapter(kind: str, follower: Endpoint, constrained: bool) -> tuple[dspy.Adapter, dict[str, Any]]:
-    """The one adapter instance every method's follower calls go through, and its description."""
+def make_protocol(config: RunConfig, follower: Endpoint) -> Protocol:
+    """The one protocol of a run: the template, demos as chat turns (ICL), the follower
+    endpoint's constrained-decoding form (unless ``constrained`` is off) and the reply limit."""
+    style = (follower.constrained_style or False) if config.constrained and config.adapter == "label" else False
+    return Protocol(
+        template=config.template,
+        demo_style="turns",
+        constrained=style,
+        reply_limit=config.follower_max_tokens if config.adapter == "label" else None,
+    )
+
+
+def make_adapter(kind: str, protocol: Protocol) -> tuple[dspy.Adapter, dict[str, Any]]:
+    """The one adapter instance every method's follower calls go through, and its description.
+
+    Raises ``ValueError`` for a kind other than ``label`` or ``chat``.
+    """
     if kind == "label":
-        style = (follower.constrained_style or False) if constrained else False
-        adapter = LabelAdapter(constrained=style, demos="turns")
+        adapter = LabelAdapter(protocol=protocol)
         return adapter, {
             "kind": "label",
             "class": "dspy_promptmii.adapter.LabelAdapter",
-            "constrained": style,
-            "demos": "turns",
+            "constrained": protocol.constrained,
+            "demos": protocol.demo_style,
             "note": (
                 "one instance for every method; methods without demos get the paper's one-message prompt "
                 "(instruction, format line, input); ICL's demos are chat turns (inline demos measured far "
@@ -116,7 +142,9 @@ def _route(endpoint: Endpoint | None) -> str | None:
     return None if endpoint is None else endpoint.route
 
 
-def _settings(config: RunConfig, endpoints: Endpoints, adapter: dict[str, Any]) -> dict[str, Any]:
+def _settings(
+    config: RunConfig, endpoints: Endpoints, adapter: dict[str, Any], protocol: Protocol
+) -> dict[str, Any]:
     """The settings that change a cell's figures (the run's config_id hashes them)."""
 
     def lm(endpoint: Endpoint | None) -> dict[str, Any] | None:
@@ -137,6 +165,7 @@ def _settings(config: RunConfig, endpoints: Endpoints, adapter: dict[str, Any]) 
         "generator_trained": lm(endpoints.trained),
         "adapter": {k: v for k, v in adapter.items() if k != "note"},
         "follower_max_tokens": config.follower_max_tokens,
+        "protocol": protocol.to_dict(),
         "budgets": asdict(config.budgets),
         "split_protocol": SPLIT_PROTOCOL,
     }
@@ -165,8 +194,11 @@ def run_cell(
     endpoints: Endpoints,
     adapter: dspy.Adapter,
     run_config_id: str,
+    protocol: Protocol | None = None,
 ) -> dict[str, Any]:
-    """Compile and evaluate one cell and return its record (status ok, failed or error)."""
+    """Compile and evaluate one cell and return its record (status ok, failed or error).
+    ``protocol`` is the run's (default: the adapter's, else ``Protocol()``)."""
+    protocol = protocol or getattr(adapter, "protocol", None) or Protocol()
     spec = methods_module.METHODS[method]
     task = split.task
     examples = split.examples(n)
@@ -217,8 +249,7 @@ def run_cell(
         generator_lm=generator_lm,
         follower_lm=follower_lm,
         longest_input=split.longest_input(),
-        # LabelAdapter says how it shows demos; ChatAdapter sends them as turns too.
-        demo_style=getattr(adapter, "demos", "turns"),
+        protocol=protocol,
     )
     started = time.perf_counter()
     try:
@@ -282,14 +313,13 @@ def run_cell(
             "prompt_tokens_per_query": result.prompt_tokens_per_query,
             "eval_calls": result.calls,
             "eval_lm_errors": result.lm_errors,
+            "eval_errors": result.errors,
+            "eval_first_error": result.first_error,
             "eval_seconds": result.seconds,
             "finished_at": now(),
             "load_average": _load(),
         }
     )
-    if result.lm_errors and result.lm_errors >= len(split.test):
-        record["status"] = "error"
-        record["error"] = f"evaluate: every follower call raised ({result.lm_errors} errors)"
     return record
 
 
@@ -315,8 +345,9 @@ def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
     """
     wall_started = time.perf_counter()
     store = ResultStore(config.out)
-    adapter, adapter_info = make_adapter(config.adapter, endpoints.follower, config.constrained)
-    settings = _settings(config, endpoints, adapter_info)
+    protocol = make_protocol(config, endpoints.follower)
+    adapter, adapter_info = make_adapter(config.adapter, protocol)
+    settings = _settings(config, endpoints, adapter_info, protocol)
     run_id = config_id(settings)
     existing = _check_compatible(store, settings, run_id)
 
@@ -406,7 +437,14 @@ def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
         for split, n, method in todo:
             bar.set_postfix_str(f"{split.task.name} n={n} {method}")
             record = run_cell(
-                split, n, method, config=config, endpoints=endpoints, adapter=adapter, run_config_id=run_id
+                split,
+                n,
+                method,
+                config=config,
+                endpoints=endpoints,
+                adapter=adapter,
+                run_config_id=run_id,
+                protocol=protocol,
             )
             store.append(record)
             run_entry["cells_run"] += 1

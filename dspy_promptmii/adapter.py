@@ -8,6 +8,7 @@ with far fewer prompt tokens and far fewer unparseable replies.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from dspy.adapters.base import Adapter
@@ -18,16 +19,16 @@ from dspy.utils.exceptions import AdapterParseError
 
 from dspy_promptmii.protocol import (
     CONSTRAINED_STYLES,
-    DEMO_STYLES,
     ConstrainedStyle,
+    Protocol,
     constrained_body,
-    follower_messages,
     label_grammar,
     label_response_format,
-    parse_label,
     render_inputs,
 )
 from dspy_promptmii.task import ClassificationTask, signature_task
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "LabelAdapter",
@@ -38,66 +39,110 @@ __all__ = [
     "FOLLOWER_REPLY_LIMIT",
 ]
 
-#: Default max_tokens of a follower call per adapter kind: a bare label (or its one-key JSON
-#: object) fits 16 tokens; DSPy's ChatAdapter needs room for its field markers
-#: (``[[ ## label ## ]]`` ... ``[[ ## completed ## ]]``), so 16 would truncate it.
-FOLLOWER_REPLY_LIMIT: dict[str, int] = {"label": 16, "chat": 128}
-
-
-def _signature_task(signature: type[Signature]) -> ClassificationTask | None:
-    """The task of a signature whose only output is a classification field."""
-    if len(signature.output_fields) != 1:
-        return None
-    return signature_task(signature)
+#: max_tokens of a follower LM for DSPy's ChatAdapter, whose field markers
+#: (``[[ ## label ## ]]`` ... ``[[ ## completed ## ]]``) a label-sized limit would cut.
+#: With ``LabelAdapter`` the limit comes from its :class:`~dspy_promptmii.protocol.Protocol`.
+FOLLOWER_REPLY_LIMIT: dict[str, int | None] = {"label": None, "chat": 128}
 
 
 class LabelAdapter(Adapter):
     """Paper-style follower prompts for single-label classification predictors.
 
+    Prompts, the reply limit, constrained decoding and parsing all come from one
+    :class:`~dspy_promptmii.protocol.Protocol` (:attr:`protocol`), the same value the
+    optimizer, the benchmarks and the training reward use. The protocol's follower
+    temperature and reply limit apply when neither the LM nor the call sets one (an LM
+    configured with ``max_tokens`` keeps it, raised if needed to fit a JSON-wrapped label).
+
+    Predictors it cannot show faithfully go to ``fallback`` with a log line: those with
+    more than one output field or no ``Literal``/``Enum``/``bool`` label (e.g. a
+    ChainOfThought), labels that are empty, span lines or read the same as strings, and
+    input fields whose type is not text, a number or a boolean.
+
     Args:
-        constrained: Constrained decoding (see :func:`label_response_format`). ``False``
-            (default) sends plain text; ``True`` or ``"json_schema"`` asks for a
-            JSON-schema ``response_format`` with an enum of the labels (vLLM, OpenAI);
-            ``"json_object"`` sends that schema the way llama.cpp's Python server takes
-            it; ``"grammar"`` sends a llama.cpp grammar of the bare labels (fastest there).
-        fallback: Adapter used for predictors that are not single-label classifiers
-            (e.g. a ChainOfThought's reasoning + label, or a free-text step).
-            Defaults to ``dspy.ChatAdapter()``.
-        demos: How a predictor's demos are shown. ``"inline"`` (default, the paper's
-            protocol): Input/Label pairs inside the one user message. ``"turns"``: one
-            user/assistant exchange per demo after a system message holding the
-            instruction; much better for ICL with small chat models (README).
+        constrained: Shortcut for ``Protocol(constrained=...)``: ``False`` (default,
+            plain text), ``True``/``"json_schema"`` (vLLM, OpenAI), ``"json_object"`` or
+            ``"grammar"`` (llama.cpp's server).
+        fallback: Adapter for the predictors above; defaults to ``dspy.ChatAdapter()``.
+        callbacks: DSPy adapter callbacks.
+        demos: Shortcut for ``Protocol(demo_style=...)``: ``"inline"`` (default, paper)
+            or ``"turns"`` (one chat exchange per demo; better for ICL with small models).
+        protocol: The whole protocol; not together with ``constrained`` or ``demos``.
+        on_invalid: A reply that names no label: ``"raise"`` (default) raises DSPy's
+            ``AdapterParseError`` (evaluation counts it as invalid); ``"none"`` returns
+            the label field as ``None`` and the raw reply as ``invalid_reply`` (for
+            optimizers whose metric explains failures, e.g. GEPA's feedback).
+
+    Raises:
+        ValueError: ``protocol`` given with ``constrained`` or ``demos``, or an invalid value.
+        TypeError: ``protocol`` is not a :class:`~dspy_promptmii.protocol.Protocol`.
     """
 
     def __init__(
         self,
-        constrained: bool | ConstrainedStyle = False,
+        constrained: bool | ConstrainedStyle | None = None,
         fallback: Adapter | None = None,
         callbacks: list | None = None,
-        demos: str = "inline",
+        demos: str | None = None,
+        *,
+        protocol: Protocol | None = None,
+        on_invalid: Literal["raise", "none"] = "raise",
     ):
         super().__init__(callbacks=callbacks)
-        if demos not in DEMO_STYLES:
-            raise ValueError(f"demos must be one of {DEMO_STYLES}, got {demos!r}")
-        self.demos = demos
-        if constrained is True:
-            constrained = "json_schema"
-        if constrained is not False and constrained not in CONSTRAINED_STYLES:
-            raise ValueError(f"constrained must be False, True or one of {CONSTRAINED_STYLES}, got {constrained!r}")
-        self.constrained: ConstrainedStyle | Literal[False] = constrained
+        if on_invalid not in ("raise", "none"):
+            raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
+        self.on_invalid = on_invalid
+        if protocol is not None:
+            if not isinstance(protocol, Protocol):
+                raise TypeError(f"protocol must be a dspy_promptmii.protocol.Protocol, got {type(protocol).__name__}")
+            if constrained is not None or demos is not None:
+                raise ValueError("pass either protocol= or the constrained=/demos= shortcuts, not both")
+        else:
+            protocol = Protocol(constrained=constrained or False, demo_style=demos or "inline")
+        self.protocol = protocol
         self.fallback = fallback if fallback is not None else ChatAdapter()
+        self._told: set[str] = set()
+
+    @property
+    def constrained(self) -> ConstrainedStyle | Literal[False]:
+        return self.protocol.constrained
+
+    @property
+    def demos(self) -> str:
+        return self.protocol.demo_style
+
+    def _task(self, signature: type[Signature]) -> ClassificationTask | None:
+        """The task of a signature this adapter renders itself, else None (with a log line once)."""
+        task = signature_task(signature) if len(signature.output_fields) == 1 else None
+        reason = None
+        if task is None:
+            reason = "it is not a single-label classifier (one Literal, Enum or bool output)"
+        else:
+            reason = task.rendering_problem()
+        if reason is None:
+            return task
+        key = f"{signature.__name__}:{reason}"
+        if key not in self._told:
+            self._told.add(key)
+            logger.info("LabelAdapter: %s goes to %s: %s", signature.__name__, type(self.fallback).__name__, reason)
+        return None
 
     def _lm_kwargs(self, lm: BaseLM, lm_kwargs: dict[str, Any], task: ClassificationTask) -> dict[str, Any]:
-        if not self.constrained:
-            return lm_kwargs
-        # The JSON wrapper costs tokens that a bare label does not: make room for the
-        # longest label (a token is at least one character), never lowering a larger limit.
-        needed = 16 + max(len(label) for label in task.labels)
-        limit = lm_kwargs.get("max_tokens") or lm.kwargs.get("max_tokens") or 0
-        body = constrained_body(task.labels, self.constrained)
-        if "grammar" in body:  # not an OpenAI parameter: LiteLLM forwards it in the body as is
-            body = {"extra_body": {**lm_kwargs.get("extra_body", {}), **body}}
-        return {**lm_kwargs, **body, "max_tokens": max(limit, needed)}
+        """The call's settings: the protocol's, where neither the LM nor the call has one."""
+        settings = self.protocol.settings(task.labels)
+        configured = getattr(lm, "kwargs", {}) or {}
+        out = dict(lm_kwargs)
+        if "temperature" in settings and out.get("temperature", configured.get("temperature")) is None:
+            out["temperature"] = settings["temperature"]
+        limit = out.get("max_tokens") or configured.get("max_tokens") or configured.get("max_completion_tokens")
+        json_wrapped = self.protocol.constrained in ("json_schema", "json_object")
+        if limit is None or (json_wrapped and limit < settings["max_tokens"]):
+            out["max_tokens"] = settings["max_tokens"]
+        if "response_format" in settings:
+            out["response_format"] = settings["response_format"]
+        if "grammar" in settings:  # not an OpenAI parameter: LiteLLM forwards extra_body as is
+            out["extra_body"] = {**out.get("extra_body", {}), "grammar": settings["grammar"]}
+        return out
 
     def __call__(
         self,
@@ -107,10 +152,13 @@ class LabelAdapter(Adapter):
         demos: list[dict[str, Any]],
         inputs: dict[str, Any],
     ) -> list[dict[str, Any]]:
-        task = _signature_task(signature)
+        task = self._task(signature)
         if task is None:
             return self.fallback(lm, lm_kwargs, signature, demos, inputs)
-        return super().__call__(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+        try:
+            return super().__call__(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+        except AdapterParseError as error:
+            return self._invalid(task, error)
 
     async def acall(
         self,
@@ -120,26 +168,40 @@ class LabelAdapter(Adapter):
         demos: list[dict[str, Any]],
         inputs: dict[str, Any],
     ) -> list[dict[str, Any]]:
-        task = _signature_task(signature)
+        task = self._task(signature)
         if task is None:
             return await self.fallback.acall(lm, lm_kwargs, signature, demos, inputs)
-        return await super().acall(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+        try:
+            return await super().acall(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+        except AdapterParseError as error:
+            return self._invalid(task, error)
+
+    def _invalid(self, task: ClassificationTask, error: AdapterParseError) -> list[dict[str, Any]]:
+        """An unparseable (or empty) reply: raised again, or a None label (``on_invalid="none"``)."""
+        if self.on_invalid == "raise":
+            raise error
+        return [{task.label_field: None, "invalid_reply": error.lm_response}]
 
     # -- prompt ---------------------------------------------------------------------
 
     def format(
         self, signature: type[Signature], demos: list[dict[str, Any]], inputs: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        task = _signature_task(signature)
+        """The follower's messages (:meth:`Protocol.messages`). Demos missing an input or
+        a valid label are left out. Raises ``ValueError`` naming a missing input field."""
+        task = self._task(signature)
         if task is None:
             return self.fallback.format(signature, demos, inputs)
+        missing = [name for name in task.input_fields if inputs.get(name) is None]
+        if missing:
+            raise ValueError(f"{signature.__name__} was called without a value for input field(s) {missing}")
         shown = []
         for demo in demos:
             label = task.label_of(demo.get(task.label_field)) if demo.get(task.label_field) is not None else None
             if label is not None and all(demo.get(name) is not None for name in task.input_fields):
                 shown.append(({name: demo[name] for name in task.input_fields}, label))
-        return follower_messages(
-            signature.instructions, task.labels, inputs, task.input_fields, shown, demo_style=self.demos
+        return self.protocol.messages(
+            signature.instructions, task.labels, inputs, task.input_fields, shown, task.descriptions
         )
 
     def format_field_description(self, signature: type[Signature]) -> str:
@@ -166,7 +228,7 @@ class LabelAdapter(Adapter):
     def format_assistant_message_content(
         self, signature: type[Signature], outputs: dict[str, Any], missing_field_message: str | None = None
     ) -> str:
-        task = _signature_task(signature)
+        task = self._task(signature)
         if task is None:
             return self.fallback.format_assistant_message_content(signature, outputs, missing_field_message)
         value = outputs.get(task.label_field)
@@ -175,10 +237,10 @@ class LabelAdapter(Adapter):
     # -- reply ----------------------------------------------------------------------
 
     def parse(self, signature: type[Signature], completion: str) -> dict[str, Any]:
-        task = _signature_task(signature)
+        task = self._task(signature)
         if task is None:
             return self.fallback.parse(signature, completion)
-        label = parse_label(completion, task.labels)
+        label = self.protocol.parse(completion, task.labels)
         if label is None:
             raise AdapterParseError(
                 adapter_name=type(self).__name__,

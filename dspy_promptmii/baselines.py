@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import dspy
 from dspy.teleprompt import LabeledFewShot
 
-from dspy_promptmii.protocol import NAIVE_INSTRUCTION, follower_messages, with_format_line
+from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, with_format_line
 from dspy_promptmii.task import classification_tasks
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def naive_program(student: dspy.Module) -> dspy.Module:
 
 
 #: Chat-template tokens around each message (ChatML: ``<|im_start|>role\n`` ... ``<|im_end|>\n``;
-#: Llama 3's headers are about as long). Counted for ``demo_style="turns"``.
+#: Llama 3's headers are about as long). Counted when the prompt has several messages.
 MESSAGE_OVERHEAD = 6
 
 
@@ -38,11 +38,14 @@ def fit_icl_demos(
     max_prompt_tokens: int,
     token_counter: Callable[[str], int],
     longest_input: dict[str, str] | None = None,
-    demo_style: str = "inline",
+    protocol: Protocol | None = None,
 ) -> int:
-    """The largest k such that the follower prompt with the first k examples as demos (and
-    the longest input) fits ``max_prompt_tokens``; 0 if none fits. ``demo_style`` is the
-    LabelAdapter's: with ``"turns"`` every message also costs :data:`MESSAGE_OVERHEAD`."""
+    """The largest k such that the follower prompt (``protocol``'s, default
+    ``Protocol()``) with the first k examples as demos and the longest input fits
+    ``max_prompt_tokens``; 0 if none fits. A prompt of several messages (demos as turns)
+    also costs :data:`MESSAGE_OVERHEAD` tokens per message. Raises ``ValueError`` for a
+    program with no classification predictor."""
+    protocol = protocol or Protocol()
     tasks = [task for _, _, task in classification_tasks(student) if task is not None]
     if not tasks:
         raise ValueError("the program has no classification predictor")
@@ -51,7 +54,7 @@ def fit_icl_demos(
     def tokens(k: int) -> int:
         demos = [({f: ex[f] for f in task.input_fields}, task.label_of(ex[task.label_field])) for ex in examples[:k]]
         query = longest_input or {f: examples[0][f] for f in task.input_fields}
-        messages = follower_messages(NAIVE_INSTRUCTION, task.labels, query, task.input_fields, demos, demo_style)
+        messages = protocol.messages(NAIVE_INSTRUCTION, task.labels, query, task.input_fields, demos, task.descriptions)
         framing = MESSAGE_OVERHEAD * len(messages) if len(messages) > 1 else 0
         return sum(token_counter(message["content"]) for message in messages) + framing
 

@@ -56,12 +56,13 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def classifier_signature(labels: Sequence[str], pair: bool, instructions: str | None = None) -> type[dspy.Signature]:
-    """``text[, text_pair] -> label: Literal[labels]``."""
+    """``text[, text_pair] -> label: Literal[labels]``, with ``instructions`` or DSPy's
+    default ones (which the protocol does not show as an author's task description)."""
     fields: dict[str, Any] = {"text": (str, dspy.InputField())}
     if pair:
         fields["text_pair"] = (str, dspy.InputField())
     fields["label"] = (Literal[tuple(labels)], dspy.OutputField())
-    return dspy.Signature(fields, instructions or "Classify the input.")
+    return dspy.Signature(fields, instructions) if instructions else dspy.Signature(fields)
 
 
 @dataclass

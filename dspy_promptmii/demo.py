@@ -22,6 +22,7 @@ from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.local.server import DEFAULT_N_CTX
 from dspy_promptmii.optimizer import PromptMIIOptimizer, meta_prompt_budget
+from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.usage import metered
@@ -82,15 +83,16 @@ def run_demo(
     student = dspy.Predict(task.signature())
 
     with LMPool(n_ctx=n_ctx) as pool:
-        follow = pool.endpoint(follower, temperature=0.0, max_tokens=FOLLOWER_REPLY_LIMIT[adapter], cache=False)
-        gen = pool.endpoint(generator or follower, temperature=0.0, max_tokens=_GENERATOR_MAX_TOKENS, cache=False)
+        # With LabelAdapter the follower's temperature and reply limit are the protocol's.
+        limit = FOLLOWER_REPLY_LIMIT[adapter]
+        follow = pool.endpoint(follower, cache=False, **({"temperature": 0.0, "max_tokens": limit} if limit else {}))
+        gen = pool.endpoint(generator or follower, max_tokens=_GENERATOR_MAX_TOKENS, cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
-        chosen = (
-            LabelAdapter(constrained=follow.constrained_style if constrained else False, demos="turns")
-            if adapter == "label"
-            else dspy.ChatAdapter()
+        protocol = Protocol(
+            constrained=follow.constrained_style if constrained and adapter == "label" else False, demo_style="turns"
         )
+        chosen = LabelAdapter(protocol=protocol) if adapter == "label" else dspy.ChatAdapter()
 
         rows: list[MethodResult] = []
 
@@ -116,10 +118,15 @@ def run_demo(
         generator_lm, meter = metered(gen.lm)
         budget = meta_prompt_budget(gen.context_tokens, _GENERATOR_MAX_TOKENS)
         optimizer = PromptMIIOptimizer(
-            generator_lm=generator_lm, n=n, seed=seed, max_prompt_tokens=budget, token_counter=gen.token_counter
+            generator_lm=generator_lm,
+            n=n,
+            protocol=protocol,
+            seed=seed,
+            max_prompt_tokens=budget,
+            token_counter=gen.token_counter,
         )
         started = time.perf_counter()
-        compiled = optimizer.compile(naive_program(student), trainset=shown)
+        compiled = optimizer.compile(student, trainset=shown)
         compile_seconds = time.perf_counter() - started
         run(f"promptmii-zero (n={optimizer.report[0]['n_used']})", compiled, meter.snapshot().calls, compile_seconds)
 

@@ -1,5 +1,6 @@
 """Evaluate a classification program on labelled examples through DSPy's ``Evaluate``:
-the protocol's metrics, invalid-output rate and prompt tokens per query."""
+the protocol's metrics (macro-F1, accuracy, invalid-reply rate), errors, and prompt
+tokens per query."""
 
 from __future__ import annotations
 
@@ -18,12 +19,19 @@ from dspy_promptmii.usage import metered
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "evaluate", "program_task"]
+__all__ = ["Evaluation", "evaluate", "program_task", "check_examples"]
 
 
 @dataclass
 class Evaluation:
-    """Scores of one program on one test set."""
+    """Scores of one program on one test set.
+
+    ``invalid_rate`` is the share of examples whose follower reply named no label;
+    ``errors`` counts examples whose program raised anything else (an LM call that
+    failed, a bug), described by ``first_error``; ``lm_errors`` counts the LM calls that
+    raised. Both kinds score as misses in ``macro_f1`` and ``accuracy``.
+    ``prompt_tokens_per_query`` is the LM-reported prompt tokens divided by ``n``.
+    """
 
     macro_f1: float
     accuracy: float
@@ -33,6 +41,8 @@ class Evaluation:
     calls: int
     lm_errors: int
     seconds: float
+    errors: int = 0
+    first_error: str | None = None
     predictions: list[str | None] = field(repr=False, default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -52,7 +62,8 @@ def program_task(program: dspy.Module) -> ClassificationTask:
 
 
 class _Guarded(dspy.Module):
-    """Runs the program, turning an unparseable reply into an invalid (None) label."""
+    """Runs the program; an unparseable reply becomes an invalid (None) label, any other
+    exception a None label with the error's text."""
 
     def __init__(self, program: dspy.Module, label_field: str):
         super().__init__()
@@ -64,6 +75,32 @@ class _Guarded(dspy.Module):
             return self.program(**inputs)
         except AdapterParseError as error:
             return dspy.Prediction(**{self.label_field: None}, unparsed=error.lm_response)
+        except Exception as error:  # noqa: BLE001 - counted and reported by evaluate()
+            return dspy.Prediction(**{self.label_field: None}, error=f"{type(error).__name__}: {error}"[:1000])
+
+
+def check_examples(examples: Sequence[Any], task: ClassificationTask) -> None:
+    """Raise ``ValueError`` naming the first example that is not a ``dspy.Example`` with
+    declared inputs (``.with_inputs(...)``) covering the task's input fields, or whose
+    label is missing or outside the task's labels."""
+    for index, example in enumerate(examples):
+        if not isinstance(example, dspy.Example):
+            raise ValueError(f"examples[{index}] is a {type(example).__name__}; expected a dspy.Example")
+        declared = example._input_keys
+        if not declared:
+            raise ValueError(
+                f"examples[{index}] has no declared inputs: build it with "
+                f".with_inputs({', '.join(repr(f) for f in task.input_fields)})"
+            )
+        missing = [name for name in task.input_fields if name not in declared or example.get(name) is None]
+        if missing:
+            owner = task.predictor_name or "the program"
+            raise ValueError(f"examples[{index}] lacks the input field(s) {missing} of {owner}")
+        if example.get(task.label_field) is None or task.label_of(example[task.label_field]) is None:
+            raise ValueError(
+                f"examples[{index}] has label {example.get(task.label_field)!r} in {task.label_field!r}, "
+                f"not one of {list(task.labels)}"
+            )
 
 
 def evaluate(
@@ -75,16 +112,35 @@ def evaluate(
     threads: int = 1,
     progress: bool = True,
 ) -> Evaluation:
-    """Run ``program`` on every example with ``lm`` (and ``adapter``) and score it.
+    """Run ``program`` on every example with ``lm`` (and ``adapter``) and score it with
+    the protocol's :func:`~dspy_promptmii.protocol.score`.
 
-    An unparseable reply counts as invalid, its own wrong class (protocol.score); so does
-    an LM call that raised, counted in ``lm_errors`` and logged as a warning. Prompt
-    tokens per query come from the LM's reported usage; they are ``None`` when some
-    calls reported none (e.g. cache hits: pass an LM with ``cache=False`` to measure).
+    An unparseable reply is invalid: a miss for its gold label. An example whose program
+    raised (an LM call that failed, a bug) is an error, also scored as a miss, counted
+    in ``errors`` and logged once as a warning. Prompt tokens per query come from the
+    LM's reported usage; they are ``None`` when some calls reported none (e.g. cache
+    hits: pass an LM with ``cache=False`` to measure).
+
+    Args:
+        program: A DSPy program whose last predictor is a classifier.
+        examples: ``dspy.Example`` objects with declared inputs and a valid label.
+        lm: The follower LM; a metered copy is used.
+        adapter: The adapter (e.g. ``LabelAdapter``); default: DSPy's configured one.
+        threads: Parallel calls.
+        progress: Show DSPy's progress bar.
+
+    Returns:
+        An :class:`Evaluation`.
+
+    Raises:
+        ValueError: no examples, an example without declared inputs or a valid label
+            (named by index), or a program whose last predictor is not a classifier.
+        RuntimeError: every example raised (the first error is in the message).
     """
     if not examples:
         raise ValueError("no examples to evaluate on")
     task = program_task(program)
+    check_examples(examples, task)
     counted_lm, meter = metered(lm)
     evaluator = dspy.Evaluate(
         devset=list(examples),
@@ -102,25 +158,36 @@ def evaluate(
     seconds = time.perf_counter() - started
     gold = [task.label_of(example[task.label_field]) for example, _, _ in result.results]
     predicted = [_label(task, prediction) for _, prediction, _ in result.results]
+    failures = [_error(prediction) for _, prediction, _ in result.results]
+    failures = [text for text in failures if text]
     usage = meter.snapshot()
+    if failures and len(failures) == len(examples):
+        raise RuntimeError(f"every one of the {len(examples)} examples raised; the first: {failures[0]}")
+    invalid = sum(p is None for p in predicted) - len(failures)
     scores = score(gold, predicted)
     tokens = None if usage.calls_without_usage or not usage.calls else usage.prompt_tokens / len(examples)
-    if usage.errors:
+    if failures:
         logger.warning(
-            "%d of %d LM calls raised during evaluation and were scored as invalid; last: %s",
-            usage.errors, usage.calls, usage.last_error,
+            "%d of %d examples raised during evaluation and were scored as misses (%d LM call errors); first: %s",
+            len(failures), len(examples), usage.errors, failures[0],
         )
     return Evaluation(
         macro_f1=scores["macro_f1"],
         accuracy=scores["accuracy"],
-        invalid_rate=scores["invalid_rate"],
+        invalid_rate=invalid / len(examples),
         n=len(examples),
         prompt_tokens_per_query=tokens,
         calls=usage.calls,
         lm_errors=usage.errors,
         seconds=round(seconds, 3),
+        errors=len(failures),
+        first_error=failures[0] if failures else None,
         predictions=predicted,
     )
+
+
+def _error(prediction: Any) -> str | None:
+    return prediction.get("error") if isinstance(prediction, dspy.Prediction) else None
 
 
 def _label(task: ClassificationTask, prediction: Any) -> str | None:

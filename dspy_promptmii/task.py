@@ -6,10 +6,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 import dspy
+from dspy.signatures.signature import _default_instructions
+
+from dspy_promptmii.protocol import LABEL_MARKER, format_line
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +37,73 @@ def _as_label(value: Any) -> str:
     return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
+def _is_text_like(annotation: Any) -> bool:
+    """A type whose values read the same as their ``str()``: text, numbers, booleans, a
+    Literal or an Enum of them (or a type DSPy left unannotated)."""
+    if annotation in (str, int, float, bool, Any, None) or get_origin(annotation) is Literal:
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, (str, int, float, enum.Enum))
+
+
+def _description(field_info: Any, name: str) -> str | None:
+    """The author's description of a field, or None when DSPy filled in its placeholder."""
+    extra = getattr(field_info, "json_schema_extra", None) or {}
+    desc = str(extra.get("desc") or "").strip()
+    return None if not desc or desc == f"${{{name}}}" else desc
+
+
+def _task_description(signature: type[dspy.Signature], labels: tuple[str, ...]) -> str | None:
+    """The signature's instructions if its author wrote them, without the format line."""
+    text = (signature.instructions or "").strip()
+    if not text or text == _default_instructions(signature).strip():
+        return None
+    line = format_line(labels)
+    if text.endswith(line):
+        text = text[: -len(line)].strip()
+    return text or None
+
+
 @dataclass(frozen=True)
 class ClassificationTask:
-    """A single-label classification predictor: its input fields and its label field."""
+    """A single-label classification predictor: its input fields and its label field.
+
+    ``descriptions`` holds the author's field descriptions (``InputField(desc=...)``,
+    ``OutputField(desc=...)``; DSPy's ``${name}`` placeholders are not descriptions),
+    keyed by input field name, and by ``"Label"`` for the label field.
+    ``task_description`` is the signature's own instructions when the author wrote some
+    (DSPy's generated "Given the fields ..." sentence and the protocol's format line are
+    not), and ``input_types`` each input field's annotation.
+    """
 
     predictor_name: str
     input_fields: tuple[str, ...]
     label_field: str
     values: tuple[Any, ...]
+    descriptions: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
+    task_description: str | None = None
+    input_types: tuple[Any, ...] = field(default=(), hash=False, compare=False)
 
     @property
     def labels(self) -> tuple[str, ...]:
         """The label strings, in the order the field declares them."""
         return tuple(_as_label(v) for v in self.values)
+
+    def rendering_problem(self) -> str | None:
+        """Why the protocol's prompts cannot show this task faithfully, or None: a label
+        that is empty or spans lines, labels that read the same as strings, or an input
+        field whose type is not text, a number or a boolean (an image, a list, a model)."""
+        labels = self.labels
+        for label in labels:
+            if not label.strip():
+                return f"the label field {self.label_field!r} has an empty label"
+            if "\n" in label or "\r" in label:
+                return f"the label {label!r} of {self.label_field!r} spans several lines"
+        if len(set(labels)) < len(labels):
+            return f"the labels of {self.label_field!r} are not distinct as strings: {list(labels)}"
+        for name, annotation in zip(self.input_fields, self.input_types):
+            if not _is_text_like(annotation):
+                return f"the input field {name!r} has type {getattr(annotation, '__name__', annotation)!s}, not text"
+        return None
 
     def label_of(self, value: Any) -> str | None:
         """The label string for a value given in data (a Literal value, an Enum member,
@@ -122,15 +179,23 @@ def signature_task(signature: type[dspy.Signature], name: str = "") -> Classific
     outputs = list(signature.output_fields.items())
     if not outputs:
         return None
-    label_field, field = outputs[-1]
-    values = _label_values(field.annotation)
+    label_field, label_info = outputs[-1]
+    values = _label_values(label_info.annotation)
     if not values:
         return None
+    descriptions = {
+        name_: desc for name_, info in signature.input_fields.items() if (desc := _description(info, name_))
+    }
+    if desc := _description(label_info, label_field):
+        descriptions[LABEL_MARKER] = desc
     return ClassificationTask(
         predictor_name=name,
         input_fields=tuple(signature.input_fields),
         label_field=label_field,
         values=values,
+        descriptions=descriptions,
+        task_description=_task_description(signature, tuple(_as_label(v) for v in values)),
+        input_types=tuple(info.annotation for info in signature.input_fields.values()),
     )
 
 

@@ -47,9 +47,10 @@ class FakeEngine:
     fixed ``(input_tokens, output_tokens)`` pair.
     """
 
-    def __init__(self, replies: Replies, usage: tuple[int, int] | None = None):
+    def __init__(self, replies: Replies, usage: tuple[int, int] | None = None, finish_reason: str = "stop"):
         self.replies = replies
         self.usage = usage
+        self.finish_reason = finish_reason
         self.requests: list[Any] = []
         self._next = 0
 
@@ -66,7 +67,7 @@ class FakeEngine:
             id=f"fake-{len(self.requests)}",
             model=request.model,
             message=Message.assistant(text),
-            finish_reason="stop",
+            finish_reason=self.finish_reason,
             usage=Usage(
                 input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
             ),
@@ -127,8 +128,8 @@ class LegacyFakeEngine(FakeEngine):
     that this route goes away in 3.5.
     """
 
-    def __init__(self, replies: Replies, usage: tuple[int, int] | None = None):
-        super().__init__(replies, usage=usage)
+    def __init__(self, replies: Replies, usage: tuple[int, int] | None = None, finish_reason: str = "stop"):
+        super().__init__(replies, usage=usage, finish_reason=finish_reason)
         self.bodies: list[dict[str, Any]] = []
 
     def complete_legacy(self, lm: Any, request: dict[str, Any], **context: Any) -> Any:
@@ -147,11 +148,13 @@ def fake_lm(
     model: str = "fake/generator",
     usage: tuple[int, int] | None = None,
     legacy: bool = False,
+    finish_reason: str = "stop",
     **lm_kwargs: Any,
 ) -> tuple[dspy.LM, FakeEngine]:
     """A ``dspy.LM`` backed by a :class:`FakeEngine` (no cache, no network; sync and
     async calls share the engine's script and request log) and the engine.
-    ``legacy=True`` gives a :class:`LegacyFakeEngine` (see there)."""
-    engine = (LegacyFakeEngine if legacy else FakeEngine)(replies, usage=usage)
+    ``legacy=True`` gives a :class:`LegacyFakeEngine` (see there); ``finish_reason`` is
+    what every response reports (``"length"``: cut at the token limit)."""
+    engine = (LegacyFakeEngine if legacy else FakeEngine)(replies, usage=usage, finish_reason=finish_reason)
     lm = dspy.LM(model, engine=engine, async_engine=AsyncFakeEngine(engine), cache=False, **lm_kwargs)
     return lm, engine

@@ -387,7 +387,7 @@ def test_quick_preset_fills_only_what_was_not_typed():
 
 def test_follower_reply_limit_defaults_by_adapter():
     parse = cli.build_parser().parse_args
-    assert cli._follower_max_tokens(parse(["run"])) == 16
+    assert cli._follower_max_tokens(parse(["run"])) is None  # LabelAdapter: the protocol's limit per label set
     assert cli._follower_max_tokens(parse(["run", "--adapter", "chat"])) == 128  # room for its field markers
     assert cli._follower_max_tokens(parse(["run", "--adapter", "chat", "--follower-max-tokens", "40"])) == 40
 

@@ -308,7 +308,12 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
     for row in result["results"]:
         assert row["method"] in out
     assert "macro-F1" in out and result["instruction"].splitlines()[0] in out
-    assert [kwargs["max_tokens"] for _, kwargs in pool.requests] == [16, 1024]  # a label fits 16 tokens
+    # The follower LM sets no limit or temperature: LabelAdapter's protocol does, per label set.
+    assert [kwargs.get("max_tokens") for _, kwargs in pool.requests] == [None, 1024]
+    assert "temperature" not in pool.requests[0][1]
+    limits = {config.max_tokens for config in pool.follower_engine.configs}
+    temperatures = {config.temperature for config in pool.follower_engine.configs}
+    assert limits == {2 + len("SearchScreeningEvent")} and temperatures == {0.0}  # unconstrained: the bare label
 
 
 def test_demo_gives_chat_adapter_replies_room_for_its_field_markers(capsys, tmp_path, fake_pool):

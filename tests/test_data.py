@@ -146,7 +146,8 @@ def test_task_signature_sorted_labels_single_input():
     assert list(signature.input_fields) == ["text"]
     assert list(signature.output_fields) == ["label"]
     assert get_args(signature.output_fields["label"].annotation) == ("neg", "neutral", "pos")
-    assert signature.instructions == "Classify the input."
+    # DSPy's own default instructions: the protocol shows no author's task description.
+    assert signature.instructions == "Given the fields `text`, produce the fields `label`."
     assert task.signature("Do it.").instructions == "Do it."
     parsed = signature_task(signature)
     assert parsed is not None and parsed.labels == ("neg", "neutral", "pos")

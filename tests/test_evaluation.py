@@ -11,7 +11,7 @@ from fakes import fake_lm, message_texts, word_count
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.baselines import MESSAGE_OVERHEAD, fit_icl_demos, icl_program, naive_program
 from dspy_promptmii.evaluation import evaluate, program_task
-from dspy_promptmii.protocol import NAIVE_INSTRUCTION, format_line
+from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, format_line
 from dspy_promptmii.usage import metered
 
 
@@ -40,8 +40,9 @@ def test_evaluate_scores_counts_invalid_and_reports_tokens_per_query():
     lm, engine = fake_lm(by_keyword, model="fake/follower", usage=(50, 1))
     result = evaluate(naive_program(dspy.Predict(Mood)), TEST, lm=lm, adapter=LabelAdapter(), progress=False)
     assert result.predictions == ["pos", "pos", "neg", None]
-    # gold pos,pos,neg,neg vs pred pos,pos,neg,<invalid>: pos F1 1, neg F1 2/3, invalid F1 0 -> mean 5/9
-    assert result.macro_f1 == pytest.approx(5 / 9)
+    # gold pos,pos,neg,neg vs pred pos,pos,neg,<none>: pos F1 1; neg P=1 R=1/2 F1 2/3; the
+    # invalid reply is a miss for neg, not a class -> mean (1 + 2/3) / 2 = 5/6
+    assert result.macro_f1 == pytest.approx(5 / 6)
     assert result.accuracy == pytest.approx(0.75)
     assert result.invalid_rate == pytest.approx(0.25)
     assert result.calls == engine.calls == 4
@@ -53,7 +54,7 @@ class Boom(RuntimeError):
     pass
 
 
-def test_evaluate_counts_lm_errors_as_invalid_and_says_so(caplog):
+def test_evaluate_counts_lm_errors_as_errors_not_invalid_replies_and_says_so(caplog):
     def flaky(request):
         if "bad" in message_texts(request.messages[-1]):
             raise Boom("server went away")
@@ -63,8 +64,10 @@ def test_evaluate_counts_lm_errors_as_invalid_and_says_so(caplog):
     lm.num_retries = 0
     with caplog.at_level("WARNING", logger="dspy_promptmii.evaluation"):
         result = evaluate(dspy.Predict(Mood), TEST, lm=lm, adapter=LabelAdapter(), progress=False)
-    assert result.lm_errors == 1
-    assert result.predictions[2] is None
+    assert result.lm_errors == 1 and result.errors == 1
+    assert result.invalid_rate == 0.0  # no reply came back: an error, not an invalid reply
+    assert result.predictions[2] is None  # scored as a miss
+    assert "server went away" in result.first_error
     assert "raised during evaluation" in caplog.text and "server went away" in caplog.text
 
 
@@ -110,7 +113,8 @@ def test_fit_icl_demos_finds_the_largest_prefix_that_fits():
     demos = examples([(f"word{i} " * 5, "pos") for i in range(10)])
 
     def needed(k: int, style: str) -> int:
-        return next(n for n in range(0, 10_000) if fit_icl_demos(student, demos, n, word_count, demo_style=style) >= k)
+        protocol = Protocol(demo_style=style)
+        return next(n for n in range(0, 10_000) if fit_icl_demos(student, demos, n, word_count, protocol=protocol) >= k)
 
     inline_4, inline_5 = needed(4, "inline"), needed(5, "inline")
     assert fit_icl_demos(student, demos, inline_5 - 1, word_count) == 4

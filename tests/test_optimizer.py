@@ -13,12 +13,14 @@ import pytest
 from fakes import fake_lm, word_count
 
 from dspy_promptmii import GenerationError, PromptBudgetError, PromptMIIOptimizer, choose_template
-from dspy_promptmii.protocol import TEMPLATES, build_meta_prompt, format_line
+from dspy_promptmii.protocol import TEMPLATES, build_meta_prompt, format_line, task_notes
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.task import classification_tasks, signature_task
 
 REPLY = "Decide whether the review is positive or negative.\n\nPraise means pos; complaints mean neg."
 INSTRUCTION = REPLY + "\n" + format_line(["pos", "neg"])
+#: What the meta-prompt shows of Sentiment's own instructions (its docstring).
+SENTIMENT_NOTES = task_notes("Classify the review.", {}, ["text"])
 
 
 class Sentiment(dspy.Signature):
@@ -71,7 +73,7 @@ def test_one_generator_call_with_the_meta_prompt_as_one_user_message():
     assert engine.roles(0) == ["user"]
     assert engine.requests[0].system is None
     labelled = [({"text": ex.text}, ex.label) for ex in trainset]
-    expected = build_meta_prompt("meta1", ["pos", "neg"], select_examples(labelled, 6, 0), ["text"])
+    expected = build_meta_prompt("meta1", ["pos", "neg"], select_examples(labelled, 6, 0), ["text"], SENTIMENT_NOTES)
     assert engine.prompt(0) == expected
     assert engine.prompt(0).count("\nLabel: ") == 6
     assert compiled.signature.instructions == INSTRUCTION
@@ -251,11 +253,47 @@ def test_custom_template_without_placeholder_fails_at_construction(template, mis
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n": 0}, {"n": True}, {"n": 2.5}, {"sampling": "balanced"}, {"max_prompt_tokens": 0}],
+    [{"n": 0}, {"sampling": "balanced"}, {"max_prompt_tokens": 0}, {"max_tokens": 0}, {"temperature": -1}],
 )
 def test_bad_settings_fail_at_construction(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
         PromptMIIOptimizer(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n": True},
+        {"n": 2.5},
+        {"n": "20"},
+        {"max_prompt_tokens": "100"},
+        {"max_tokens": 1.5},
+        {"seed": "0"},
+        {"temperature": "hot"},
+        {"token_counter": 5},
+        {"generation_kwargs": ["top_p"]},
+        {"protocol": {"template": "meta1"}},
+    ],
+)
+def test_wrongly_typed_settings_name_the_argument(kwargs):
+    with pytest.raises(TypeError, match=next(iter(kwargs))):
+        PromptMIIOptimizer(**kwargs)
+
+
+@pytest.mark.parametrize("student", [lambda text: "pos", "text -> label", None, Sentiment])
+def test_compile_names_a_student_that_is_not_a_module(student):
+    lm, engine = fake_lm([REPLY])
+    with pytest.raises(TypeError, match="student must be a dspy.Module"):
+        PromptMIIOptimizer(generator_lm=lm).compile(student, trainset=sentiment_trainset())
+    assert engine.calls == 0
+
+
+@pytest.mark.parametrize("trainset", [None, "examples", {"text": "a", "label": "pos"}, (e for e in [])])
+def test_compile_names_a_trainset_that_is_not_a_list(trainset):
+    lm, engine = fake_lm([REPLY])
+    with pytest.raises(TypeError, match="trainset must be a list"):
+        PromptMIIOptimizer(generator_lm=lm).compile(dspy.Predict(Sentiment), trainset=trainset)
+    assert engine.calls == 0
 
 
 def test_generator_lm_must_be_an_lm():
@@ -398,7 +436,7 @@ def _budget_setup(n: int = 10):
     order = select_examples(labelled, n, 0)
 
     def render(k: int) -> str:
-        return build_meta_prompt("meta2", ["pos", "neg"], order[:k], ["text"])
+        return build_meta_prompt("meta2", ["pos", "neg"], order[:k], ["text"], SENTIMENT_NOTES)
 
     return trainset, render
 
@@ -479,12 +517,24 @@ def test_report_on_optimizer_and_program():
 
 def test_a_reply_cut_at_the_token_limit_loses_its_unfinished_last_line():
     reply = "Decide whether the review is positive or negative.\nPraise means pos.\n- Sarcasm can look like"
-    lm, _ = fake_lm([reply], usage=(100, 64))
+    lm, _ = fake_lm([reply], usage=(100, 64), finish_reason="length")
     optimizer = PromptMIIOptimizer(generator_lm=lm, n=5, max_tokens=64)
     compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset(8))
     assert optimizer.report[0]["truncated"] is True
+    assert optimizer.report[0]["finish_reason"] == "length"
     expected = "Decide whether the review is positive or negative.\nPraise means pos."
     assert compiled.signature.instructions == f"{expected}\n{format_line(['pos', 'neg'])}"
+
+
+def test_a_long_reply_that_ended_normally_keeps_every_line():
+    # The finish reason decides truncation, never a token count: 3,000 completion tokens
+    # against a limit the LM never received is a normal reply of a reasoning model.
+    reply = "Decide whether the review is positive or negative.\nPraise means pos.\n- Sarcasm can look like praise"
+    lm, _ = fake_lm([reply], usage=(100, 3000), finish_reason="stop")
+    optimizer = PromptMIIOptimizer(generator_lm=lm, n=5)
+    compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset(8))
+    assert optimizer.report[0]["truncated"] is False
+    assert compiled.signature.instructions == f"{reply}\n{format_line(['pos', 'neg'])}"
 
 
 def test_n_larger_than_trainset_reports_what_was_used():

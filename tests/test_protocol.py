@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from dspy_promptmii.protocol import (
-    INVALID,
     PLACEHOLDERS,
     TEMPLATES,
     build_meta_prompt,
@@ -101,7 +100,7 @@ def test_check_template_names_the_missing_placeholder(template, missing):
     with pytest.raises(ValueError) as info:
         check_template(template)
     named = str(info.value).split(";")[0]  # the part that says what is missing
-    assert named == f"custom template is missing the placeholder(s) {missing}"
+    assert named == f"the template is missing the placeholder(s) {missing}"
 
 
 def test_check_template_rejects_empty():
@@ -294,17 +293,37 @@ def test_follower_prompt_layout():
 # --- scoring ------------------------------------------------------------------------
 
 
-def test_macro_f1_counts_invalid_as_its_own_class():
+def test_an_invalid_prediction_is_a_miss_not_a_class():
     gold = ["a", "a", "b", "b"]
     pred = ["a", None, "b", "a"]
-    # Classes: a, b, <invalid>.
-    # a: TP=1 (0), FP=1 (3), FN=1 (1) -> P=1/2, R=1/2, F1=1/2
-    # b: TP=1 (2), FP=0,     FN=1 (3) -> P=1,   R=1/2, F1=2/3
-    # <invalid>: TP=0, FP=1 (1), FN=0 -> F1=0
-    # macro = (1/2 + 2/3 + 0) / 3 = 7/18
-    assert macro_f1(gold, pred) == pytest.approx(7 / 18)
+    # Classes: a, b (an invalid reply is no class).
+    # a: TP=1 (0), FP=1 (3), FN=1 (1, the invalid one) -> P=1/2, R=1/2, F1=1/2
+    # b: TP=1 (2), FP=0,     FN=1 (3)                  -> P=1,   R=1/2, F1=2/3
+    # macro = (1/2 + 2/3) / 2 = 7/12
+    assert macro_f1(gold, pred) == pytest.approx(7 / 12)
     # Never silently a gold label: reading None as "a" would give (4/5 + 2/3) / 2 = 11/15.
     assert macro_f1(gold, ["a", "a", "b", "a"]) == pytest.approx(11 / 15)
+
+
+def test_one_invalid_reply_in_a_hundred_is_no_cliff():
+    gold = ["a"] * 50 + ["b"] * 50
+    pred = [None] + ["a"] * 49 + ["b"] * 50
+    # a: TP=49, FP=0, FN=1 -> F1 = 98/99; b: F1 = 1 -> macro = (98/99 + 1) / 2 = 0.99495
+    assert macro_f1(gold, pred) == pytest.approx((98 / 99 + 1) / 2)
+    assert macro_f1(gold, pred) > 0.99  # scored as its own class it was 0.66
+
+
+def test_a_predicted_label_absent_from_gold_counts_with_f1_zero():
+    # A reward set of m=20 where the follower says "c", a label of the task that no test
+    # example has: c enters the average with F1 0; labels nobody predicted or has don't.
+    gold = ["a"] * 10 + ["b"] * 10
+    pred = ["a"] * 8 + ["c"] * 2 + ["b"] * 9 + [None]
+    # a: TP=8, FP=0, FN=2 -> 16/18; b: TP=9, FP=0, FN=1 -> 18/19; c: TP=0, FP=2 -> 0
+    expected = (16 / 18 + 18 / 19 + 0) / 3
+    assert macro_f1(gold, pred) == pytest.approx(expected)
+    result = score(gold, pred)
+    assert result["accuracy"] == pytest.approx(17 / 20)
+    assert result["invalid_rate"] == pytest.approx(1 / 20)
 
 
 def test_invalid_is_wrong_even_against_the_first_label():
@@ -314,11 +333,10 @@ def test_invalid_is_wrong_even_against_the_first_label():
 
 def test_score_reports_accuracy_and_invalid_rate():
     result = score(["a", "a", "b", "b"], ["a", None, "b", "a"])
-    assert result["macro_f1"] == pytest.approx(7 / 18)
+    assert result["macro_f1"] == pytest.approx(7 / 12)
     assert result["accuracy"] == pytest.approx(2 / 4)
     assert result["invalid_rate"] == pytest.approx(1 / 4)
     assert result["n"] == 4
-    assert INVALID not in ("a", "b")
 
 
 def test_macro_f1_rejects_mismatched_or_empty():

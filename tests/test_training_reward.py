@@ -14,14 +14,15 @@ from typing import Any
 import httpx
 import pytest
 
-from dspy_promptmii.protocol import follower_prompt  # noqa: E402
+from dspy_promptmii.protocol import Protocol, default_reply_limit, follower_prompt  # noqa: E402
 from training import reward  # noqa: E402
 from training.follower import (  # noqa: E402
+    FailureMonitor,
     Follower,
     FollowerConfig,
+    FollowerOutage,
     HeldOutSet,
     extract_instruction,
-    follower_max_tokens,
     parse_payload,
     score_instruction,
 )
@@ -56,6 +57,7 @@ LABEL = {
     "input_fields": ["text"],
     "test_inputs": [[text] for text, _ in REVIEWS],
     "test_labels": [label for _, label in REVIEWS],
+    "protocol": Protocol().to_dict(),
 }
 GOOD = (
     "Read the film review and decide whether the reviewer liked the film. Answer positive if the review "
@@ -105,11 +107,14 @@ def _score(follower: Follower, instruction: str = GOOD, n: int = 20):
 # --- extraction -----------------------------------------------------------------------------
 
 
+TESTS = parse_payload(LABEL)
+
+
 def test_extract_instruction_from_a_chatml_query() -> None:
     query = CHATML_PROMPT + "Instruction:\nLabel each review by its overall opinion.<|im_end|>\n<|endoftext|>"
-    assert extract_instruction(query, ["text"], prompt=CHATML_PROMPT) == "Label each review by its overall opinion."
+    assert extract_instruction(query, TESTS, prompt=CHATML_PROMPT) == "Label each review by its overall opinion."
     # Without the prompt, the last assistant header is found.
-    assert extract_instruction(query, ["text"]) == "Label each review by its overall opinion."
+    assert extract_instruction(query, TESTS) == "Label each review by its overall opinion."
 
 
 def test_extract_instruction_other_templates_and_reasoning() -> None:
@@ -117,12 +122,35 @@ def test_extract_instruction_other_templates_and_reasoning() -> None:
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         '<|start_header_id|>assistant<|end_header_id|>\n\n"Classify the mood of the text."<|eot_id|>'
     )
-    assert extract_instruction(llama) == "Classify the mood of the text."
-    assert extract_instruction("<think>the labels look like...</think>\nSort by topic.<|im_end|>") == "Sort by topic."
-    assert extract_instruction("<think>never finished thinking") == ""
-    assert extract_instruction("") == "" and extract_instruction(None) == ""
+    assert extract_instruction(llama, TESTS) == "Classify the mood of the text."
+    assert extract_instruction("<think>the labels look like...</think>\nSort by topic.<|im_end|>", TESTS) == (
+        "Sort by topic."
+    )
+    assert extract_instruction("the labels look like...</think>\nSort by topic.<|im_end|>", TESTS) == (
+        "Sort by topic."
+    )
+    assert extract_instruction("<think>never finished thinking", TESTS) == ""
+    assert extract_instruction("", TESTS) == "" and extract_instruction(None, TESTS) == ""
     # A copied example block at the end is cut by the protocol's cleaner.
-    assert extract_instruction("Use the tone.\n\nInput: great\nLabel: positive<|im_end|>") == "Use the tone."
+    assert extract_instruction("Use the tone.\n\nInput: great\nLabel: positive<|im_end|>", TESTS) == "Use the tone."
+
+
+def test_extract_instruction_truncation_comes_from_the_end_of_turn() -> None:
+    cut = "Label by opinion.\nPraise is positive and"
+    # No end-of-turn token: the policy hit the length limit, the unfinished line goes.
+    assert extract_instruction(CHATML_PROMPT + cut, TESTS, prompt=CHATML_PROMPT) == "Label by opinion."
+    # Ended normally: every line stays, however it ends.
+    assert extract_instruction(CHATML_PROMPT + cut + "<|im_end|>", TESTS, prompt=CHATML_PROMPT) == cut
+    assert extract_instruction(cut, TESTS, truncated=False) == cut
+
+
+def test_extract_instruction_drops_copies_of_the_shown_examples_as_compile_does() -> None:
+    shown_review = "An absolute delight from start to finish; I would watch it again tonight."
+    label = {**LABEL, "context_inputs": [[shown_review]], "context_labels": ["positive"]}
+    reply = f"Label each review by its opinion.\n- \"{shown_review}\" is positive.\nPraise means positive."
+    assert extract_instruction(reply + "<|im_end|>", parse_payload(label)) == (
+        "Label each review by its opinion.\nPraise means positive."
+    )
 
 
 # --- configuration and requests ---------------------------------------------------------------
@@ -133,48 +161,66 @@ def test_config_from_env_and_errors() -> None:
         "PROMPTMII_FOLLOWER_URL": "http://a:1/v1, http://b:2/v1/",
         "PROMPTMII_FOLLOWER_MODEL": "llama",
         "PROMPTMII_FOLLOWER_CONCURRENCY": "16",
-        "PROMPTMII_FOLLOWER_CONSTRAINED": "json_schema",
         "PROMPTMII_FOLLOWER_TIMEOUT": "2.5",
+        "PROMPTMII_FOLLOWER_SAMPLE_TIMEOUT": "30",
+        "PROMPTMII_FOLLOWER_MAX_FAILURE_SHARE": "0.1",
     }
     config = FollowerConfig.from_env(env, max_retries=5)
     assert config.urls == ["http://a:1/v1", "http://b:2/v1"]
-    assert (config.model, config.concurrency, config.constrained, config.timeout, config.max_retries) == (
+    assert (config.model, config.concurrency, config.timeout, config.sample_timeout, config.max_retries) == (
         "llama",
         16,
-        "json_schema",
         2.5,
+        30.0,
         5,
     )
-    assert FollowerConfig.from_env({"PROMPTMII_FOLLOWER_CONSTRAINED": "off"}).constrained is False
+    assert config.max_failure_share == 0.1
     with pytest.raises(ValueError, match="PROMPTMII_FOLLOWER_CONCURRENCY"):
         FollowerConfig.from_env({"PROMPTMII_FOLLOWER_CONCURRENCY": "many"})
-    with pytest.raises(ValueError, match="constrained"):
-        FollowerConfig(constrained="regex")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_failure_share"):
+        FollowerConfig(max_failure_share=0)
 
 
-def test_request_shape_plain_and_constrained() -> None:
-    plain = Follower(FollowerConfig(model="f")).body("prompt", ["no", "yes"])
+@pytest.mark.parametrize("var", ["PROMPTMII_FOLLOWER_CONSTRAINED", "PROMPTMII_FOLLOWER_MAX_TOKENS"])
+def test_follower_settings_of_old_versions_point_to_the_protocol(var: str) -> None:
+    with pytest.raises(ValueError, match="protocol each training line carries") as caught:
+        FollowerConfig.from_env({var: "json_schema"})
+    assert var in str(caught.value) and "build_data" in str(caught.value)
+
+
+def test_request_shape_comes_from_the_lines_protocol() -> None:
+    inputs = {"text": "fine"}
+    plain = Follower(FollowerConfig(model="f")).body("Decide.", inputs, TESTS)
     assert plain == {
         "model": "f",
-        "messages": [{"role": "user", "content": "prompt"}],
+        "messages": [{"role": "user", "content": follower_prompt("Decide.", TESTS.labels, inputs, ["text"])}],
         "temperature": 0.0,
-        "max_tokens": 10,
+        "max_tokens": default_reply_limit(TESTS.labels, False),
     }
-    llama_cpp = Follower(FollowerConfig(constrained="json_object")).body("p", ["no", "yes"])
-    assert llama_cpp["response_format"]["type"] == "json_object"
-    assert llama_cpp["response_format"]["schema"]["properties"]["label"]["enum"] == ["no", "yes"]
-    vllm = Follower(FollowerConfig(constrained="json_schema")).body("p", ["no", "yes"])
-    assert vllm["response_format"]["type"] == "json_schema"
-    assert follower_max_tokens(["a" * 40]) == 24 and follower_max_tokens(["ab"], "json_schema") == 18
+    for style, kind in [("json_object", "json_object"), ("json_schema", "json_schema")]:
+        tests = parse_payload({**LABEL, "protocol": Protocol(constrained=style).to_dict()})
+        body = Follower(FollowerConfig()).body("p", inputs, tests)
+        assert body["response_format"]["type"] == kind
+        assert body["max_tokens"] == 16 + len("negative")
+    grammar = parse_payload({**LABEL, "protocol": Protocol(constrained="grammar", reply_limit=3).to_dict()})
+    body = Follower(FollowerConfig()).body("p", inputs, grammar)
+    assert body["grammar"] == 'root ::= "negative" | "positive"' and body["max_tokens"] == 3
+    assert default_reply_limit(["a" * 40], False) == 42 and default_reply_limit(["ab"], "json_schema") == 18
 
 
 def test_payload_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="'test_inputs'"):
         parse_payload({"labels": ["a"], "input_fields": ["text"], "test_labels": ["a"]})
+    with pytest.raises(ValueError, match="'protocol'"):
+        parse_payload({k: v for k, v in LABEL.items() if k != "protocol"})
+    with pytest.raises(ValueError, match="protocol is unusable"):
+        parse_payload({**LABEL, "protocol": {"constrained": "regex"}})
     with pytest.raises(ValueError, match="2 test inputs but 1 test labels"):
         parse_payload({**LABEL, "test_inputs": [["x"], ["y"]], "test_labels": ["a"]})
     with pytest.raises(ValueError, match="one value per input field"):
         parse_payload({**LABEL, "test_inputs": [["x", "extra"]], "test_labels": ["a"]})
+    with pytest.raises(ValueError, match="1 context inputs but 0 context labels"):
+        parse_payload({**LABEL, "context_inputs": [["x"]]})
     assert parse_payload(json.dumps(LABEL)).task == "film_reviews"
 
 
@@ -320,6 +366,119 @@ def test_reward_func_with_the_server_down(
         out = reward.reward_func([_query(GOOD)], [CHATML_PROMPT], [LABEL])
     assert out["rewards"] == 0.0 and out["extra_logs"]["follower_error"] == 1.0
     assert any("connection error" in r.message for r in caplog.records)
+
+
+# --- deadlines, odd replies and outages ----------------------------------------------------------
+
+
+class _TricklingServer:
+    """A real HTTP server on 127.0.0.1 that sends its headers, then one body byte every
+    ``every`` seconds, forever: a per-read timeout never fires on it."""
+
+    def __init__(self, every: float = 0.1):
+        import threading
+
+        self.every = every
+        self.stop = threading.Event()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn: socket.socket) -> None:
+        import time
+
+        try:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
+            while not self.stop.is_set():
+                conn.sendall(b" ")
+                time.sleep(self.every)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_trickling_follower_hits_the_overall_request_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    import time
+
+    server = _TricklingServer(every=0.1)
+    try:
+        config = FollowerConfig(base_url=f"http://127.0.0.1:{server.port}/v1", timeout=1.0, max_retries=0)
+        started = time.perf_counter()
+        with caplog.at_level(logging.WARNING, logger="training.follower"):
+            result = _score(Follower(config), n=2)
+        elapsed = time.perf_counter() - started
+    finally:
+        server.close()
+    assert result.reward == 0.0 and "timeout" in (result.follower_error or "")
+    assert elapsed < 10, f"the request deadline did not hold: {elapsed:.1f} s"
+    assert any("reward 0" in r.message for r in caplog.records)
+
+
+def test_a_sample_past_its_deadline_scores_zero(caplog: pytest.LogCaptureFixture) -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.3)  # each call is within its own deadline, but with retries ...
+        return httpx.Response(503)
+
+    follower = _follower(slow, timeout=5, sample_timeout=0.5, max_retries=5, backoff=0.2)
+    with caplog.at_level(logging.WARNING, logger="training.follower"):
+        result = _score(follower, n=3)
+    assert result.reward == 0.0 and "deadline" in (result.follower_error or "")
+    assert any("deadline" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("content", [None, 1, 0.5, ["positive"]])
+def test_null_or_non_text_reply_is_no_label_with_a_warning(content: Any, caplog: pytest.LogCaptureFixture) -> None:
+    handler = lambda request: httpx.Response(200, json={"choices": [{"message": {"content": content}}]})  # noqa: E731
+    with caplog.at_level(logging.WARNING, logger="training.follower"):
+        result = _score(_follower(handler), n=2)
+    assert result.reward == 0.0 and result.invalid_rate == 1.0 and result.follower_error is None
+    assert any("not text" in r.message for r in caplog.records)
+
+
+def test_an_outage_stops_instead_of_training_on_zeros() -> None:
+    down = _follower(lambda request: httpx.Response(503), max_retries=0)
+    down.monitor = FailureMonitor(max_failure_share=0.05, window=100, min_calls=20)
+    with pytest.raises(FollowerOutage, match="follower calls failed"):
+        _score(down, n=20)
+    # A few failures in many calls are not an outage.
+    flaky_calls = {"n": 0}
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        flaky_calls["n"] += 1
+        return httpx.Response(503) if flaky_calls["n"] == 1 else _oracle(request)
+
+    ok = _follower(flaky, max_retries=0)
+    ok.monitor = FailureMonitor(max_failure_share=0.05, window=100, min_calls=20)
+    assert _score(ok, n=20).reward == 0.0  # one failed example zeroes that sample ...
+    assert _score(ok, n=20).reward == 1.0  # ... and the next is scored normally
+
+
+def test_reward_func_lets_an_outage_through(reset_reward: None) -> None:
+    down = _follower(lambda request: httpx.Response(503), max_retries=0)
+    down.monitor = FailureMonitor(max_failure_share=0.05, window=100, min_calls=20)
+    reward.configure(follower=down)
+    with pytest.raises(FollowerOutage):
+        reward.reward_func([_query(GOOD)], [CHATML_PROMPT], [LABEL])
 
 
 # --- the real embedded follower -------------------------------------------------------------------

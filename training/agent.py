@@ -7,7 +7,8 @@ max_length, hf_tokenizer, llm_engine, images)`` once per sample. Here ``execute`
 
 1. tokenizes the chat-formatted meta-prompt and lets the policy write (one vLLM call),
 2. extracts the instruction from the decoded reply (chat special tokens removed, then
-   the optimizer's own :func:`~dspy_promptmii.protocol.clean_instruction`),
+   the line's protocol with the shown examples and the finish reason, as the optimizer
+   cleans a reply),
 3. scores it with the frozen follower on the line's m test examples -- all m calls at
    once, through an async HTTP client limited to ``PROMPTMII_FOLLOWER_CONCURRENCY``
    (default 128) requests in flight per rollout actor,
@@ -35,6 +36,7 @@ if __package__ in (None, ""):  # loaded by file path (OpenRLHF): make `training`
 from training.follower import (
     Follower,
     FollowerConfig,
+    FollowerOutage,
     ScoreResult,
     extract_instruction,
     parse_payload,
@@ -72,11 +74,10 @@ class AgentExecutor(AgentExecutorBase):
     def __init__(self, config: FollowerConfig | None = None, follower: Follower | None = None):
         self.follower = follower or Follower(config or FollowerConfig.from_env())
         logger.info(
-            "Prompt-MII agent: follower %s model %s, concurrency %d, constrained %s",
+            "Prompt-MII agent: follower %s model %s, concurrency %d (prompts and settings: each line's protocol)",
             self.follower.config.base_url,
             self.follower.config.model,
             self.follower.config.concurrency,
-            self.follower.config.constrained,
         )
 
     async def execute(
@@ -140,15 +141,19 @@ class AgentExecutor(AgentExecutorBase):
     async def _reward(
         self, output: Any, action_ids: list[int], label: Any, hf_tokenizer: Any
     ) -> tuple[ScoreResult, int]:
-        """Score one response; any failure is a reward of 0 with a warning, never an exception."""
+        """Score one response; any failure but an outage (:class:`FollowerOutage`, raised)
+        is a reward of 0 with a warning."""
         try:
             tests = parse_payload(label)
             text = getattr(output, "text", None)
             if text is None:
                 text = hf_tokenizer.decode(action_ids, skip_special_tokens=False)
-            instruction = extract_instruction(text, tests.input_fields)
+            truncated = getattr(output, "finish_reason", None) == "length"
+            instruction = extract_instruction(text, tests, truncated=truncated)
             result = await score_instruction(self.follower, instruction, tests)
             return result, len(_token_ids(hf_tokenizer, instruction)) if instruction else 0
+        except FollowerOutage:
+            raise
         except Exception as error:  # noqa: BLE001 - exceptions must not reach OpenRLHF
             logger.warning("reward 0: scoring failed (%s: %s)", type(error).__name__, error)
             return ScoreResult(reward=0.0, follower_error=str(error)), 0

@@ -45,8 +45,7 @@ from tqdm import tqdm
 
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json, write_jsonl
-from dspy_promptmii.optimizer import choose_template
-from dspy_promptmii.protocol import TEMPLATES, build_meta_prompt, check_template
+from dspy_promptmii.protocol import CONSTRAINED_STYLES, TEMPLATES, Protocol, choose_template
 from dspy_promptmii.sampling import SAMPLING, example_order
 from training.contamination import eval_hashes, overlapping_rows
 from training.sources import (
@@ -100,6 +99,10 @@ class BuildConfig:
     valid_shots: tuple[int, ...] = (5, 20)
     datasource: str = "promptmii"
     drop_contaminated: bool = False
+    #: The reward follower's constrained decoding (json_schema: vLLM) and reply limit
+    #: (None: the protocol's default); with the template they make the lines' protocol.
+    constrained: str | bool = "json_schema"
+    reply_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.m < 1:
@@ -117,8 +120,15 @@ class BuildConfig:
             raise ValueError(f"valid shots must be positive, got {self.valid_shots}")
         if not 0 < self.max_unique_label_ratio <= 1:
             raise ValueError(f"max_unique_label_ratio must be in (0, 1], got {self.max_unique_label_ratio}")
-        if self.template not in TEMPLATES:
-            check_template(self.template)
+        if self.constrained not in (False, *CONSTRAINED_STYLES):
+            raise ValueError(f"constrained must be False or one of {CONSTRAINED_STYLES}, got {self.constrained!r}")
+        _ = self.protocol  # validates the template and the reply limit
+
+    @property
+    def protocol(self) -> Protocol:
+        """The protocol every line carries: the reward renders, cleans, calls the follower
+        and scores with exactly this value (a template file is read into its text)."""
+        return Protocol(template=self.template, constrained=self.constrained, reply_limit=self.reply_limit)
 
     @property
     def required_rows(self) -> int:
@@ -268,22 +278,24 @@ def make_record(
     seed: int,
     context_ids: Sequence[int],
     test_ids: Sequence[int],
-    template: str,
+    protocol: Protocol,
     datasource: str,
 ) -> dict[str, Any]:
-    """One OpenRLHF prompt line.
+    """One OpenRLHF prompt line, its meta-prompt rendered by ``protocol``.
 
     ``label`` (every field has one type across all lines, so the ``datasets`` JSON loader
     reads the file as one table): ``task``, ``source``, ``split``, ``labels`` (the format
     line's order), ``input_fields``, ``n_shot``, ``repeat``, ``template``,
     ``context_seed``, ``context_ids``/``test_ids`` (row numbers in the task file),
-    ``test_inputs`` (per test example, its input texts in ``input_fields`` order) and
-    ``test_labels``.
+    ``context_inputs``/``context_labels`` (the shown examples, which the reward's
+    cleaning recognises as the optimizer's does), ``test_inputs`` (per test example, its
+    input texts in ``input_fields`` order), ``test_labels``, and ``protocol``
+    (:meth:`Protocol.to_dict`: the reward follows it exactly).
     """
     fields = list(task.input_fields)
     examples = [({f: task.rows[i][f] for f in fields}, task.rows[i]["label"]) for i in context_ids]
-    template_name = template if template in TEMPLATES else "custom"
-    prompt = build_meta_prompt(template, task.labels, examples, fields)
+    template, _ = protocol.resolve_template()
+    prompt = protocol.meta_prompt(task.labels, examples, fields)
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "label": {
@@ -294,12 +306,15 @@ def make_record(
             "input_fields": fields,
             "n_shot": spec.n_shot,
             "repeat": spec.repeat,
-            "template": template_name,
+            "template": template if template in TEMPLATES else "custom",
             "context_seed": seed,
             "context_ids": list(context_ids),
             "test_ids": list(test_ids),
+            "context_inputs": [[str(task.rows[i][f]) for f in fields] for i in context_ids],
+            "context_labels": [task.rows[i]["label"] for i in context_ids],
             "test_inputs": [[str(task.rows[i][f]) for f in fields] for i in test_ids],
             "test_labels": [task.rows[i]["label"] for i in test_ids],
+            "protocol": protocol.to_dict(),
         },
         "datasource": datasource,
     }
@@ -375,13 +390,14 @@ def build(
     too_long: Counter[str] = Counter()
     image_tag = 0
     used: set[tuple[str, int]] = set()
+    protocol = config.protocol
     for spec in tqdm(specs, desc="contexts", unit="prompt", disable=not progress):
         task, source = by_name[spec.task]
         seed = context_seed(config.seed, spec.task, spec.n_shot, spec.repeat)
         context_ids, test_ids = sample_context(
             task, spec.n_shot, seed, config.m, config.sampling, frozenset(excluded[spec.task])
         )
-        record = make_record(task, source, spec, seed, context_ids, test_ids, config.template, config.datasource)
+        record = make_record(task, source, spec, seed, context_ids, test_ids, protocol, config.datasource)
         content = record["prompt"][0]["content"]
         if IMAGE_TAG in content:
             image_tag += 1
@@ -410,6 +426,7 @@ def build(
     used_overlapping = sum(1 for name, i in used if i in overlap[name])
     summary: dict[str, Any] = {
         "config": {**asdict(config), "extra_shots": {str(k): v for k, v in config.extra_shots.items()}},
+        "protocol": protocol.to_dict(),
         "tokenizer": {"name": counter.name, "exact": counter.exact},
         "tasks": {
             "given": len(tasks),
@@ -602,7 +619,21 @@ def parser() -> argparse.ArgumentParser:
     prm.add_argument(
         "--template",
         default="auto",
-        help="meta1, meta2, or auto: meta1 for a Llama-family --generator-model, else meta2 (paper)",
+        help="meta1, meta2, auto (meta1 for a Llama-family --generator-model, else meta2, as in the paper), "
+        "a template file or a template text",
+    )
+    prm.add_argument(
+        "--constrained",
+        choices=["none", *CONSTRAINED_STYLES],
+        default="json_schema",
+        help="the reward follower's constrained decoding, written into every line's protocol: json_schema "
+        "(vLLM, default), json_object or grammar (llama.cpp's server), none; evaluate with the same",
+    )
+    prm.add_argument(
+        "--reply-limit",
+        type=int,
+        default=None,
+        help="the reward follower's max_tokens (default: the protocol's, room for the longest label)",
     )
     prm.add_argument(
         "--generator-model",
@@ -662,6 +693,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
+    try:
+        template, why = choose_template(Protocol(template=args.template).template, args.generator_model)
+    except (ValueError, TypeError) as error:
+        raise SystemExit(f"--template: {error}") from None
+    logger.info("template %s (%s)", template if template in TEMPLATES else "custom", why)
     datasets_dir = args.datasets or _default_datasets_dir()
     if not datasets_dir.is_dir():
         if args.datasets is not None:
@@ -679,8 +715,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 logger.warning("no --eval-tasks and no 'dev' list in SPLITS.json: contamination is not checked")
         eval_tasks = [task for task, _ in load_local_tasks(resolve_task_paths(eval_names, datasets_dir))]
 
-    template, why = choose_template(args.template, args.generator_model)
-    logger.info("template %s (%s)", template if template in TEMPLATES else "custom", why)
     config = BuildConfig(
         seed=args.seed,
         m=args.m,
@@ -695,6 +729,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         valid_shots=args.valid_shots,
         datasource=args.datasource,
         drop_contaminated=args.drop_contaminated,
+        constrained=False if args.constrained == "none" else args.constrained,
+        reply_limit=args.reply_limit,
     )
     counter = load_counter(args.tokenizer)
     if not counter.exact:

@@ -2,79 +2,79 @@
 task when given the generated instruction.
 
 Shared by :mod:`training.reward` (OpenRLHF's ``reward_func``) and :mod:`training.agent`
-(OpenRLHF's ``AgentExecutor``). Everything about prompts, parsing and scoring is the
-package's one protocol (:mod:`dspy_promptmii.protocol`): the follower gets
-:func:`~dspy_promptmii.protocol.follower_prompt` as one user message at temperature 0,
-its reply goes through :func:`~dspy_promptmii.protocol.parse_label` (an unrecognised reply
-is invalid, its own class), and the reward is :func:`~dspy_promptmii.protocol.macro_f1`.
+(OpenRLHF's ``AgentExecutor``). Everything about prompts, cleaning, the follower's
+request settings, parsing and scoring is the :class:`~dspy_promptmii.protocol.Protocol`
+that ``python -m training.build_data`` wrote into each line's ``label`` (the value the
+optimizer and the benchmarks use): the instruction is cleaned with the shown examples
+and the truncation flag as at compile time, each test example is one request built by
+:meth:`Protocol.request_body`, replies are read by :meth:`Protocol.parse` and the reward
+is :meth:`Protocol.score`'s macro-F1 (an invalid reply is a miss, not a class).
 
-The follower is any OpenAI-compatible chat-completions server (vLLM in training,
-llama.cpp's server in the CPU tests), configured by :class:`FollowerConfig` -- from
-arguments or from these environment variables:
+Where the follower is and how hard to try is :class:`FollowerConfig`, from arguments or
+from these environment variables:
 
-==================================  ===========================================================
-``PROMPTMII_FOLLOWER_URL``          base URL(s), e.g. ``http://10.0.0.5:8000/v1``; several,
-                                    comma-separated, are used round-robin (default
-                                    ``http://127.0.0.1:8000/v1``)
-``PROMPTMII_FOLLOWER_MODEL``        served model name (default ``follower``)
-``PROMPTMII_FOLLOWER_API_KEY``      bearer token (default ``EMPTY``)
-``PROMPTMII_FOLLOWER_CONCURRENCY``  requests in flight per process (default 128)
-``PROMPTMII_FOLLOWER_TIMEOUT``      seconds per request (default 60)
-``PROMPTMII_FOLLOWER_RETRIES``      retries after a timeout / connection error / 5xx / 429 /
-                                    malformed body (default 3)
-``PROMPTMII_FOLLOWER_MAX_TOKENS``   reply limit (default: 10, more for long label names)
-``PROMPTMII_FOLLOWER_CONSTRAINED``  ``json_schema`` (vLLM), ``json_object`` or ``grammar``
-                                    (llama.cpp): constrain replies to the label set
-                                    (default off)
-==================================  ===========================================================
+========================================  =====================================================
+``PROMPTMII_FOLLOWER_URL``                base URL(s), e.g. ``http://10.0.0.5:8000/v1``; several,
+                                          comma-separated, are used round-robin (default
+                                          ``http://127.0.0.1:8000/v1``)
+``PROMPTMII_FOLLOWER_MODEL``              served model name (default ``follower``)
+``PROMPTMII_FOLLOWER_API_KEY``            bearer token (default ``EMPTY``)
+``PROMPTMII_FOLLOWER_CONCURRENCY``        requests in flight per process (default 128)
+``PROMPTMII_FOLLOWER_TIMEOUT``            overall seconds per request, however the server
+                                          trickles its answer (default 60)
+``PROMPTMII_FOLLOWER_SAMPLE_TIMEOUT``     overall seconds to score one sample, all its
+                                          requests and retries (default 600)
+``PROMPTMII_FOLLOWER_RETRIES``            retries after a timeout / connection error / 5xx /
+                                          429 / malformed body (default 3)
+``PROMPTMII_FOLLOWER_MAX_FAILURE_SHARE``  stop when more than this share of the recent
+                                          follower calls failed (default 0.05)
+========================================  =====================================================
 
-A follower that still fails after the retries makes the sample's reward 0 with a logged
-warning; nothing is raised into OpenRLHF.
+Failure policy: a follower call that still fails after the retries, or a sample that
+runs past its deadline, scores 0 with a logged warning. But an outage must not become a
+negative advantage for the policy: once at least ``min_calls`` calls have been made and
+more than ``max_failure_share`` of the last ``window`` calls failed,
+:class:`FollowerOutage` is raised, which stops training with that message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import logging
-import math
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
-from dspy_promptmii.protocol import (
-    CONSTRAINED_STYLES,
-    clean_instruction,
-    constrained_body,
-    follower_prompt,
-    parse_label,
-    score,
-)
+from dspy_promptmii.protocol import Protocol, strip_reasoning
 
 logger = logging.getLogger("training.follower")
 
 __all__ = [
     "ENV",
+    "MOVED_TO_PROTOCOL",
     "FollowerConfig",
     "FollowerError",
+    "FollowerOutage",
+    "FailureMonitor",
     "Follower",
     "HeldOutSet",
     "ScoreResult",
     "parse_payload",
-    "follower_max_tokens",
     "response_text",
+    "ends_turn",
     "strip_chat_tokens",
     "extract_instruction",
     "score_instruction",
 ]
-
-Constrained = Literal[False, "json_schema", "json_object", "grammar"]
 
 #: Environment variables read by :meth:`FollowerConfig.from_env`.
 ENV = {
@@ -83,20 +83,27 @@ ENV = {
     "api_key": "PROMPTMII_FOLLOWER_API_KEY",
     "concurrency": "PROMPTMII_FOLLOWER_CONCURRENCY",
     "timeout": "PROMPTMII_FOLLOWER_TIMEOUT",
+    "sample_timeout": "PROMPTMII_FOLLOWER_SAMPLE_TIMEOUT",
     "max_retries": "PROMPTMII_FOLLOWER_RETRIES",
-    "max_tokens": "PROMPTMII_FOLLOWER_MAX_TOKENS",
-    "constrained": "PROMPTMII_FOLLOWER_CONSTRAINED",
+    "max_failure_share": "PROMPTMII_FOLLOWER_MAX_FAILURE_SHARE",
 }
+#: Variables of earlier versions whose settings now live in each line's protocol.
+MOVED_TO_PROTOCOL = ("PROMPTMII_FOLLOWER_MAX_TOKENS", "PROMPTMII_FOLLOWER_CONSTRAINED")
 
 
 class FollowerError(RuntimeError):
     """The follower gave no usable HTTP answer (after the retries)."""
 
 
+class FollowerOutage(RuntimeError):
+    """Too many recent follower calls failed: training on their zero rewards would teach
+    the policy the outage, not the task."""
+
+
 @dataclass(frozen=True)
 class FollowerConfig:
-    """Where the follower is and how it is called (see the module docstring for the
-    environment variables).
+    """Where the follower is and how hard to try (see the module docstring for the
+    environment variables). How it is prompted is the data's protocol, not set here.
 
     Args:
         base_url: OpenAI-compatible base URL ending in ``/v1``; several separated by commas
@@ -106,15 +113,18 @@ class FollowerConfig:
         concurrency: Most requests in flight at once in this process (paper: the reward
             server took ~128 concurrent requests). With several rollout engines, each has
             its own limit.
-        timeout: Seconds per request.
+        timeout: Overall seconds per request (connect to last byte), however slowly the
+            server trickles its answer.
+        sample_timeout: Overall seconds to score one sample (all its requests, retries
+            included); then the sample scores 0 with a warning.
         max_retries: Retries after a timeout, connection error, HTTP 5xx/429 or malformed
             body; then the sample scores 0.
         backoff: First retry delay in seconds, doubled each retry (capped at 8 s).
-        max_tokens: Reply limit; None picks :func:`follower_max_tokens`.
-        constrained: ``False``, ``"json_schema"`` (vLLM, OpenAI: replies restricted to
-            ``{"label": <one of the labels>}``), or for llama.cpp's server ``"json_object"``
-            (the same JSON) or ``"grammar"`` (the bare labels).
-        temperature: Follower temperature (0, as in the paper).
+        max_failure_share: :class:`FollowerOutage` once more than this share of the
+            recent calls failed (see :class:`FailureMonitor`); 1 disables the check.
+
+    Raises:
+        ValueError: a value out of range (named).
     """
 
     base_url: str = "http://127.0.0.1:8000/v1"
@@ -122,21 +132,20 @@ class FollowerConfig:
     api_key: str = "EMPTY"
     concurrency: int = 128
     timeout: float = 60.0
+    sample_timeout: float = 600.0
     max_retries: int = 3
     backoff: float = 0.5
-    max_tokens: int | None = None
-    constrained: Constrained = False
-    temperature: float = 0.0
+    max_failure_share: float = 0.05
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
             raise ValueError(f"follower concurrency must be at least 1, got {self.concurrency}")
-        if self.timeout <= 0:
-            raise ValueError(f"follower timeout must be positive, got {self.timeout}")
+        if self.timeout <= 0 or self.sample_timeout <= 0:
+            raise ValueError(f"follower timeouts must be positive, got {self.timeout} and {self.sample_timeout}")
         if self.max_retries < 0:
             raise ValueError(f"follower max_retries must be >= 0, got {self.max_retries}")
-        if self.constrained is not False and self.constrained not in CONSTRAINED_STYLES:
-            raise ValueError(f"constrained must be False or one of {CONSTRAINED_STYLES}, got {self.constrained!r}")
+        if not 0 < self.max_failure_share <= 1:
+            raise ValueError(f"follower max_failure_share must be in (0, 1], got {self.max_failure_share}")
         if not self.urls:
             raise ValueError("follower base_url is empty")
 
@@ -146,16 +155,32 @@ class FollowerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> FollowerConfig:
-        """A config from ``PROMPTMII_FOLLOWER_*`` variables; ``overrides`` (not None) win."""
+        """A config from ``PROMPTMII_FOLLOWER_*`` variables; ``overrides`` (not None) win.
+
+        Raises ``ValueError`` for a value that does not parse (naming the variable) and
+        for the variables of :data:`MOVED_TO_PROTOCOL`, whose settings are now part of
+        the data (``python -m training.build_data --constrained ... --reply-limit ...``).
+        """
         env = os.environ if env is None else env
+        moved = [var for var in MOVED_TO_PROTOCOL if (env.get(var) or "").strip()]
+        if moved:
+            raise ValueError(
+                f"{', '.join(moved)} no longer configure the reward: the follower's constrained decoding and reply "
+                "limit are part of the protocol each training line carries, so that training and evaluation "
+                "cannot drift; rebuild the data with python -m training.build_data --constrained ... "
+                "--reply-limit ... and unset them"
+            )
         values: dict[str, Any] = {}
-        casts = {"concurrency": int, "timeout": float, "max_retries": int, "max_tokens": int}
+        casts = {
+            "concurrency": int,
+            "timeout": float,
+            "sample_timeout": float,
+            "max_retries": int,
+            "max_failure_share": float,
+        }
         for name, var in ENV.items():
             raw = env.get(var)
             if raw is None or raw.strip() == "":
-                continue
-            if name == "constrained":
-                values[name] = False if raw.strip().lower() in ("0", "false", "no", "off") else raw.strip()
                 continue
             try:
                 values[name] = casts.get(name, str)(raw.strip())
@@ -165,21 +190,69 @@ class FollowerConfig:
         return cls(**values)
 
 
+class FailureMonitor:
+    """Counts follower call outcomes over a sliding window and raises
+    :class:`FollowerOutage` when too many fail (thread-safe; one per :class:`Follower`).
+
+    Args:
+        max_failure_share: The share of failed calls in the window above which it raises.
+        window: How many recent calls the share is taken over.
+        min_calls: Calls needed before it judges (a few early failures are not an outage).
+    """
+
+    def __init__(self, max_failure_share: float = 0.05, window: int = 1000, min_calls: int = 100):
+        self.max_failure_share = max_failure_share
+        self.min_calls = min_calls
+        self._recent: collections.deque[bool] = collections.deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def record(self, failed: bool) -> None:
+        with self._lock:
+            self._recent.append(failed)
+
+    def check(self) -> None:
+        """Raise :class:`FollowerOutage` when more than the allowed share of recent calls failed."""
+        with self._lock:
+            calls, failed = len(self._recent), sum(self._recent)
+        if calls >= self.min_calls and failed / calls > self.max_failure_share:
+            raise FollowerOutage(
+                f"{failed} of the last {calls} follower calls failed ({failed / calls:.1%} > "
+                f"{self.max_failure_share:.1%}): the follower server is down or overloaded. Stopping rather than "
+                "training on zero rewards; fix the follower (see the warnings above) and resume from the checkpoint"
+            )
+
+
 @dataclass(frozen=True)
 class HeldOutSet:
-    """The m held-out examples a prompt line's ``label`` carries (see training.build_data)."""
+    """What a prompt line's ``label`` carries (see training.build_data): the task's labels
+    and input fields, the examples the generator was shown, the m test examples, and the
+    protocol to follow."""
 
     task: str
     labels: tuple[str, ...]
     input_fields: tuple[str, ...]
     inputs: tuple[tuple[str, ...], ...]
     gold: tuple[str, ...]
+    protocol: Protocol = field(default_factory=Protocol)
+    shown: tuple[tuple[dict[str, str], str], ...] = ()
+
+    def test_inputs(self) -> list[dict[str, str]]:
+        return [dict(zip(self.input_fields, row, strict=True)) for row in self.inputs]
+
+
+def _rows(label: Mapping[str, Any], key: str, width: int) -> tuple[tuple[str, ...], ...]:
+    rows = tuple(tuple(str(v) for v in row) for row in label.get(key) or ())
+    bad = [i for i, row in enumerate(rows) if len(row) != width]
+    if bad:
+        raise ValueError(f"{key} row(s) {bad[:5]} do not have one value per input field")
+    return rows
 
 
 def parse_payload(label: Any) -> HeldOutSet:
     """The :class:`HeldOutSet` of a prompt line's ``label`` (a dict, or its JSON text).
 
-    Raises ``ValueError`` naming the missing or malformed key.
+    Raises ``ValueError`` naming the missing or malformed key (a line without a
+    ``protocol`` was written by an older data builder: rebuild it).
     """
     if isinstance(label, (str, bytes)):
         try:
@@ -188,34 +261,31 @@ def parse_payload(label: Any) -> HeldOutSet:
             raise ValueError(f"label is a string but not JSON: {str(label)[:80]!r}") from None
     if not isinstance(label, Mapping):
         raise ValueError(f"label must be a dict (the data builder's label), got {type(label).__name__}")
-    for key in ("labels", "input_fields", "test_inputs", "test_labels"):
+    for key in ("labels", "input_fields", "test_inputs", "test_labels", "protocol"):
         if not label.get(key):
-            raise ValueError(f"label has no {key!r}; was the file written by python -m training.build_data?")
+            raise ValueError(f"label has no {key!r}: was the file written by the current training.build_data?")
     fields = tuple(str(f) for f in label["input_fields"])
-    inputs = tuple(tuple(str(v) for v in row) for row in label["test_inputs"])
+    inputs = _rows(label, "test_inputs", len(fields))
     gold = tuple(str(g) for g in label["test_labels"])
     if len(inputs) != len(gold):
         raise ValueError(f"label has {len(inputs)} test inputs but {len(gold)} test labels")
-    bad = [i for i, row in enumerate(inputs) if len(row) != len(fields)]
-    if bad:
-        raise ValueError(f"test input(s) {bad[:5]} do not have one value per input field {list(fields)}")
+    context = _rows(label, "context_inputs", len(fields))
+    context_labels = tuple(str(x) for x in label.get("context_labels") or ())
+    if len(context) != len(context_labels):
+        raise ValueError(f"label has {len(context)} context inputs but {len(context_labels)} context labels")
+    try:
+        protocol = Protocol.from_dict(label["protocol"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"label's protocol is unusable: {error}") from None
     return HeldOutSet(
         task=str(label.get("task", "?")),
         labels=tuple(str(x) for x in label["labels"]),
         input_fields=fields,
         inputs=inputs,
         gold=gold,
+        protocol=protocol,
+        shown=tuple((dict(zip(fields, row, strict=True)), lab) for row, lab in zip(context, context_labels)),
     )
-
-
-def follower_max_tokens(labels: Sequence[str], constrained: Constrained = False) -> int:
-    """A short reply limit that still fits the longest label: 10 tokens, or more for long
-    label names (a token is at least ~2 characters of a label); with constrained decoding,
-    room for the JSON wrapper as :class:`~dspy_promptmii.LabelAdapter` allows."""
-    longest = max((len(str(label)) for label in labels), default=1)
-    if constrained:
-        return 16 + longest
-    return max(10, math.ceil(longest / 2) + 4)
 
 
 # --- the instruction out of the policy's decoded text -----------------------------------
@@ -231,7 +301,6 @@ ASSISTANT_HEADERS = (
 #: Tokens that end a turn: the instruction is what comes before the first of them.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "<|eom_id|>", "<end_of_turn>", "</s>", "<eos>")
 _SPECIAL = re.compile(r"<\|[^<>|\s]{1,64}\|>|</?s>|<eos>|<bos>|<pad>|<unk>|<(?:start|end)_of_turn>")
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 def response_text(text: str, prompt: str | None = None) -> str:
@@ -248,29 +317,41 @@ def response_text(text: str, prompt: str | None = None) -> str:
     return text[cut:] if cut >= 0 else text
 
 
+def ends_turn(response: str) -> bool:
+    """Whether the assistant's turn ended with an end-of-turn token. OpenRLHF decodes the
+    query with special tokens and vLLM keeps the EOS token it stopped on, so a turn
+    without one was cut by the length limit (finish reason ``length``)."""
+    return any(stop in response for stop in END_OF_TURN)
+
+
 def strip_chat_tokens(text: str) -> str:
     """The reply without chat special tokens: cut at the first end-of-turn token, drop
-    reasoning (``<think>...</think>``; an unclosed ``<think>`` leaves nothing), then remove
-    any remaining ``<|...|>``-style tokens."""
+    reasoning blocks (:func:`~dspy_promptmii.protocol.strip_reasoning`), then remove any
+    remaining ``<|...|>``-style tokens."""
     for stop in END_OF_TURN:
         at = text.find(stop)
         if at >= 0:
             text = text[:at]
-    if "</think>" in text:
-        text = text[text.rfind("</think>") + len("</think>") :]
-    text = _THINK.sub("", text)
-    if "<think>" in text:
-        text = text[: text.find("<think>")]
-    return _SPECIAL.sub("", text).strip()
+    return _SPECIAL.sub("", strip_reasoning(text)).strip()
 
 
-def extract_instruction(text: str | None, input_fields: Sequence[str] = ("text",), prompt: str | None = None) -> str:
-    """The generated instruction in a decoded policy output: the assistant part, without
-    chat special tokens, cleaned by :func:`dspy_promptmii.protocol.clean_instruction`
-    (the optimizer's own cleaning). ``""`` when nothing usable is left."""
+def extract_instruction(
+    text: str | None, tests: HeldOutSet, prompt: str | None = None, truncated: bool | None = None
+) -> str:
+    """The generated instruction in a decoded policy output, cleaned exactly as
+    :class:`~dspy_promptmii.PromptMIIOptimizer` cleans a reply: by the line's protocol,
+    with the shown examples, the labels and the truncation flag (``truncated``: the
+    finish reason was ``length``; ``None`` reads it from the text, see :func:`ends_turn`).
+    ``""`` when nothing usable is left."""
     if not text:
         return ""
-    return clean_instruction(strip_chat_tokens(response_text(text, prompt)), input_fields)
+    response = response_text(text, prompt)
+    if truncated is None:
+        truncated = not ends_turn(response)
+    cleaned = tests.protocol.clean(
+        strip_chat_tokens(response), tests.input_fields, labels=tests.labels, examples=tests.shown, truncated=truncated
+    )
+    return cleaned.text
 
 
 # --- the follower client ----------------------------------------------------------------
@@ -281,18 +362,25 @@ class _Retryable(Exception):
 
 
 class Follower:
-    """An async client for the follower with a concurrency limit, timeouts and retries.
+    """An async client for the follower with a concurrency limit, deadlines and retries.
 
     One client and one semaphore per event loop, created on first use in that loop, so an
     instance can serve OpenRLHF's rollout actor (one loop) and the reward's background
-    loop alike. ``transport`` lets tests plug in ``httpx.MockTransport``.
+    loop alike. Every call's outcome goes to :attr:`monitor` (a :class:`FailureMonitor`).
+    ``transport`` lets tests plug in ``httpx.MockTransport``.
     """
 
-    def __init__(self, config: FollowerConfig | None = None, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        config: FollowerConfig | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        monitor: FailureMonitor | None = None,
+    ):
         self.config = config or FollowerConfig.from_env()
         self._transport = transport
         self._per_loop: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore]] = {}
         self._urls = itertools.cycle(self.config.urls)
+        self.monitor = monitor or FailureMonitor(self.config.max_failure_share)
 
     def _resources(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
@@ -317,23 +405,17 @@ class Follower:
         if entry is not None:
             await entry[1].aclose()
 
-    def body(self, prompt: str, labels: Sequence[str]) -> dict[str, Any]:
-        """The chat-completions request for one follower prompt."""
-        cfg = self.config
-        body: dict[str, Any] = {
-            "model": cfg.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": cfg.temperature,
-            "max_tokens": cfg.max_tokens or follower_max_tokens(labels, cfg.constrained),
-        }
-        if cfg.constrained:
-            body.update(constrained_body(list(labels), cfg.constrained))
-        return body
+    def body(self, instruction: str, inputs: Mapping[str, Any], tests: HeldOutSet) -> dict[str, Any]:
+        """The chat-completions request for one test input: the line's protocol's
+        :meth:`~dspy_promptmii.protocol.Protocol.request_body`."""
+        return tests.protocol.request_body(self.config.model, instruction, tests.labels, inputs, tests.input_fields)
 
-    async def _post_once(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str:
+    async def _post_once(self, client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> str | None:
         try:
-            response = await client.post(f"{url}/chat/completions", json=body)
-        except httpx.TimeoutException as error:
+            # An overall deadline: httpx's own timeout is per read, which a server that
+            # trickles a byte at a time never reaches.
+            response = await asyncio.wait_for(client.post(f"{url}/chat/completions", json=body), self.config.timeout)
+        except (httpx.TimeoutException, asyncio.TimeoutError) as error:
             raise _Retryable(f"timeout after {self.config.timeout:g} s ({type(error).__name__})") from None
         except httpx.TransportError as error:
             raise _Retryable(f"connection error: {type(error).__name__}: {error}") from None
@@ -345,24 +427,33 @@ class Follower:
             content = response.json()["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise _Retryable(f"malformed reply body: {response.text[:200]!r}") from None
-        return content or ""
+        if not isinstance(content, str):
+            logger.warning("the follower's reply content is %r, not text: scored as no label", content)
+            return None
+        return content
 
-    async def complete(self, prompt: str, labels: Sequence[str]) -> str:
-        """The follower's reply to one prompt. Raises :class:`FollowerError` after the retries."""
+    async def complete(self, body: dict[str, Any]) -> str | None:
+        """The follower's reply to one request (None: a reply with no text). Raises
+        :class:`FollowerError` after the retries; the outcome is recorded in :attr:`monitor`."""
         client, semaphore = self._resources()
-        body = self.body(prompt, labels)
         last = "no attempt"
-        for attempt in range(self.config.max_retries + 1):
-            url = next(self._urls)
-            try:
-                async with semaphore:
-                    return await self._post_once(client, url, body)
-            except _Retryable as error:
-                last = str(error)
-                if attempt < self.config.max_retries:
-                    logger.debug("follower attempt %d failed (%s); retrying", attempt + 1, last)
-                    await asyncio.sleep(min(8.0, self.config.backoff * 2**attempt))
-        raise FollowerError(f"{last} (after {self.config.max_retries + 1} attempts)")
+        failed = True
+        try:
+            for attempt in range(self.config.max_retries + 1):
+                url = next(self._urls)
+                try:
+                    async with semaphore:
+                        reply = await self._post_once(client, url, body)
+                    failed = False
+                    return reply
+                except _Retryable as error:
+                    last = str(error)
+                    if attempt < self.config.max_retries:
+                        logger.debug("follower attempt %d failed (%s); retrying", attempt + 1, last)
+                        await asyncio.sleep(min(8.0, self.config.backoff * 2**attempt))
+            raise FollowerError(f"{last} (after {self.config.max_retries + 1} attempts)")
+        finally:
+            self.monitor.record(failed)
 
 
 # --- scoring ----------------------------------------------------------------------------
@@ -401,19 +492,27 @@ class ScoreResult:
 
 async def score_instruction(follower: Follower, instruction: str, tests: HeldOutSet) -> ScoreResult:
     """Score ``instruction`` on the test examples: one follower call per example (all at
-    once, within the follower's concurrency limit), the protocol's parser, macro-F1.
+    once, within the follower's concurrency limit), read and scored by the line's protocol.
 
-    Never raises for follower trouble: a follower that fails after the retries gives a
-    reward of 0 and a warning naming the task and the error.
+    Follower trouble never raises here: calls that fail after the retries, or a sample
+    past ``sample_timeout``, give a reward of 0 and a warning naming the task and the
+    error. Raises :class:`FollowerOutage` when too many recent calls failed (see
+    :class:`FailureMonitor`).
     """
     started = time.perf_counter()
     if not instruction.strip():
         return ScoreResult(reward=0.0, empty_instruction=True, n=len(tests.gold), invalid_rate=1.0)
-    prompts = [
-        follower_prompt(instruction, tests.labels, dict(zip(tests.input_fields, row, strict=True)), tests.input_fields)
-        for row in tests.inputs
-    ]
-    replies = await asyncio.gather(*(follower.complete(p, tests.labels) for p in prompts), return_exceptions=True)
+    bodies = [follower.body(instruction, inputs, tests) for inputs in tests.test_inputs()]
+    calls = [asyncio.ensure_future(follower.complete(body)) for body in bodies]
+    try:
+        replies = await asyncio.wait_for(
+            asyncio.gather(*calls, return_exceptions=True), timeout=follower.config.sample_timeout
+        )
+    except asyncio.TimeoutError:
+        replies = [
+            FollowerError(f"the sample ran past its {follower.config.sample_timeout:g} s deadline")
+            for _ in bodies
+        ]
     seconds = time.perf_counter() - started
     errors = [r for r in replies if isinstance(r, BaseException)]
     if errors:
@@ -423,23 +522,25 @@ async def score_instruction(follower: Follower, instruction: str, tests: HeldOut
         logger.warning(
             "follower failed on %d of %d test examples of task %s (%s: %s); reward 0",
             len(errors),
-            len(prompts),
+            len(bodies),
             tests.task,
             type(errors[0]).__name__,
             errors[0],
         )
+        follower.monitor.check()
         return ScoreResult(
-            reward=0.0, n=len(prompts), follower_calls=len(prompts), follower_error=str(errors[0]), seconds=seconds
+            reward=0.0, n=len(bodies), follower_calls=len(bodies), follower_error=str(errors[0]), seconds=seconds
         )
-    predicted = [parse_label(r, tests.labels) for r in replies]
-    metrics = score(list(tests.gold), predicted)
+    follower.monitor.check()
+    predicted = [tests.protocol.parse(r, tests.labels) for r in replies]
+    metrics = tests.protocol.score(list(tests.gold), predicted)
     return ScoreResult(
         reward=metrics["macro_f1"],
         macro_f1=metrics["macro_f1"],
         accuracy=metrics["accuracy"],
         invalid_rate=metrics["invalid_rate"],
         n=len(predicted),
-        follower_calls=len(prompts),
+        follower_calls=len(bodies),
         seconds=seconds,
         predictions=predicted,
     )

@@ -16,8 +16,12 @@ environment (``train_grpo.sh`` does). ``PROMPTMII_TOKENIZER`` (a tokenizer folde
 over-estimate of :class:`training.tokens.ApproxCounter`.
 
 All follower calls of every thread go through one background event loop, so the
-concurrency limit (default 128) holds for the whole process. Nothing is raised into
-OpenRLHF: any failure gives a reward of 0 and a logged warning.
+concurrency limit (default 128) holds for the whole process. The instruction is cleaned
+and the follower called, parsed and scored by the protocol in each line's ``label``
+(:mod:`training.follower`). Failures of single samples are not raised into OpenRLHF:
+they give a reward of 0 and a logged warning. An outage is: once too many recent
+follower calls failed, :class:`~training.follower.FollowerOutage` propagates with its
+message, so that training stops instead of learning from zeros.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ if __package__ in (None, ""):  # loaded by file path (OpenRLHF): make `training`
 from training.follower import (
     Follower,
     FollowerConfig,
+    FollowerOutage,
     ScoreResult,
     extract_instruction,
     parse_payload,
@@ -105,7 +110,7 @@ async def _score_one(follower: Follower, query: str, prompt: str | None, label: 
     except ValueError as error:
         logger.warning("reward 0: the sample's label is unusable (%s)", error)
         return ScoreResult(reward=0.0, follower_error=str(error)), 0
-    instruction = extract_instruction(query, tests.input_fields, prompt=prompt)
+    instruction = extract_instruction(query, tests, prompt=prompt)
     if not instruction:
         logger.info("reward 0: no instruction left in the response of task %s", tests.task)
     result = await score_instruction(follower, instruction, tests)
@@ -133,7 +138,8 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
     """OpenRLHF's custom reward: the follower's macro-F1 for the instruction in each query.
 
     Returns ``{"rewards", "scores", "extra_logs"}``: floats when there is one query (how
-    OpenRLHF 0.11.2 calls it), lists of floats otherwise. Never raises.
+    OpenRLHF 0.11.2 calls it), lists of floats otherwise. Raises only
+    :class:`~training.follower.FollowerOutage`; any other failure is a reward of 0.
     """
     n = len(queries)
     try:
@@ -142,6 +148,9 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
         results = score_queries(queries, prompts, labels)
         rewards = [r.reward for r, _ in results]
         logs = [r.extra_logs(tokens) for r, tokens in results]
+    except FollowerOutage:
+        logger.error("stopping: too many follower calls failed", exc_info=True)
+        raise
     except Exception as error:  # noqa: BLE001 - exceptions must not reach OpenRLHF
         logger.warning("reward 0 for %d sample(s): %s: %s", n, type(error).__name__, error)
         rewards = [0.0] * n

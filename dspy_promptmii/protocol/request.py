@@ -1,0 +1,67 @@
+"""What a follower request carries besides its messages: constrained decoding and the
+reply limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+__all__ = [
+    "ConstrainedStyle",
+    "CONSTRAINED_STYLES",
+    "label_grammar",
+    "label_response_format",
+    "constrained_body",
+    "default_reply_limit",
+]
+
+ConstrainedStyle = Literal["json_schema", "json_object", "grammar"]
+#: ``json_schema``: OpenAI's ``response_format`` (vLLM, SGLang, OpenAI); ``json_object``:
+#: the same schema in the form llama-cpp-python's server takes; ``grammar``: a llama.cpp
+#: GBNF grammar of the bare labels (no JSON wrapper).
+CONSTRAINED_STYLES: tuple[str, ...] = ("json_schema", "json_object", "grammar")
+
+
+def label_grammar(labels: Sequence[Any]) -> str:
+    """A GBNF grammar (llama.cpp) whose only sentences are the labels themselves."""
+    return "root ::= " + " | ".join(json.dumps(str(label), ensure_ascii=False) for label in labels)
+
+
+def label_response_format(labels: Sequence[Any], style: ConstrainedStyle = "json_schema") -> dict[str, Any]:
+    """A ``response_format`` that lets the LM write only ``{"label": <one of labels>}``.
+
+    Raises ``ValueError`` for a style other than ``json_schema`` or ``json_object``.
+    """
+    schema = {
+        "type": "object",
+        "properties": {"label": {"type": "string", "enum": [str(label) for label in labels]}},
+        "required": ["label"],
+        "additionalProperties": False,
+    }
+    if style == "json_schema":
+        return {"type": "json_schema", "json_schema": {"name": "label", "schema": schema, "strict": True}}
+    if style == "json_object":
+        return {"type": "json_object", "schema": schema}
+    raise ValueError(f"a response_format style is 'json_schema' or 'json_object', got {style!r}")
+
+
+def constrained_body(labels: Sequence[Any], style: ConstrainedStyle) -> dict[str, Any]:
+    """The fields an OpenAI-compatible request body needs so that the LM can answer with
+    nothing but one of the labels: a ``response_format`` (JSON styles) or a top-level
+    llama.cpp ``grammar``. Raises ``ValueError`` for an unknown style."""
+    if style == "grammar":
+        return {"grammar": label_grammar(labels)}
+    if style in ("json_schema", "json_object"):
+        return {"response_format": label_response_format(labels, style)}
+    raise ValueError(f"constrained decoding style must be one of {CONSTRAINED_STYLES}, got {style!r}")
+
+
+def default_reply_limit(labels: Sequence[Any], constrained: ConstrainedStyle | Literal[False]) -> int:
+    """The follower's reply limit in tokens when none is set: room for the longest label
+    (a token is at least one character) plus, with a JSON style, the ``{"label": ""}``
+    wrapper; at least 10."""
+    longest = max((len(str(label)) for label in labels), default=1)
+    if constrained in ("json_schema", "json_object"):
+        return 16 + longest
+    return max(10, longest + 2)

@@ -1,0 +1,167 @@
+"""Meta-prompt templates: the built-in ones, user templates (text or a file), and filling
+a template with a task's labels and examples.
+
+A template is text with the placeholders ``{label_names}`` and ``{examples}``
+(required) and ``{task_notes}`` (optional: what the program's author wrote about the
+task, i.e. the signature's own instructions and its field descriptions; a template
+without it leaves them out, with a log line). Filling is one pass, so braces inside
+examples or labels are never read as placeholders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dspy_promptmii.protocol.render import Example, label_list, render_examples, render_field_descriptions
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TEMPLATES",
+    "NAIVE_INSTRUCTION",
+    "PLACEHOLDERS",
+    "OPTIONAL_PLACEHOLDERS",
+    "check_template",
+    "load_template",
+    "template_text",
+    "task_notes",
+    "build_meta_prompt",
+]
+
+#: Placeholders every template must contain.
+PLACEHOLDERS = ("{label_names}", "{examples}")
+#: Placeholders a template may contain.
+OPTIONAL_PLACEHOLDERS = ("{task_notes}",)
+
+# Two meta-prompt templates, after the structure of the paper's "meta1" (a prompt for a
+# classifier model; used with Llama generators) and "meta2" (guidelines for a human
+# annotator; used with Qwen generators). The wording is this project's own.
+TEMPLATES: dict[str, str] = {
+    "meta1": (
+        "You are helping to write the prompt of a language model whose job is to sort "
+        "texts into these categories: {label_names}.\n\n"
+        "{task_notes}"
+        "Here are some texts with the category each one belongs to:\n\n"
+        "{examples}\n\n"
+        "Write an instruction for that model. It should explain what the task is in a way "
+        "that carries over to texts the model has not seen, point out the cues and "
+        "strategies that tell the categories apart, and tell the model to answer with the "
+        "category name alone. Reply with the instruction only."
+    ),
+    "meta2": (
+        "You are drafting guidelines for a person who will annotate texts with exactly one "
+        "of these labels: {label_names}.\n\n"
+        "{task_notes}"
+        "Some texts that were already annotated:\n\n"
+        "{examples}\n\n"
+        "Write the annotation guidelines. Say what the task is and what each label means, "
+        "give general rules for deciding on new texts rather than rules about these "
+        "particular ones, and warn about common pitfalls and borderline cases. Keep them "
+        "short and do not repeat yourself. Reply with the guidelines only."
+    ),
+}
+
+#: The "naive" baseline instruction: the task stated with no induction at all.
+NAIVE_INSTRUCTION = "Read the input and assign it the label that fits it best."
+
+_PLACEHOLDER = re.compile(r"\{(label_names|examples|task_notes)\}")
+
+
+def check_template(template: str) -> None:
+    """Raise ``ValueError`` naming every required placeholder a template text lacks."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError("a template must be 'meta1', 'meta2', 'auto', a template file or a non-empty template text")
+    missing = [p for p in PLACEHOLDERS if p not in template]
+    if missing:
+        raise ValueError(
+            f"the template is missing the placeholder(s) {', '.join(missing)}; a template is 'meta1', 'meta2', "
+            f"'auto', a path to a template file, or a text containing both {' and '.join(PLACEHOLDERS)}"
+        )
+
+
+def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
+    """Resolve what a user passed as ``template`` into (template, source).
+
+    * ``"meta1"``, ``"meta2"``, ``"auto"``: returned as is (source ``"built-in"``).
+    * A text containing the placeholders: returned as is (source ``"text"``).
+    * A path to an existing file: its text (source ``"file:<path>"``), checked.
+
+    The released ``milli19/promptmii-*`` generators were trained on the paper's own
+    template text, which this project does not ship: pass that text, or a file holding
+    it, here.
+
+    Raises ``ValueError`` when the argument is none of these (naming the missing file or
+    placeholders), ``TypeError`` when it is not a string or path.
+    """
+    if isinstance(template, os.PathLike):
+        path = Path(template)
+    elif isinstance(template, str):
+        if template in TEMPLATES or template == "auto":
+            return template, "built-in"
+        if "{examples}" in template or "{label_names}" in template:
+            check_template(template)
+            return template, "text"
+        path = Path(template).expanduser()
+    else:
+        raise TypeError(f"template must be a template name, a template text or a path, got {type(template).__name__}")
+    if not path.is_file():
+        raise ValueError(
+            f"template {str(template)!r} is not 'meta1', 'meta2' or 'auto', holds no {PLACEHOLDERS[1]} placeholder, "
+            "and is not an existing file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"template file {path} cannot be read: {error}") from None
+    try:
+        check_template(text)
+    except ValueError as error:
+        raise ValueError(f"template file {path}: {error}") from None
+    return text, f"file:{path}"
+
+
+def template_text(template: str) -> str:
+    """The text of a built-in template name, or ``template`` itself (a template text)."""
+    return TEMPLATES.get(template, template)
+
+
+def task_notes(task_description: str | None, descriptions: Mapping[str, str] | None, field_names: Sequence[str]) -> str:
+    """What the program's author wrote about the task, as the meta-prompt shows it, or ``""``."""
+    parts = []
+    if task_description and task_description.strip():
+        parts.append(task_description.strip())
+    block = render_field_descriptions(descriptions, field_names)
+    if block:
+        parts.append(block)
+    if not parts:
+        return ""
+    return "What the author of the task says about it:\n" + "\n".join(parts) + "\n\n"
+
+
+def build_meta_prompt(
+    template: str,
+    labels: Sequence[Any],
+    examples: Sequence[Example],
+    field_names: Sequence[str],
+    notes: str = "",
+) -> str:
+    """The generator's prompt: ``template`` (a built-in name or a template text) filled
+    with the label list, the rendered examples and ``notes`` (see :func:`task_notes`).
+
+    Raises ``ValueError`` when the template lacks a required placeholder.
+    """
+    text = template_text(template)
+    check_template(text)
+    if notes and "{task_notes}" not in text:
+        logger.info("the template has no {task_notes} placeholder: the author's task notes are left out")
+    values = {
+        "label_names": label_list(labels),
+        "examples": render_examples(examples, field_names),
+        "task_notes": notes,
+    }
+    return _PLACEHOLDER.sub(lambda match: values[match.group(1)], text)
