@@ -126,14 +126,21 @@ def _models_pull(args: argparse.Namespace) -> int:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from dspy_promptmii.local import REGISTRY, cached_path, models_dir
+    """Each registry model, cached (intact), corrupt (size or sha256 off) or not cached.
+    A model's sha256 is computed only when it changed since it was last verified."""
+    from dspy_promptmii.local import REGISTRY, cache_state, cached_path, models_dir
 
     print(f"cache: {models_dir()}")
     for name, spec in REGISTRY.items():
         path = cached_path(spec)
-        present = path.is_file() and path.stat().st_size == spec.size
-        state = f"cached  {path}" if present else "not cached"
-        print(f"  {name:30s} {spec.size / 1e6:8.1f} MB  {state}\n      {spec.description}")
+        state = cache_state(spec)
+        if state == "cached":
+            shown = f"cached  {path}"
+        elif state == "corrupt":
+            shown = f"corrupt {path} (size or sha256 is not the registry's): `promptmii models pull {name}` replaces it"
+        else:
+            shown = "not cached"
+        print(f"  {name:30s} {spec.size / 1e6:8.1f} MB  {shown}\n      {spec.description}")
     return 0
 
 

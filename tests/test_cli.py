@@ -222,6 +222,7 @@ def test_models_list_shows_the_registry_and_the_cache(capsys, tmp_path, monkeypa
     cached.parent.mkdir()
     with cached.open("wb") as handle:
         handle.truncate(spec.size)  # sparse: right size, instantly
+    pull_module._write_marker(cached, spec.sha256, cached.stat())  # recorded as verified, as a pull records it
 
     code, out, err = run(capsys, "models", "list")
 

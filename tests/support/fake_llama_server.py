@@ -9,9 +9,11 @@ as it would be for llama.cpp), and serves what LocalServer and ``dspy.LM`` use:
 
 The behaviour comes from environment variables (the child inherits the test's):
 
-* ``FAKE_LLAMA_MODE``: ``normal`` (default); ``crash`` (write a message on stderr and
-  exit 3 before listening); ``hang`` (listen but never answer); ``ignore-term``
-  (ignore SIGTERM, otherwise normal).
+* ``FAKE_LLAMA_MODE``: ``normal`` (default); ``crash`` (fail to load the model: write
+  llama.cpp's message for a file that is not GGUF on stderr and exit 3 before
+  listening); ``crash-other`` (exit 4 before listening for another reason, a port
+  that cannot be bound); ``hang`` (listen but never answer); ``ignore-term`` (ignore
+  SIGTERM, otherwise normal).
 * ``FAKE_LLAMA_REPLY``: the assistant text (default ``fake reply``). A constrained
   request answers with the first allowed label, as a constrained server would: a
   ``response_format`` schema whose ``label`` property is an enum gets
@@ -34,6 +36,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CRASH_MESSAGE = "fake llama: error loading model: invalid magic characters"
+OTHER_CRASH_MESSAGE = "fake llama: ERROR: [Errno 98] error while attempting to bind on address: address already in use"
 
 
 def record(entry: dict) -> None:
@@ -129,6 +132,10 @@ def main() -> int:
         print("fake llama: loading model", flush=True)
         print(CRASH_MESSAGE, file=sys.stderr, flush=True)
         return 3
+    if mode == "crash-other":
+        print(f"fake llama: loaded {args.model}", flush=True)
+        print(OTHER_CRASH_MESSAGE, file=sys.stderr, flush=True)
+        return 4
     if mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode == "hang":
