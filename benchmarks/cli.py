@@ -1,4 +1,4 @@
-"""``python -m benchmarks run|report``: the command line of the side-by-side benchmark."""
+"""``python -m benchmarks run|report|speed``: the command line of the side-by-side benchmark."""
 
 from __future__ import annotations
 
@@ -154,6 +154,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write report.md and pareto.png for a results folder")
     report.add_argument("results_dir", help="a folder written by `run`")
+
+    speed = sub.add_parser(
+        "speed",
+        help="latency of the follower per constrained style, DSPy stack overhead, prefix cache, compile time",
+    )
+    speed.add_argument("--follower", default="local", help="follower LM route (default: the embedded model)")
+    speed.add_argument(
+        "--generator",
+        action="append",
+        default=None,
+        help="generator route(s) to time one compile call with (repeat the flag; default: the follower's model)",
+    )
+    speed.add_argument("--api-base", default=None, help="OpenAI-compatible base URL for non-local routes")
+    speed.add_argument("--queries", type=positive_int, default=16, help="requests per series (default 16)")
+    speed.add_argument(
+        "--styles",
+        default="none,grammar,json_object,json_schema",
+        help="constrained styles to time, comma list of none,grammar,json_object,json_schema",
+    )
+    speed.add_argument("--n", type=positive_int, default=20, help="examples in the timed meta-prompt (default 20)")
+    speed.add_argument(
+        "--generator-max-tokens", type=positive_int, default=1024, help="reply limit of the timed compile call"
+    )
+    speed.add_argument("--no-stack", action="store_true", help="skip the DSPy + LabelAdapter series")
+    speed.add_argument("--no-compile", action="store_true", help="skip the compile timing")
+    speed.add_argument("--n-ctx", type=positive_int, default=None, help="context size of local servers (default 8192)")
+    speed.add_argument("--n-threads", type=positive_int, default=None, help="CPU threads of local servers")
+    speed.add_argument("--out", default=None, help="write the measurements as JSON here")
     return parser
 
 
@@ -302,8 +330,66 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _styles(text: str) -> tuple[str | bool, ...]:
+    from dspy_promptmii.protocol import CONSTRAINED_STYLES
+
+    styles: list[str | bool] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part not in ("none", *CONSTRAINED_STYLES):
+            raise SystemExit(f"--styles: unknown style {part!r}; known: none,{','.join(CONSTRAINED_STYLES)}")
+        styles.append(False if part == "none" else part)
+    if not styles:
+        raise SystemExit("--styles: give at least one style")
+    return tuple(styles)
+
+
+def _speed(args: argparse.Namespace) -> int:
+    from benchmarks.manifest import machine, model_info, now, versions
+    from benchmarks.speed import SpeedConfig, format_speed, run_speed
+    from dspy_promptmii.files import write_json
+    from dspy_promptmii.routes import LMPool
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    config = SpeedConfig(
+        queries=args.queries,
+        styles=_styles(args.styles),
+        n_examples=args.n,
+        generator_max_tokens=args.generator_max_tokens,
+        stack=not args.no_stack,
+    )
+    started = now()
+    pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
+    with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base) as pool:
+        follower = pool.endpoint(args.follower, cache=False)
+        generators = []
+        if not args.no_compile:
+            for route in args.generator or [args.follower]:
+                generators.append((route, pool.endpoint(route, cache=False)))
+        result = run_speed(follower, generators, config, progress=lambda message: logger.info("measuring %s", message))
+        report = {
+            "benchmark": "python -m benchmarks speed",
+            "started": started,
+            "finished": now(),
+            "machine": machine(),
+            "versions": versions(),
+            "follower": model_info(follower),
+            "generators": {route: model_info(endpoint) for route, endpoint in generators},
+            "settings": {**vars(args), "styles": [s or "none" for s in config.styles]},
+            **result,
+        }
+    print(format_speed(result), flush=True)
+    if args.out:
+        write_json(report, args.out)
+        print(f"\nwritten to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "speed":
+        return _speed(args)
     return _report(args)

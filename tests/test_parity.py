@@ -153,7 +153,8 @@ def test_label_adapter_benchmark_reward_and_agent_send_the_same_body(follower_se
     reward_body = _reward_body(follower_server, protocol, instruction, text)
 
     assert adapter_body == reward_body
-    assert reward_body == _without_model(protocol.request_body("follower", instruction, LABELS, {"text": text}, ["text"]))
+    expected = protocol.request_body("follower", instruction, LABELS, {"text": text}, ["text"])
+    assert reward_body == _without_model(expected)
     assert reward_body["messages"] == [
         {"role": "user", "content": f"{instruction}\n\nInput: {text}\nLabel:"}
     ]

@@ -1,0 +1,371 @@
+"""``python -m benchmarks speed``: how fast the follower and the generator run.
+
+Four measurements on fixed prompts built from the packaged SNIPS sample (the same rows,
+instructions and order every run), one request at a time:
+
+1. **Constrained styles**: latency per query of each constrained-decoding style (none,
+   grammar, json_object, json_schema) over raw HTTP to the follower's server, with the
+   completion tokens the server reports, and whether the replies were really constrained.
+2. **Stack overhead**: the same queries through ``dspy.Predict`` + ``LabelAdapter``
+   (DSPy, LiteLLM, the adapter, the usage meter) against raw HTTP.
+3. **Prefix cache**: queries 2..N with a long (~400-token) instruction shared by all
+   queries against the same queries with a short one: with the server's prefix cache
+   working, the long instruction is processed once, not at every query.
+4. **Compile**: one generator call split into meta-prompt processing (the call with a
+   one-token reply) and generation (the same call again, its prompt now cached), per
+   generator given.
+
+Latencies are wall-clock seconds per request on this machine; medians and 90th
+percentiles over the queries. Nothing else should run while it measures.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import dspy
+import httpx
+
+from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.data import TaskData, classifier_signature, split_rows
+from dspy_promptmii.demo import demo_task
+from dspy_promptmii.protocol import (
+    CONSTRAINED_STYLES,
+    NAIVE_INSTRUCTION,
+    Protocol,
+    parse_label,
+    with_format_line,
+)
+from dspy_promptmii.routes import Endpoint
+from dspy_promptmii.sampling import select_examples
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STYLES",
+    "LONG_INSTRUCTION",
+    "Latency",
+    "SpeedConfig",
+    "binary_queries",
+    "measure_styles",
+    "measure_prefix_cache",
+    "measure_compile",
+    "run_speed",
+    "format_speed",
+]
+
+#: Every constrained style, ``False`` meaning none.
+STYLES: tuple[str | bool, ...] = (False, *CONSTRAINED_STYLES)
+#: The two intents of the short-prompt queries (about 70 prompt tokens each).
+BINARY_LABELS = ("GetWeather", "PlayMusic")
+#: A long instruction (about 400 tokens with the format line) for the prefix-cache check.
+LONG_INSTRUCTION = " ".join(
+    [
+        "You sort short requests that people say to a voice assistant into intents.",
+        "GetWeather covers every question about the weather: forecasts for a day, a week or a season,",
+        "temperatures, rain, snow, wind, storms, sunshine, humidity, heat waves and cold spells,",
+        "in a named city, state, country or park, at the user's current position, or at a time",
+        "given as a date, a weekday, a holiday, a number of hours or days from now, or a part of",
+        "the day such as the morning or the evening. It also covers questions about what to wear",
+        "or bring because of the weather, and whether an outdoor plan will be rained out.",
+        "PlayMusic covers every request to start playing audio: a song, an album, an artist, a",
+        "band, a genre, a playlist, a decade, a soundtrack or a radio station, on a named service",
+        "such as Spotify, Deezer, Pandora, YouTube or Google Music, or on whatever service the",
+        "device uses by default. It also covers requests to play something similar to what is",
+        "playing, to shuffle, or to put on music for an activity such as running or sleeping.",
+        "Decide by what the user wants done, not by single words: a question about a song called",
+        "'Rain' is still music, and a request to play the sound of rain in the forecast is still",
+        "weather only if it asks what the weather will be. Names of places can appear in both.",
+        "Numbers can be dates, times, temperatures, ratings or years; read them in context.",
+        "When a request names a service and a piece of music, it is PlayMusic. When it names a",
+        "place and a time and asks how it will be outside, it is GetWeather. Requests can be",
+        "ungrammatical, lower-case, without punctuation, or cut short; decide anyway. Answer with",
+        "the intent name exactly as written, without quotes, explanation or any other text.",
+    ]
+)
+SHORT_INSTRUCTION = NAIVE_INSTRUCTION
+
+
+@dataclass
+class Latency:
+    """Per-request seconds of a series, summarised (milliseconds)."""
+
+    n: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    completion_tokens: float | None = None
+    prompt_tokens: float | None = None
+    valid_rate: float | None = None
+    constrained_replies: float | None = None
+
+    @classmethod
+    def of(cls, seconds: Sequence[float], **extra: Any) -> Latency:
+        ordered = sorted(seconds)
+        p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+        return cls(
+            n=len(ordered),
+            median_ms=round(1000 * statistics.median(ordered), 1),
+            p90_ms=round(1000 * p90, 1),
+            mean_ms=round(1000 * statistics.fmean(ordered), 1),
+            **extra,
+        )
+
+
+@dataclass
+class SpeedConfig:
+    """What to measure. ``queries``: requests per series; ``styles``: constrained styles
+    (``False`` for none); ``generators``: endpoints to time a compile call with."""
+
+    queries: int = 16
+    styles: tuple[str | bool, ...] = STYLES
+    seed: int = 0
+    n_examples: int = 20
+    generator_max_tokens: int = 1024
+    stack: bool = True
+    prefix_cache: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def binary_queries(task: TaskData, count: int, seed: int = 0) -> list[dict[str, str]]:
+    """``count`` held-out SNIPS rows of the two :data:`BINARY_LABELS` intents, in a seeded order."""
+    rows = [row for row in task.rows if row["label"] in BINARY_LABELS]
+    _, test = split_rows(rows, train=0, test=min(count, len(rows)), seed=seed)
+    return test
+
+
+def _base_url(endpoint: Endpoint) -> str:
+    if endpoint.server is not None:
+        return endpoint.server.base_url
+    base = (getattr(endpoint.lm, "kwargs", {}) or {}).get("api_base")
+    if not base:
+        raise ValueError(f"route {endpoint.route!r} has no api_base: raw HTTP timing needs an OpenAI-compatible server")
+    return str(base).rstrip("/")
+
+
+def _served_model(endpoint: Endpoint) -> str:
+    return endpoint.lm.model.split("/", 1)[-1]
+
+
+def _post(client: httpx.Client, url: str, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    started = time.perf_counter()
+    response = client.post(f"{url}/chat/completions", json=body)
+    seconds = time.perf_counter() - started
+    response.raise_for_status()
+    return seconds, response.json()
+
+
+def _content(reply: dict[str, Any]) -> str:
+    return (reply.get("choices") or [{}])[0].get("message", {}).get("content") or ""
+
+
+def _is_json_label(text: str) -> bool:
+    return text.strip().startswith("{") and '"label"' in text
+
+
+def measure_styles(
+    endpoint: Endpoint, queries: Sequence[dict[str, str]], styles: Sequence[str | bool], stack: bool = True
+) -> list[dict[str, Any]]:
+    """Per style: raw HTTP latency (and, with ``stack``, the DSPy + LabelAdapter latency
+    of the same queries) for the naive instruction on the binary queries."""
+    labels = list(BINARY_LABELS)
+    instruction = with_format_line(SHORT_INSTRUCTION, labels)
+    url, model = _base_url(endpoint), _served_model(endpoint)
+    signature = classifier_signature(labels, pair=False, instructions=instruction)
+    rows = []
+    with httpx.Client(timeout=300) as client:
+        for style in styles:
+            protocol = Protocol(constrained=style)
+            seconds, completion, prompt, valid, constrained = [], [], [], [], []
+            for query in queries:
+                body = protocol.request_body(model, instruction, labels, {"text": query["text"]}, ["text"])
+                try:
+                    took, reply = _post(client, url, body)
+                except httpx.HTTPStatusError as error:
+                    logger.warning("style %s refused by the server: %s", style or "none", error)
+                    rows.append({"style": style or "none", "refused": str(error).splitlines()[0][:200]})
+                    break
+                usage = reply.get("usage") or {}
+                text = _content(reply)
+                seconds.append(took)
+                completion.append(usage.get("completion_tokens") or 0)
+                prompt.append(usage.get("prompt_tokens") or 0)
+                valid.append(parse_label(text, labels) is not None)
+                constrained.append(_is_json_label(text) if style in ("json_schema", "json_object") else True)
+            else:
+                row: dict[str, Any] = {
+                    "style": style or "none",
+                    "raw": asdict(
+                        Latency.of(
+                            seconds,
+                            completion_tokens=statistics.median(completion),
+                            prompt_tokens=statistics.median(prompt),
+                            valid_rate=sum(valid) / len(valid),
+                            constrained_replies=sum(constrained) / len(constrained),
+                        )
+                    ),
+                }
+                if stack:
+                    row["stack"] = asdict(_stack_latency(endpoint, signature, protocol, queries))
+                    row["stack_overhead"] = round(row["stack"]["median_ms"] / row["raw"]["median_ms"] - 1, 3)
+                rows.append(row)
+                logger.info("style %s: %s", row["style"], row)
+    return rows
+
+
+def _stack_latency(
+    endpoint: Endpoint, signature: type[dspy.Signature], protocol: Protocol, queries: Sequence[dict[str, str]]
+) -> Latency:
+    program = dspy.Predict(signature)
+    lm = endpoint.lm.copy(cache=False)
+    seconds = []
+    valid = 0
+    with dspy.context(lm=lm, adapter=LabelAdapter(protocol=protocol)):
+        for query in queries:
+            started = time.perf_counter()
+            try:
+                program(text=query["text"])
+                valid += 1
+            except Exception as error:  # noqa: BLE001 - an invalid reply still took its time
+                logger.debug("stack call failed: %s", error)
+            seconds.append(time.perf_counter() - started)
+    return Latency.of(seconds, valid_rate=valid / len(queries))
+
+
+def measure_prefix_cache(
+    endpoint: Endpoint, queries: Sequence[dict[str, str]], style: str | bool
+) -> dict[str, Any]:
+    """Queries 2..N with :data:`LONG_INSTRUCTION` against the same queries with the short
+    instruction (raw HTTP, one style). ``ratio`` near 1 means the long shared prefix is
+    processed once and reused."""
+    labels = list(BINARY_LABELS)
+    url, model = _base_url(endpoint), _served_model(endpoint)
+    protocol = Protocol(constrained=style)
+    result: dict[str, Any] = {"style": style or "none"}
+    with httpx.Client(timeout=300) as client:
+        for name, text in (("short", SHORT_INSTRUCTION), ("long", LONG_INSTRUCTION)):
+            instruction = with_format_line(text, labels)
+            seconds, prompt = [], []
+            for query in queries:
+                body = protocol.request_body(model, instruction, labels, {"text": query["text"]}, ["text"])
+                took, reply = _post(client, url, body)
+                seconds.append(took)
+                prompt.append((reply.get("usage") or {}).get("prompt_tokens") or 0)
+            result[name] = {
+                "prompt_tokens": statistics.median(prompt),
+                "first_ms": round(1000 * seconds[0], 1),
+                "rest": asdict(Latency.of(seconds[1:])),
+            }
+    result["ratio"] = round(result["long"]["rest"]["median_ms"] / result["short"]["rest"]["median_ms"], 3)
+    return result
+
+
+def measure_compile(
+    generator: Endpoint, task: TaskData, n: int, max_tokens: int, seed: int = 0, name: str | None = None
+) -> dict[str, Any]:
+    """One Prompt-MII meta-prompt (``n`` SNIPS examples, the protocol's template for this
+    generator): prompt processing time (a one-token reply) and generation time (the full
+    reply, the prompt now cached), with the server's token counts."""
+    url, model = _base_url(generator), _served_model(generator)
+    protocol = Protocol()
+    examples = [
+        ({"text": row["text"]}, row["label"])
+        for row, _ in select_examples([(row, row["label"]) for row in task.rows], n, seed)
+    ]
+    meta_prompt = protocol.meta_prompt(task.labels, examples, ["text"], generator_model=model)
+    base = {"model": model, "messages": [{"role": "user", "content": meta_prompt}], "temperature": 0.0}
+    with httpx.Client(timeout=1800) as client:
+        prompt_s, prompt_reply = _post(client, url, {**base, "max_tokens": 1})
+        total_s, reply = _post(client, url, {**base, "max_tokens": max_tokens})
+    usage = reply.get("usage") or {}
+    completion = usage.get("completion_tokens") or 0
+    return {
+        "generator": name or generator.route,
+        "n": n,
+        "prompt_tokens": (prompt_reply.get("usage") or {}).get("prompt_tokens"),
+        "prompt_seconds": round(prompt_s, 2),
+        "completion_tokens": completion,
+        "generation_seconds": round(total_s, 2),
+        "compile_seconds": round(prompt_s + total_s, 2),
+        "generation_tokens_per_second": round(completion / total_s, 1) if total_s else None,
+        "max_tokens": max_tokens,
+        "finish_reason": (reply.get("choices") or [{}])[0].get("finish_reason"),
+    }
+
+
+def run_speed(
+    follower: Endpoint,
+    generators: Sequence[tuple[str, Endpoint]],
+    config: SpeedConfig,
+    progress: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """All four measurements; returns a JSON-serialisable dict."""
+    task = demo_task()
+    queries = binary_queries(task, config.queries, config.seed)
+    progress(f"constrained styles ({len(queries)} queries each, raw HTTP and through DSPy)")
+    styles = measure_styles(follower, queries, config.styles, stack=config.stack)
+    result: dict[str, Any] = {"queries": len(queries), "labels": list(BINARY_LABELS), "styles": styles}
+    usable = [row for row in styles if "raw" in row]
+    if config.prefix_cache and usable:
+        fastest = min(usable, key=lambda row: row["raw"]["median_ms"])["style"]
+        progress(f"prefix cache (style {fastest})")
+        result["prefix_cache"] = measure_prefix_cache(follower, queries, False if fastest == "none" else fastest)
+    result["compile"] = []
+    for name, generator in generators:
+        progress(f"compile with {name}")
+        result["compile"].append(
+            measure_compile(generator, task, config.n_examples, config.generator_max_tokens, config.seed, name)
+        )
+    return result
+
+
+def format_speed(result: dict[str, Any]) -> str:
+    """The measurements as plain-text tables."""
+    lines = [
+        f"Follower latency per query, {result['queries']} queries, labels {', '.join(result['labels'])} "
+        "(ms; median / p90)",
+        "",
+        f"{'style':<12} {'raw HTTP':>16} {'DSPy+LabelAdapter':>19} {'overhead':>9} {'completion tok':>15} "
+        f"{'prompt tok':>11} {'valid':>6} {'constrained':>12}",
+    ]
+    for row in result["styles"]:
+        if "refused" in row:
+            lines.append(f"{row['style']:<12} refused: {row['refused']}")
+            continue
+        raw, stack = row["raw"], row.get("stack")
+        stack_text = f"{stack['median_ms']:.0f} / {stack['p90_ms']:.0f}" if stack else "-"
+        overhead = f"{100 * row['stack_overhead']:+.0f}%" if stack else "-"
+        lines.append(
+            f"{row['style']:<12} {raw['median_ms']:>7.0f} / {raw['p90_ms']:<6.0f} {stack_text:>19} {overhead:>9} "
+            f"{raw['completion_tokens']:>15.0f} {raw['prompt_tokens']:>11.0f} {raw['valid_rate']:>6.0%} "
+            f"{raw['constrained_replies']:>12.0%}"
+        )
+    cache = result.get("prefix_cache")
+    if cache:
+        lines += [
+            "",
+            f"Prefix cache (style {cache['style']}): queries 2..N, median ms",
+            f"  short instruction ({cache['short']['prompt_tokens']:.0f} prompt tokens): "
+            f"{cache['short']['rest']['median_ms']:.0f} (first query {cache['short']['first_ms']:.0f})",
+            f"  long instruction  ({cache['long']['prompt_tokens']:.0f} prompt tokens): "
+            f"{cache['long']['rest']['median_ms']:.0f} (first query {cache['long']['first_ms']:.0f})",
+            f"  ratio long/short: {cache['ratio']:.2f}",
+        ]
+    if result.get("compile"):
+        lines += ["", "Compile (one generator call)", ""]
+        lines.append(
+            f"{'generator':<32} {'prompt tok':>10} {'prompt s':>9} {'reply tok':>10} {'generation s':>13} "
+            f"{'tok/s':>6} {'total s':>8}"
+        )
+        for row in result["compile"]:
+            lines.append(
+                f"{row['generator']:<32} {row['prompt_tokens'] or 0:>10} {row['prompt_seconds']:>9.1f} "
+                f"{row['completion_tokens']:>10} {row['generation_seconds']:>13.1f} "
+                f"{row['generation_tokens_per_second'] or 0:>6.1f} {row['compile_seconds']:>8.1f}"
+            )
+    return "\n".join(lines)
