@@ -15,8 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from dspy_promptmii.routes import Endpoint
+from dspy_promptmii.secrets import redact
 
-__all__ = ["versions", "machine", "model_info", "now", "config_id"]
+__all__ = ["versions", "machine", "model_info", "local_model", "now", "config_id", "RESULT_PACKAGES"]
+
+#: Packages whose version changes a cell's figures (prompts, requests, search, decoding):
+#: part of a run's settings. The others in the manifest change only its report.
+RESULT_PACKAGES = ("dspy", "litellm", "gepa", "optuna", "llama-cpp-python")
 
 _PACKAGES = (
     "dspy",
@@ -102,14 +107,56 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _recorded_sha256(path: Path) -> str | None:
+    """The sha256 that ``promptmii models pull`` recorded for a model file, when the file
+    still has the recorded size and mtime (never computed here: that reads the whole file)."""
+    try:
+        from dspy_promptmii.local.pull import marker_path
+
+        record = json.loads(marker_path(path).read_text(encoding="utf-8"))
+        stat = path.stat()
+    except (ImportError, OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+        return record.get("sha256")
+    return None
+
+
+def local_model(server: Any) -> dict[str, Any]:
+    """What identifies the model a local server serves and how: registry name (or path),
+    file name, size, sha256 (the registry's, else the one recorded at pull, else None),
+    and the context size. Nothing that changes from one start to the next (port, path of
+    the cache, threads)."""
+    path = getattr(server, "model_path", None)
+    path = Path(path) if path else None
+    sha256 = None
+    try:
+        from dspy_promptmii.local.registry import REGISTRY
+
+        spec = REGISTRY.get(server.model)
+        sha256 = spec.sha256 if spec is not None else None
+    except ImportError:  # pragma: no cover
+        pass
+    if sha256 is None and path is not None:
+        sha256 = _recorded_sha256(path)
+    return {
+        "model": server.model,
+        "file": path.name if path else None,
+        "bytes": path.stat().st_size if path and path.is_file() else None,
+        "sha256": sha256,
+        "n_ctx": server.n_ctx,
+    }
+
+
 def model_info(endpoint: Endpoint | None) -> dict[str, Any] | None:
-    """The route and, for the embedded model, the served file, its size and server settings."""
+    """The route and, for the embedded model, the served file, its size and server
+    settings. LM arguments are redacted (:func:`dspy_promptmii.secrets.redact`)."""
     if endpoint is None:
         return None
     info: dict[str, Any] = {
         "route": endpoint.route,
         "model": getattr(endpoint.lm, "model", None),
-        "lm_kwargs": {k: v for k, v in (getattr(endpoint.lm, "kwargs", {}) or {}).items() if k != "api_key"},
+        "lm_kwargs": redact(dict(getattr(endpoint.lm, "kwargs", {}) or {})),
         "context_tokens": endpoint.context_tokens,
         "constrained_style": endpoint.constrained_style,
     }
@@ -124,6 +171,9 @@ def model_info(endpoint: Endpoint | None) -> dict[str, Any] | None:
             "n_threads": server.n_threads,
             "runtime": "llama.cpp (llama-cpp-python server)",
         }
+        recorded = _recorded_sha256(Path(path)) if path else None
+        if recorded:
+            info["local_server"]["sha256"] = recorded
         try:
             from dspy_promptmii.local.registry import REGISTRY
 

@@ -4,27 +4,48 @@ and fsync'ed as each cell finishes) and ``manifest.json`` (replaced atomically).
 A cell is keyed by (task, n, method, seed). A record with status ``ok`` or ``failed``
 (the method itself produced no program) finishes its cell; ``error`` records (a crash of
 the machinery: a dropped server, an exception) are kept for the log but the cell runs
-again on the next invocation. A torn last line (a crash mid-write) is ignored on reading
-and never glued to the next record.
+again on the next invocation. A torn last line (a crash mid-write, even inside a UTF-8
+character) is ignored on reading, with a warning, and never glued to the next record.
+
+One run at a time writes a folder: :meth:`ResultStore.lock` holds an exclusive
+``fcntl.flock`` on ``run.lock`` in it for the whole run; another process asking for it
+gets :class:`FolderLocked` at once. The manifest is written through
+:func:`dspy_promptmii.secrets.redact`: no credential reaches it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from dspy_promptmii.files import write_json
+from dspy_promptmii.secrets import redact
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RESULTS", "MANIFEST", "FINISHED", "cell_key", "latest", "ResultStore", "read_records", "write_json"]
+__all__ = [
+    "RESULTS",
+    "MANIFEST",
+    "LOCK",
+    "FINISHED",
+    "FolderLocked",
+    "cell_key",
+    "latest",
+    "ResultStore",
+    "read_records",
+    "write_json",
+]
 
 RESULTS = "results.jsonl"
 MANIFEST = "manifest.json"
+LOCK = "run.lock"
 FINISHED = ("ok", "failed")
 
 Key = tuple[str, int, str, int]
@@ -34,28 +55,39 @@ def cell_key(record: dict[str, Any]) -> Key:
     return (str(record["task"]), int(record["n"]), str(record["method"]), int(record["seed"]))
 
 
+class FolderLocked(RuntimeError):
+    """Another run (another process, or another thread of this one) writes the folder."""
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every readable record of a results file, in file order (torn lines skipped with a warning)."""
+    """Every readable record of a results file, in file order. A line that is not UTF-8
+    or not JSON (a write cut short) or not a record is skipped with a warning naming it."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS
     if not path.is_file():
         return []
+    lines = path.read_bytes().split(b"\n")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("%s:%d: unreadable line (a write cut short?); ignored", path, number)
-                continue
-            if isinstance(record, dict) and {"task", "n", "method", "seed"} <= record.keys():
-                records.append(record)
-            else:
-                logger.warning("%s:%d: not a result record; ignored", path, number)
+    for number, data in enumerate(lines, start=1):
+        if not data.strip():
+            continue
+        torn = "the last line, a write cut short?" if number == len(lines) else "a write cut short?"
+        try:
+            record = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            logger.warning("%s:%d: unreadable line (%s); ignored", path, number, torn)
+            continue
+        if isinstance(record, dict) and {"task", "n", "method", "seed"} <= record.keys():
+            records.append(record)
+        else:
+            logger.warning("%s:%d: not a result record; ignored", path, number)
     return records
+
+
+#: Folders this process holds the lock of: resolved lock path -> [fd, holding thread, depth].
+_held: dict[str, list[int]] = {}
+_held_lock = threading.Lock()
 
 
 class ResultStore:
@@ -72,7 +104,50 @@ class ResultStore:
 
     def finished(self) -> set[Key]:
         """Keys of the cells that need not run again."""
-        return {cell_key(r) for r in self.records() if r.get("status") in FINISHED}
+        return set(self.finished_records())
+
+    def finished_records(self) -> dict[Key, dict[str, Any]]:
+        """The last finished record of each finished cell (its ``split_id`` says which
+        data it was made with)."""
+        return {cell_key(r): r for r in self.records() if r.get("status") in FINISHED}
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's exclusive lock (``run.lock``, ``fcntl.flock``) for a run.
+
+        Re-entrant in the thread that holds it (the command line locks before starting
+        its LMs, the runner again inside). Raises :class:`FolderLocked` at once, naming the
+        folder and the holder's process id, when another process or thread holds it.
+        """
+        path = os.path.realpath(self.folder / LOCK)
+        me = threading.get_ident()
+        with _held_lock:
+            held = _held.get(path)
+            if held is not None and held[1] != me:
+                raise FolderLocked(f"{self.folder} is being written by another run in this process; use another --out")
+            if held is None:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                    os.close(fd)
+                    raise FolderLocked(
+                        f"{self.folder} is being written by another benchmark run (process {holder}); "
+                        "wait for it to end, or pass another --out"
+                    ) from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                held = _held[path] = [fd, me, 0]
+            held[2] += 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                held[2] -= 1
+                if held[2] == 0:
+                    del _held[path]
+                    os.close(held[0])  # closing the descriptor releases the flock
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one record and force it to disk before returning."""
@@ -88,12 +163,21 @@ class ResultStore:
             os.fsync(handle.fileno())
 
     def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None when there is none. Raises ``ValueError`` naming the file
+        when it is not a JSON object (it is written atomically, so only by hand)."""
         if not self.manifest_path.is_file():
             return None
-        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{self.manifest_path}: not a readable manifest ({error})") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{self.manifest_path}: not a readable manifest (not a JSON object)")
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json(manifest, self.manifest_path)
+        """Replace the manifest atomically, with every credential redacted."""
+        write_json(redact(manifest), self.manifest_path)
 
 
 def latest(records: Iterable[dict[str, Any]], statuses: tuple[str, ...] = ("ok",)) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from urllib.parse import urlsplit
 
 # LiteLLM otherwise tries to download its model-cost map at import time; offline that
 # costs seconds of retries. A user's own setting wins.
@@ -28,13 +29,45 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _check_out(path: str | None) -> None:
+    """``--out``: a file that can be written (checked before any download or LM call).
+    Raises ``ValueError`` naming the option and the path."""
+    from dspy_promptmii.files import check_writable
+
+    if path:
+        try:
+            check_writable(path)
+        except ValueError as error:
+            raise ValueError(f"--out: {error}") from None
+
+
+def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: int | None = None) -> None:
+    """For a local generator, whose context size is known before its server starts: the
+    context must leave room for a meta-prompt once the reply is set aside.
+    Raises ``ValueError`` naming ``--n-ctx`` and the reply limit."""
+    from dspy_promptmii.optimizer import CHAT_FRAMING, meta_prompt_budget
+    from dspy_promptmii.routes import is_local
+
+    if max_prompt_tokens is not None or not is_local(route):
+        return
+    budget = meta_prompt_budget(n_ctx, max_tokens)
+    if budget is not None and budget < 1:
+        raise ValueError(
+            f"--n-ctx {n_ctx} leaves no room for a meta-prompt once the reply ({max_tokens} tokens) and "
+            f"{CHAT_FRAMING} tokens of chat framing are set aside"
+        )
+
+
 # -- demo ------------------------------------------------------------------------------
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dspy_promptmii.demo import format_table, run_demo
+    from dspy_promptmii.demo import _GENERATOR_MAX_TOKENS, format_table, run_demo
     from dspy_promptmii.files import write_json
 
+    # Every option is checked before a model is pulled or a server started.
+    _check_out(args.out)
+    _check_context(args.generator or args.follower, args.n_ctx, _GENERATOR_MAX_TOKENS)
     print(
         f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
         f"{args.test_rows} held-out rows; follower {args.follower}, generator {args.generator or args.follower}.",
@@ -73,9 +106,21 @@ def _induce(args: argparse.Namespace) -> int:
     from dspy_promptmii.data import load_task
     from dspy_promptmii.files import write_json
     from dspy_promptmii.optimizer import CHAT_FRAMING, PromptMIIOptimizer, meta_prompt_budget
+    from dspy_promptmii.protocol import load_template
     from dspy_promptmii.routes import LMPool
 
+    # Every option is checked before a model is pulled, a server started or an LM called.
+    try:
+        load_template(args.template)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--template: {error}") from None
+    if args.api_base is not None:
+        parts = urlsplit(args.api_base)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"--api-base {args.api_base!r} is not an http:// or https:// URL")
     task = load_task(args.data)
+    _check_out(args.out)
+    _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
     program = dspy.Predict(task.signature())
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
         endpoint = pool.endpoint(args.generator, temperature=0.0, max_tokens=args.max_tokens)
@@ -246,12 +291,15 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     from dspy.utils.exceptions import LMError
 
+    from dspy_promptmii.secrets import protect_handlers, scrub
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    protect_handlers(*logging.getLogger().handlers)  # no credential reaches a log line
     if not args.verbose:
         logging.getLogger("dspy_promptmii").setLevel(logging.INFO)
         for noisy in ("LiteLLM", "httpx", "dspy"):
@@ -261,15 +309,16 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, KeyError, OSError, RuntimeError) as error:
+        # OSError: e.g. an output that became unwritable after the up-front check.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"promptmii: error: {message}", file=sys.stderr)
+        print(f"promptmii: error: {scrub(str(message))}", file=sys.stderr)
         return 2
     except LMError as error:
         # An LM route that cannot be called (e.g. a model name no provider knows):
         # DSPy's error, whose first line names the problem, not a traceback.
         lines = str(error).strip().splitlines()
-        print(f"promptmii: error: {lines[0] if lines else type(error).__name__}", file=sys.stderr)
+        print(f"promptmii: error: {scrub(lines[0]) if lines else type(error).__name__}", file=sys.stderr)
         return 2
 
 

@@ -1,10 +1,27 @@
 """Task data in the shared folder format: one JSON object a line,
 ``{"text": ..., ["text_pair": ...,] "label": ...}``, turned into DSPy examples and a
-classification signature."""
+classification signature.
+
+Labels are strings. Every reader of task data (:func:`load_jsonl` here, the Hugging Face
+rows of :func:`training.sources.rows_from_columns`) turns a raw label value into its
+label with :func:`label_text` and refuses, through :class:`LabelReader`, two different
+raw values that would become one label. The rule:
+
+* a string is the label after stripping surrounding white space;
+* an integer is its decimal text (``7`` -> ``"7"``), a float with an integral value too
+  (``7.0`` -> ``"7"``: integer columns exported with gaps become floats);
+* a boolean is ``"true"`` or ``"false"`` (JSON's spelling);
+* anything else is refused: ``null``, an empty or blank string, a list, an object, a
+  float with a fraction, NaN or infinity;
+* two different raw values that give the same label (``1`` and ``"1"``, ``" x"`` and
+  ``"x"``, ``true`` and ``"true"``, ``1`` and ``1.0``) are an error naming both places.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,21 +30,112 @@ from typing import Any, Literal
 
 import dspy
 
-__all__ = ["TaskData", "load_jsonl", "load_task", "classifier_signature", "split_rows"]
+__all__ = [
+    "TaskData",
+    "LabelReader",
+    "label_text",
+    "load_jsonl",
+    "load_task",
+    "classifier_signature",
+    "split_rows",
+]
 
 INPUT_FIELDS = ("text", "text_pair")
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def label_text(value: Any) -> str:
+    """The label a raw label value stands for, by the module's rule (strings stripped,
+    integers and integral floats as decimal text, booleans as ``"true"``/``"false"``).
+
+    Raises ``ValueError`` saying why the value is not a label (without a location: the
+    caller names the file and line): ``null``, an empty string, a list, an object, a
+    fractional or non-finite number.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if math.isfinite(number) and number.is_integer():
+            return str(int(number))
+        raise ValueError(f"the number {_shown(value)} is not a label (only integral numbers are)")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError("an empty label")
+        return text
+    if value is None:
+        raise ValueError("null is not a label")
+    kind = {list: "a list", tuple: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    raise ValueError(f"{kind} ({_shown(value)}) is not a label; a label is a string, an integer or a boolean")
+
+
+class LabelReader:
+    """Applies :func:`label_text` to the raw labels of one task, in order, and refuses two
+    different raw values that give one label (``1`` and ``"1"``).
+
+    >>> read = LabelReader()
+    >>> read(" pos", "f:1"), read(" pos", "f:2")
+    ('pos', 'pos')
+    """
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[str, str]] = {}  # label -> (raw value as JSON, where)
+
+    def __call__(self, value: Any, where: str) -> str:
+        """The label of ``value`` found at ``where`` (e.g. ``path:line``).
+
+        Raises ``ValueError`` starting with ``where``: a value :func:`label_text` refuses,
+        or another raw value seen before that gives the same label (both places named).
+        """
+        try:
+            label = label_text(value)
+        except ValueError as error:
+            raise ValueError(f"{where}: 'label': {error}") from None
+        raw = json.dumps(value, ensure_ascii=False, sort_keys=True, default=repr)
+        first_raw, first_where = self._first.setdefault(label, (raw, where))
+        if first_raw != raw:
+            raise ValueError(
+                f"{where}: 'label' {_shown(value)} and 'label' {first_raw} at {first_where} both become the "
+                f"label {label!r}; write one label one way"
+            )
+        return label
+
+
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a task file. Every row needs a non-empty ``text`` and a ``label``; a
-    ``text_pair`` must be in all rows or none. Errors name the file and line."""
+    """Rows of a task file (UTF-8, a byte-order mark allowed; blank lines skipped).
+
+    Every row is a JSON object with a non-empty string ``text`` and a ``label`` (turned
+    into a string by the module's label rule, see :func:`label_text`); a ``text_pair``,
+    a non-empty string, must be in all rows or none.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming ``path:line``: bytes that are not UTF-8, a line that is not
+            JSON or not an object, a missing or empty ``text`` or ``text_pair``, a label
+            the rule refuses or that collides with another spelling (both lines named),
+            ``text_pair`` in some rows only; or a file with no rows.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no task file at {path}")
     rows: list[dict[str, Any]] = []
-    numbers: list[int] = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    numbers_: list[int] = []
+    read_label = LabelReader()
+    with path.open("rb") as handle:
+        for number, data in enumerate(handle, start=1):
+            try:
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path}:{number}: not valid UTF-8 (byte 0x{data[error.start]:02x} at column {error.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -38,17 +146,20 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             if not isinstance(row.get("text"), str) or not row["text"].strip():
                 raise ValueError(f"{path}:{number}: missing or empty 'text'")
-            if row.get("label") is None or str(row["label"]).strip() == "":
+            pair = row.get("text_pair", "-")
+            if not isinstance(pair, str) or not pair.strip():
+                raise ValueError(f"{path}:{number}: 'text_pair' must be a non-empty string, got {_shown(pair)}")
+            if "label" not in row:
                 raise ValueError(f"{path}:{number}: missing 'label'")
-            rows.append({**row, "label": str(row["label"])})
-            numbers.append(number)
+            rows.append({**row, "label": read_label(row["label"], f"{path}:{number}")})
+            numbers_.append(number)
     if not rows:
         raise ValueError(f"{path} holds no rows")
     with_pair = sum("text_pair" in row for row in rows)
     if 0 < with_pair < len(rows):
         # Name the first line of the minority: the rows most likely to be the mistake.
         odd = with_pair <= len(rows) - with_pair
-        line = next(n for n, row in zip(numbers, rows) if ("text_pair" in row) == odd)
+        line = next(n for n, row in zip(numbers_, rows) if ("text_pair" in row) == odd)
         raise ValueError(
             f"{path}:{line}: 'text_pair' is in {with_pair} of {len(rows)} rows; it must be in all or none"
         )
@@ -67,10 +178,25 @@ def classifier_signature(labels: Sequence[str], pair: bool, instructions: str | 
 
 @dataclass
 class TaskData:
-    """A task's rows with the signature and examples DSPy needs."""
+    """A task's rows with the signature and examples DSPy needs.
+
+    Raises ``ValueError`` when a row's label is not already a label by the module's rule
+    (a non-empty string without surrounding white space): rows built by hand must pass
+    their labels through :func:`label_text` (or :class:`LabelReader`) as the readers do.
+    """
 
     name: str
     rows: list[dict[str, Any]]
+
+    def __post_init__(self) -> None:
+        for index, row in enumerate(self.rows):
+            label = row.get("label")
+            if not isinstance(label, str) or not label or label != label.strip():
+                raise ValueError(
+                    f"task {self.name!r} row {index}: label {label!r} is not a label string "
+                    "(non-empty, no surrounding white space); read rows with dspy_promptmii.data.load_jsonl "
+                    "or convert labels with dspy_promptmii.data.label_text"
+                )
 
     @property
     def pair(self) -> bool:

@@ -83,7 +83,7 @@ def test_missing_label_names_file_and_line(tmp_path, bad):
 
 def test_label_zero_is_a_label(tmp_path):
     path = write_rows(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": False}])
-    assert [r["label"] for r in load_jsonl(path)] == ["0", "False"]
+    assert [r["label"] for r in load_jsonl(path)] == ["0", "false"]  # booleans by the label rule: JSON's spelling
 
 
 def test_text_pair_in_some_rows_only_names_file_and_line(tmp_path):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspy_promptmii.data import TaskData, load_task
+from dspy_promptmii.data import LabelReader, TaskData, load_task
 
 logger = logging.getLogger(__name__)
 
@@ -304,14 +304,32 @@ def _shorten(value: Any, limit: int = 300) -> Any:
     return value[:limit] + "..." if isinstance(value, str) and len(value) > limit else value
 
 
-def rows_from_columns(rows: Iterable[Mapping[str, Any]], choice: ColumnChoice) -> list[dict[str, str]]:
-    """Rows in the shared task format. Rows with an empty input, a missing label, or a
-    ClassLabel value outside its names (e.g. -1 for unlabelled test splits) are dropped,
-    as are exact duplicates (the first copy is kept; copies with another label are dropped)."""
+def rows_from_columns(
+    rows: Iterable[Mapping[str, Any]], choice: ColumnChoice, source: str = "dataset"
+) -> list[dict[str, str]]:
+    """Rows in the shared task format. Rows with an empty input, no label (``None`` or a
+    blank string: unlabelled rows), or a ClassLabel value outside its names (e.g. -1 for
+    unlabelled test splits) are dropped, as are exact duplicates (the first copy is kept;
+    copies with another label are dropped).
+
+    Labels follow the one rule of task files (:func:`dspy_promptmii.data.label_text`):
+    strings stripped, integers as decimal text, booleans as ``"true"``/``"false"``.
+
+    Raises ``ValueError`` naming ``source``, the row index and the column: a label value
+    the rule refuses (a list, an object, a fractional number), or two raw values (or two
+    ClassLabel names) that become one label.
+    """
     out: list[dict[str, str]] = []
     seen: dict[tuple[str, ...], str] = {}
     conflicted: set[tuple[str, ...]] = set()
-    for row in rows:
+    read_label = LabelReader()
+    names: list[str] | None = None
+    if choice.label_names is not None:
+        names = [
+            read_label(name, f"{source}: ClassLabel name {index} of column {choice.label!r}")
+            for index, name in enumerate(choice.label_names)
+        ]
+    for index, row in enumerate(rows):
         text = row.get(choice.text)
         pair = row.get(choice.text_pair) if choice.text_pair else None
         value = row.get(choice.label)
@@ -319,14 +337,14 @@ def rows_from_columns(rows: Iterable[Mapping[str, Any]], choice: ColumnChoice) -
             continue
         if choice.text_pair and (not isinstance(pair, str) or not pair.strip()):
             continue
-        if choice.label_names is not None:
-            if not isinstance(value, int) or not 0 <= value < len(choice.label_names):
+        if names is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
                 continue
-            label = choice.label_names[value]
+            label = names[value]
         else:
-            label = str(value).strip()
-            if not label:
+            if isinstance(value, str) and not value.strip():
                 continue
+            label = read_label(value, f"{source} row {index} (column {choice.label!r})")
         key = (text, pair) if choice.text_pair else (text,)
         if key in seen:
             if seen[key] != label:
@@ -391,7 +409,7 @@ def load_hub_task(
     )
     needed = [c for c in (choice.text, choice.text_pair, choice.label) if c]
     usable = [part for part in parts if all(c in part.column_names for c in needed)]
-    rows = rows_from_columns(itertools.chain.from_iterable(usable), choice)
+    rows = rows_from_columns(itertools.chain.from_iterable(usable), choice, source=spec)
     if not rows:
         raise ColumnDetectionError(f"{spec}: no labelled rows with columns {choice}")
     if len(rows) > max_rows:
