@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 # LiteLLM otherwise tries to download its model-cost map at import (no network here).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from benchmarks.methods import METHODS, Budgets  # noqa: E402
+from benchmarks.methods import METHODS, Budgets, parse_method  # noqa: E402
 from benchmarks.tasks import DEFAULT_DATA_DIR, REPO_ROOT, resolve_tasks  # noqa: E402
 from dspy_promptmii.cli import positive_int  # noqa: E402
 
@@ -137,8 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", choices=["label", "chat"], default="label", help="follower prompt shape (default label)"
     )
     run.add_argument(
-        "--no-constrained", action="store_true", help="no constrained decoding of the follower's label (LabelAdapter)"
+        "--constrained",
+        choices=["auto", "none", "grammar", "json_object", "json_schema"],
+        default="auto",
+        help="constrained decoding of the follower's label with LabelAdapter (default auto: the follower "
+        "endpoint's default style)",
     )
+    run.add_argument("--no-constrained", action="store_true", help="same as --constrained none")
     run.add_argument("--n-ctx", type=positive_int, default=None, help="context size of the local server (default 8192)")
     run.add_argument(
         "--n-threads",
@@ -204,6 +210,10 @@ def _follower_max_tokens(args: argparse.Namespace) -> int | None:
 
 
 def _setup_logging(out: Path | None, verbose: bool) -> None:
+    """Log to stderr and to ``run.log`` in ``out``; Python warnings go through logging too,
+    and every handler scrubs credentials (:class:`dspy_promptmii.secrets.SecretFilter`)."""
+    from dspy_promptmii.secrets import protect_handlers
+
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     console = logging.StreamHandler(sys.stderr)
@@ -222,6 +232,8 @@ def _setup_logging(out: Path | None, verbose: bool) -> None:
         file = logging.FileHandler(out / "run.log", encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
+    protect_handlers(*root.handlers)
+    logging.captureWarnings(True)  # warnings.warn(...) texts reach the handlers' filters too
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "urllib3", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # DSPy logs through its own stderr handler and does not propagate: send its records
@@ -233,6 +245,21 @@ def _setup_logging(out: Path | None, verbose: bool) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """``run``. SIGTERM ends it as Ctrl-C does (exit 130; a run in progress records status
+    ``interrupted``). The results folder is checked and locked before any LM starts, and
+    stays locked until the end: a second run on it exits at once naming the folder."""
+    from benchmarks.runner import interrupt_on_sigterm
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(interrupt_on_sigterm())
+        try:
+            return _run_in(args, stack)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+
+def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark
     from dspy_promptmii.routes import LMPool
 
@@ -242,9 +269,14 @@ def _run(args: argparse.Namespace) -> int:
     except argparse.ArgumentTypeError as error:
         raise SystemExit(f"--n: {error}") from None
     methods = [m.strip() for m in values["methods"].split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; known: {','.join(METHODS)}")
+    extra_generators: list[str] = []
+    for method in methods:
+        try:
+            _, options = parse_method(method)
+        except ValueError as error:
+            raise SystemExit(f"--methods: {error}") from None
+        if options.get("generator") and options["generator"] not in extra_generators:
+            extra_generators.append(options["generator"])
     from dspy_promptmii.protocol import load_template
 
     try:
@@ -263,6 +295,14 @@ def _run(args: argparse.Namespace) -> int:
     )
     default_name = f"{'quick' if args.quick else 'run'}-{date.today().isoformat()}"
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / default_name
+    from benchmarks.store import FolderLocked, ResultStore
+    from dspy_promptmii.files import check_writable
+
+    try:
+        check_writable(out, folder=True)
+        stack.enter_context(ResultStore(out).lock())  # held until _run returns
+    except (ValueError, FolderLocked) as error:
+        raise SystemExit(f"--out: {error}") from None
     _setup_logging(out, args.verbose)
     try:
         tasks = resolve_tasks(
@@ -281,12 +321,11 @@ def _run(args: argparse.Namespace) -> int:
             follower = endpoint(args.follower, cache=False)
         else:
             follower = endpoint(args.follower, temperature=0.0, max_tokens=args.follower_max_tokens, cache=False)
-        generator = endpoint(args.generator, temperature=0.0, max_tokens=budgets.generator_max_tokens, cache=False)
-        trained = None
-        if args.generator_trained:
-            trained = endpoint(
-                args.generator_trained, temperature=0.0, max_tokens=budgets.generator_max_tokens, cache=False
-            )
+        # Generators carry no settings of their own: each method sets its calls' (the
+        # optimizer: the paper's temperature 0 and the run's reply limit; the searches too).
+        generator = endpoint(args.generator, cache=False)
+        trained = endpoint(args.generator_trained, cache=False) if args.generator_trained else None
+        extra = {route: endpoint(route, cache=False) for route in extra_generators}
         config = RunConfig(
             out=out,
             tasks=tasks,
@@ -296,7 +335,9 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             threads=args.threads,
             adapter=args.adapter,
-            constrained=not args.no_constrained,
+            constrained=False if args.no_constrained or args.constrained == "none" else (
+                True if args.constrained == "auto" else args.constrained
+            ),
             follower_max_tokens=args.follower_max_tokens,
             template=args.template,
             budgets=budgets,
@@ -305,7 +346,9 @@ def _run(args: argparse.Namespace) -> int:
             args=recorded_args,
         )
         try:
-            summary = run_benchmark(config, Endpoints(follower=follower, generator=generator, trained=trained))
+            summary = run_benchmark(
+                config, Endpoints(follower=follower, generator=generator, trained=trained, extra=extra)
+            )
         except ConfigMismatch as error:
             raise SystemExit(str(error)) from None
     print(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dspy
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
+    "OPTIONS",
+    "parse_method",
     "MethodSpec",
     "Budgets",
     "CompileContext",
@@ -97,6 +99,7 @@ class CompileContext:
     follower_lm: dspy.BaseLM | None = None  # the metered follower copy also set in dspy.context
     longest_input: dict[str, str] | None = None
     protocol: Protocol = field(default_factory=Protocol)  # the shared adapter's (see runner.make_adapter)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's options (see parse_method)
 
 
 @dataclass
@@ -163,6 +166,12 @@ def train_val_split(examples: list[dspy.Example]) -> tuple[list[dspy.Example], l
     return train, val
 
 
+def _search_lm(ctx: CompileContext) -> dspy.BaseLM:
+    """The generator as the searches' proposer: greedy, replies capped at the run's
+    generator limit (a copy keeps the usage meter)."""
+    return ctx.generator_lm.copy(temperature=0.0, max_tokens=ctx.budgets.generator_max_tokens)
+
+
 def _instruction_student(ctx: CompileContext) -> dspy.Module:
     """The searched methods start from the naive program (naive instruction + format line)."""
     return naive_program(ctx.student)
@@ -200,19 +209,31 @@ def compile_icl(ctx: CompileContext) -> Compiled:
 
 
 def compile_promptmii(ctx: CompileContext) -> Compiled:
+    """PromptMIIOptimizer on the n examples, with the method's options (exemplars,
+    max_instruction_tokens, candidates, demos, template). With candidates > 1 the
+    candidates are scored on the same n examples (a benchmark cell has no other labelled
+    rows; every method gets exactly these n)."""
     if ctx.generator_lm is None or ctx.generator is None:
         raise ValueError("Prompt-MII needs a generator LM")
+    options = dict(ctx.options)
+    protocol = ctx.protocol
+    if "template" in options:
+        protocol = replace(protocol, template=options.pop("template"))
+    options.pop("generator", None)
+    limit = None if options.get("max_instruction_tokens") else ctx.budgets.generator_max_tokens
     budget = None
     if ctx.generator.token_counter is not None:
-        budget = meta_prompt_budget(ctx.generator.context_tokens, ctx.budgets.generator_max_tokens)
+        budget = meta_prompt_budget(ctx.generator.context_tokens, limit or ctx.budgets.generator_max_tokens)
     optimizer = PromptMIIOptimizer(
         generator_lm=ctx.generator_lm,
         n=len(ctx.examples),
-        protocol=ctx.protocol,
+        protocol=protocol,
         seed=ctx.seed,
         max_prompt_tokens=budget,
         token_counter=ctx.generator.token_counter,
-        max_tokens=ctx.budgets.generator_max_tokens,
+        max_tokens=limit,
+        follower_lm=ctx.follower_lm,
+        **options,
     )
     try:
         program = optimizer.compile(ctx.student, trainset=ctx.examples)
@@ -228,10 +249,22 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
             "prompt_tokens",
             "completion_tokens",
             "finish_reason",
+            "generation_settings",
+            "exemplars",
+            "copied_lines",
             "copied_fraction",
+            "instruction_tokens",
+            "unknown_labels",
+            "demos",
+            "chosen",
+            "validation",
+            "candidates",
+            "generator_calls",
+            "follower_calls",
             "raw_reply",
         )
     }
+    details["options"] = dict(ctx.options)
     return Compiled(program, n_used=report["n_used"], details=details)
 
 
@@ -242,7 +275,7 @@ def compile_gepa(ctx: CompileContext) -> Compiled:
     train, val = train_val_split(ctx.examples)
     optimizer = dspy.GEPA(
         metric=feedback_metric(program_task(student)),
-        reflection_lm=ctx.generator_lm,
+        reflection_lm=_search_lm(ctx),
         max_metric_calls=ctx.budgets.gepa_metric_calls,
         num_threads=ctx.threads,
         seed=ctx.seed,
@@ -267,7 +300,7 @@ def compile_miprov2(ctx: CompileContext) -> Compiled:
     b = ctx.budgets
     common = dict(
         metric=label_metric(program_task(student)),
-        prompt_model=ctx.generator_lm,
+        prompt_model=_search_lm(ctx),
         task_model=ctx.follower_lm,
         max_bootstrapped_demos=0,
         max_labeled_demos=0,
@@ -296,6 +329,22 @@ class MethodSpec:
     compile: Callable[[CompileContext], Compiled]
     #: Which generator the method calls: None, "generator" (--generator) or "trained".
     generator: str | None
+    #: The options its name may carry (see parse_method).
+    options: tuple[str, ...] = ()
+
+
+#: Option name -> type, for method names such as ``promptmii_zero:exemplars=2+candidates=4``.
+OPTIONS: dict[str, type] = {
+    "exemplars": int,
+    "max_instruction_tokens": int,
+    "candidates": int,
+    "demos": int,
+    "val_size": int,
+    "include_naive": bool,
+    "template": str,
+    "generator": str,
+}
+_PROMPTMII_OPTIONS = tuple(OPTIONS)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -303,9 +352,51 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("naive", compile_naive, None),
         MethodSpec("icl", compile_icl, None),
-        MethodSpec("promptmii_zero", compile_promptmii, "generator"),
-        MethodSpec("promptmii", compile_promptmii, "trained"),
-        MethodSpec("gepa", compile_gepa, "generator"),
-        MethodSpec("miprov2", compile_miprov2, "generator"),
+        MethodSpec("promptmii_zero", compile_promptmii, "generator", _PROMPTMII_OPTIONS),
+        MethodSpec("promptmii", compile_promptmii, "trained", _PROMPTMII_OPTIONS),
+        MethodSpec("gepa", compile_gepa, "generator", ("generator",)),
+        MethodSpec("miprov2", compile_miprov2, "generator", ("generator",)),
     )
 }
+
+
+def _option_value(name: str, text: str) -> Any:
+    kind = OPTIONS[name]
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"option {name} takes true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"option {name} takes an integer, got {text!r}") from None
+    return text
+
+
+def parse_method(text: str) -> tuple[MethodSpec, dict[str, Any]]:
+    """A method name with options, ``base[:name=value+name=value...]`` (``+`` between
+    options, since ``,`` separates methods on the command line), e.g.
+    ``promptmii_zero:exemplars=2+max_instruction_tokens=160+candidates=4`` or
+    ``gepa:generator=qwen2.5-coder-1.5b-instruct`` (a generator route of its own instead
+    of --generator). The whole text names the method in results and reports.
+
+    Raises ``ValueError`` naming an unknown method, an option the method does not take,
+    or a value of the wrong type.
+    """
+    base, _, rest = text.strip().partition(":")
+    spec = METHODS.get(base)
+    if spec is None:
+        raise ValueError(f"unknown method {base!r}; known: {', '.join(METHODS)}")
+    options: dict[str, Any] = {}
+    for part in (p for p in rest.split("+") if p.strip()) if rest else ():
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"method {text!r}: option {part!r} is not name=value")
+        if name not in spec.options:
+            raise ValueError(
+                f"method {base!r} takes no option {name!r}; it takes {', '.join(spec.options) or 'none'}"
+            )
+        options[name] = _option_value(name, value.strip())
+    return spec, options

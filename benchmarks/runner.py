@@ -10,11 +10,15 @@ prompt tokens per query from the LM's usage) on the same test rows for every met
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ import dspy
 from tqdm import tqdm
 
 from benchmarks import methods as methods_module
-from benchmarks.manifest import config_id, machine, model_info, now, versions
+from benchmarks.manifest import RESULT_PACKAGES, config_id, local_model, machine, model_info, now, versions
 from benchmarks.methods import Budgets, CompileContext, MethodFailure
 from benchmarks.store import ResultStore
 from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
@@ -32,6 +36,7 @@ from dspy_promptmii.data import load_task
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import Endpoint
+from dspy_promptmii.secrets import redact, remember, scrub
 from dspy_promptmii.usage import Usage, metered
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,8 @@ class RunConfig:
     seed: int = 0
     threads: int = 1
     adapter: str = "label"
-    constrained: bool = True
+    #: True: the follower endpoint's default style; False: none; or a style name.
+    constrained: bool | str = True
     #: The follower's reply limit with LabelAdapter; None: the protocol's default per label set.
     follower_max_tokens: int | None = None
     template: str = "auto"
@@ -77,11 +83,13 @@ class RunConfig:
 
 @dataclass
 class Endpoints:
-    """The LMs of a run: the follower, the (untrained) generator, and optionally a trained generator."""
+    """The LMs of a run: the follower, the (untrained) generator, optionally a trained
+    generator, and the generators methods name in their options (``generator=ROUTE``)."""
 
     follower: Endpoint
     generator: Endpoint
     trained: Endpoint | None = None
+    extra: dict[str, Endpoint] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,7 +114,12 @@ def _load() -> list[float] | None:
 def make_protocol(config: RunConfig, follower: Endpoint) -> Protocol:
     """The one protocol of a run: the template, demos as chat turns (ICL), the follower
     endpoint's constrained-decoding form (unless ``constrained`` is off) and the reply limit."""
-    style = (follower.constrained_style or False) if config.constrained and config.adapter == "label" else False
+    if config.adapter != "label" or not config.constrained:
+        style: str | bool = False
+    elif config.constrained is True:
+        style = follower.constrained_style or False
+    else:
+        style = config.constrained
     return Protocol(
         template=config.template,
         demo_style="turns",
@@ -138,6 +151,15 @@ def make_adapter(kind: str, protocol: Protocol) -> tuple[dspy.Adapter, dict[str,
     raise ValueError(f"adapter must be 'label' or 'chat', got {kind!r}")
 
 
+def _describe(method: str, budgets: Budgets) -> str:
+    """What a (possibly optioned) method does, for the manifest and the report."""
+    spec, options = methods_module.parse_method(method)
+    text = budgets.describe()[spec.name]
+    if options:
+        text += "; options: " + ", ".join(f"{k}={v}" for k, v in options.items())
+    return text
+
+
 def _route(endpoint: Endpoint | None) -> str | None:
     return None if endpoint is None else endpoint.route
 
@@ -145,20 +167,37 @@ def _route(endpoint: Endpoint | None) -> str | None:
 def _settings(
     config: RunConfig, endpoints: Endpoints, adapter: dict[str, Any], protocol: Protocol
 ) -> dict[str, Any]:
-    """The settings that change a cell's figures (the run's config_id hashes them)."""
+    """Every input that changes a cell's figures besides its key (task, n, method, seed);
+    the run's config_id hashes them, so a resume with any of them changed is refused.
+
+    Per LM: route, model, every LM argument (temperature, reply limit, ``api_base``,
+    headers, ...; credentials redacted, so a new key does not count as a change), cache,
+    the context size it is fitted to and, for a local server, the model file (name, size,
+    sha256) and its n_ctx (not its port or threads). Also the test rows, adapter,
+    protocol, budgets, split protocol and the versions of :data:`RESULT_PACKAGES`.
+    """
 
     def lm(endpoint: Endpoint | None) -> dict[str, Any] | None:
         if endpoint is None:
             return None
-        kwargs = getattr(endpoint.lm, "kwargs", {}) or {}
+        kwargs = dict(getattr(endpoint.lm, "kwargs", {}) or {})
+        if endpoint.server is not None:  # its URL (port) and key change at every start; its model does not
+            kwargs.pop("api_base", None)
+            kwargs.pop("api_key", None)
         return {
             "route": endpoint.route,
             "model": getattr(endpoint.lm, "model", None),
-            "temperature": kwargs.get("temperature"),
-            "max_tokens": kwargs.get("max_tokens"),
+            "temperature": kwargs.pop("temperature", None),
+            "max_tokens": kwargs.pop("max_tokens", None),
+            "api_base": kwargs.pop("api_base", None),
+            "lm_kwargs": redact(kwargs),
+            "cache": getattr(endpoint.lm, "cache", None),
+            "context_tokens": endpoint.context_tokens,
+            "local_server": local_model(endpoint.server) if endpoint.server is not None else None,
         }
 
-    return {
+    installed = versions()
+    settings = {
         "test_rows": config.test_rows,
         "follower": lm(endpoints.follower),
         "generator": lm(endpoints.generator),
@@ -168,10 +207,17 @@ def _settings(
         "protocol": protocol.to_dict(),
         "budgets": asdict(config.budgets),
         "split_protocol": SPLIT_PROTOCOL,
+        "versions": {name: installed.get(name) for name in RESULT_PACKAGES},
     }
+    return redact(settings)  # no credential is hashed or written: a new key is not a new setting
 
 
-def _generator_for(spec: methods_module.MethodSpec, endpoints: Endpoints) -> Endpoint | None:
+def _generator_for(spec: methods_module.MethodSpec, endpoints: Endpoints, options: dict[str, Any]) -> Endpoint | None:
+    if spec.generator is not None and options.get("generator"):
+        route = options["generator"]
+        if route not in endpoints.extra:
+            raise ValueError(f"no endpoint for generator {route!r}: start it (the CLI does) and pass it in extra")
+        return endpoints.extra[route]
     return {None: None, "generator": endpoints.generator, "trained": endpoints.trained}[spec.generator]
 
 
@@ -199,11 +245,11 @@ def run_cell(
     """Compile and evaluate one cell and return its record (status ok, failed or error).
     ``protocol`` is the run's (default: the adapter's, else ``Protocol()``)."""
     protocol = protocol or getattr(adapter, "protocol", None) or Protocol()
-    spec = methods_module.METHODS[method]
+    spec, options = methods_module.parse_method(method)
     task = split.task
     examples = split.examples(n)
     follower_lm, follower_meter = metered(endpoints.follower.lm)
-    generator = _generator_for(spec, endpoints)
+    generator = _generator_for(spec, endpoints, options)
     generator_lm = generator_meter = None
     if generator is not None:
         generator_lm, generator_meter = metered(generator.lm)
@@ -250,28 +296,31 @@ def run_cell(
         follower_lm=follower_lm,
         longest_input=split.longest_input(),
         protocol=protocol,
+        options=options,
     )
     started = time.perf_counter()
     try:
         with dspy.context(lm=follower_lm, adapter=adapter):
             compiled = spec.compile(ctx)
     except MethodFailure as error:
-        logger.warning("%s n=%d %s: the method failed: %s", task.name, n, method, error)
+        # Error texts are scrubbed of credentials before they are logged or stored.
+        logger.warning("%s n=%d %s: the method failed: %s", task.name, n, method, scrub(str(error)))
         return {
             **record,
             "status": "failed",
-            "error": str(error)[:2000],
+            "error": scrub(str(error))[:2000],
             "compile_seconds": round(time.perf_counter() - started, 3),
             **compile_usage(),
             "finished_at": now(),
         }
     except Exception as error:  # the machinery broke: record, and retry on the next run
-        logger.error("%s n=%d %s: compile raised %s: %s", task.name, n, method, type(error).__name__, error)
+        text = scrub(str(error))
+        logger.error("%s n=%d %s: compile raised %s: %s", task.name, n, method, type(error).__name__, text)
         return {
             **record,
             "status": "error",
-            "error": f"compile: {type(error).__name__}: {error}"[:2000],
-            "traceback": traceback.format_exc()[-4000:],
+            "error": f"compile: {type(error).__name__}: {text}"[:2000],
+            "traceback": scrub(traceback.format_exc())[-4000:],
             "compile_seconds": round(time.perf_counter() - started, 3),
             **compile_usage(),
             "finished_at": now(),
@@ -296,12 +345,13 @@ def run_cell(
             progress=config.progress,
         )
     except Exception as error:
-        logger.error("%s n=%d %s: evaluation raised %s: %s", task.name, n, method, type(error).__name__, error)
+        text = scrub(str(error))
+        logger.error("%s n=%d %s: evaluation raised %s: %s", task.name, n, method, type(error).__name__, text)
         return {
             **record,
             "status": "error",
-            "error": f"evaluate: {type(error).__name__}: {error}"[:2000],
-            "traceback": traceback.format_exc()[-4000:],
+            "error": f"evaluate: {type(error).__name__}: {text}"[:2000],
+            "traceback": scrub(traceback.format_exc())[-4000:],
             "finished_at": now(),
         }
     record.update(
@@ -314,7 +364,7 @@ def run_cell(
             "eval_calls": result.calls,
             "eval_lm_errors": result.lm_errors,
             "eval_errors": result.errors,
-            "eval_first_error": result.first_error,
+            "eval_first_error": scrub(result.first_error) if result.first_error else result.first_error,
             "eval_seconds": result.seconds,
             "finished_at": now(),
             "load_average": _load(),
@@ -323,37 +373,112 @@ def run_cell(
     return record
 
 
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted paths of the leaves where two settings trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            path
+            for key in sorted(set(old) | set(new), key=str)
+            for path in _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        ]
+    return [] if old == new else [where or "settings"]
+
+
 def _check_compatible(store: ResultStore, settings: dict[str, Any], run_id: str) -> dict[str, Any] | None:
+    """The folder's manifest, or None for a new folder.
+
+    Raises :class:`ConfigMismatch` naming the differing settings (up to 8, as dotted
+    paths such as ``follower.api_base``) when the folder's results were made with others.
+    """
     existing = store.read_manifest()
     if existing is None:
         return None
     if existing.get("config_id") != run_id:
-        old = existing.get("settings", {})
-        differ = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        differ = _differences(existing.get("settings", {}), settings)
+        shown = ", ".join(differ[:8]) + (f" and {len(differ) - 8} more" if len(differ) > 8 else "")
         raise ConfigMismatch(
-            f"{store.folder} holds results made with other settings (differing: {', '.join(differ) or 'unknown'}); "
+            f"{store.folder} holds results made with other settings (differing: {shown or 'unknown'}); "
             "resume with the same settings or pass another --out"
         )
     return existing
 
 
+def _check_same_data(store: ResultStore, cells: list[tuple[Split, int, str]], seed: int) -> set[tuple]:
+    """Keys of the cells already finished with the data they would run on now.
+
+    Raises :class:`ConfigMismatch` naming the tasks (and n) whose finished cells were
+    made with other rows (their recorded ``split_id`` is not the current split's): the
+    task's data changed under the same name.
+    """
+    done = store.finished_records()
+    finished: set[tuple] = set()
+    changed: dict[str, set[int]] = {}
+    for split, n, method in cells:
+        key = (split.task.name, n, method, seed)
+        if key not in done:
+            continue
+        if done[key].get("split_id") != split.split_id(n):
+            changed.setdefault(split.task.name, set()).add(n)
+        else:
+            finished.add(key)
+    if changed:
+        named = "; ".join(f"task {task!r} (n={sorted(ns)})" for task, ns in sorted(changed.items()))
+        raise ConfigMismatch(
+            f"{store.folder} holds finished cells made with other data than the tasks hold now: {named}. "
+            "The task files changed under the same name; pass another --out (or restore the data)"
+        )
+    return finished
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, so a run
+    stopped by ``kill`` (or a job scheduler) ends like an interrupted one. Does nothing
+    off the main thread, where Python cannot handle signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
     """Run every unfinished cell of ``config`` and return a summary.
 
-    Finished cells found in ``config.out`` are skipped; a Ctrl-C stops after writing the
-    manifest, losing only the cell in progress.
+    Finished cells found in ``config.out`` are skipped; a Ctrl-C or SIGTERM stops after
+    writing the manifest (status ``interrupted``), losing only the cell in progress. The
+    folder is locked for the whole run.
+
+    Raises:
+        FolderLocked: another run writes ``config.out``.
+        ConfigMismatch: ``config.out`` holds results made with other settings, or
+            finished cells made with other data under the same task name.
+        ValueError, FileNotFoundError: an unknown method, a bad task folder or file.
     """
+    with interrupt_on_sigterm(), ResultStore(config.out).lock():
+        return _run_benchmark(config, endpoints)
+
+
+def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
     wall_started = time.perf_counter()
     store = ResultStore(config.out)
     protocol = make_protocol(config, endpoints.follower)
     adapter, adapter_info = make_adapter(config.adapter, protocol)
+    for endpoint in (endpoints.follower, endpoints.generator, endpoints.trained, *endpoints.extra.values()):
+        remember(getattr(endpoint.lm, "kwargs", {}) if endpoint is not None else {})  # scrubbed from error texts
     settings = _settings(config, endpoints, adapter_info, protocol)
     run_id = config_id(settings)
     existing = _check_compatible(store, settings, run_id)
 
-    unknown = [m for m in config.methods if m not in methods_module.METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {list(methods_module.METHODS)}")
+    for method in config.methods:
+        methods_module.parse_method(method)  # ValueError naming an unknown method or option
     notes: list[str] = []
     methods = list(config.methods)
     if "promptmii" in methods and endpoints.trained is None:
@@ -375,8 +500,8 @@ def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
             logger.warning(notes[-1])
         splits.append(split)
 
-    finished = store.finished()
     cells = [(s, n, m) for s in splits for n in config.n_values for m in methods]
+    finished = _check_same_data(store, cells, config.seed)
     todo = [c for c in cells if (c[0].task.name, c[1], c[2], config.seed) not in finished]
 
     run_entry: dict[str, Any] = {
@@ -407,7 +532,7 @@ def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
                 "generator_trained": model_info(endpoints.trained),
             },
             "adapter": adapter_info,
-            "methods": {m: config.budgets.describe()[m] for m in methods},
+            "methods": {m: _describe(m, config.budgets) for m in methods},
             "preset": config.preset,
             "split_protocol": SPLIT_PROTOCOL,
             "seeds": sorted({*manifest.get("seeds", []), config.seed}),

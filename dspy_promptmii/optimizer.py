@@ -6,15 +6,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from dspy_promptmii.protocol import TEMPLATES, Protocol, choose_template
+from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.generation import Reply, generate, generator_settings, refuses_temperature_0
+from dspy_promptmii.library import load_library, select_exemplars
+from dspy_promptmii.protocol import (
+    NAIVE_INSTRUCTION,
+    TEMPLATES,
+    Cleaned,
+    Protocol,
+    choose_template,
+    format_line,
+    template_text,
+    unknown_labels,
+)
 from dspy_promptmii.sampling import SAMPLING, Sampling, select_examples
+from dspy_promptmii.selection import Candidate, as_examples, best_candidate, score_candidate, validation_rows
 from dspy_promptmii.task import ClassificationTask, LabelledExample, classification_tasks
 
 logger = logging.getLogger(__name__)
@@ -60,10 +73,15 @@ class PromptBudgetError(ValueError):
 class PredictorReport:
     """What compile did for one classification predictor (JSON-serialisable via ``asdict``).
 
-    Token counts are the generator's reported usage (``None`` on a cache hit);
-    ``truncated`` is read from the reply's finish reason (``length``); ``copied_fraction``
-    is the share of the reply's characters that copied the shown examples and were
-    dropped; ``seconds`` is the generator call's wall time.
+    Token counts are the generator's reported usage for the chosen candidate (``None`` on
+    a cache hit); ``truncated`` comes from the reply's finish reason (``length``);
+    ``copied_fraction`` is the share of the reply's characters that copied the shown
+    examples and were dropped; ``instruction_tokens`` counts the instruction without the
+    format line (by ``token_counter``, else LiteLLM's counter; None if neither works);
+    ``unknown_labels`` are label-like names in the instruction that are not labels;
+    ``generator_calls`` and ``follower_calls`` are what compile cost; ``candidates`` lists
+    every candidate with its validation score when ``candidates`` > 1; ``seconds`` is
+    the compile time of this predictor.
     """
 
     predictor: str
@@ -77,6 +95,7 @@ class PredictorReport:
     input_fields: list[str]
     generator_model: str
     generator_calls: int
+    follower_calls: int
     prompt_tokens: int | None
     completion_tokens: int | None
     cached: bool
@@ -84,9 +103,16 @@ class PredictorReport:
     truncated: bool
     meta_prompt_tokens: int | None
     generation_settings: dict[str, Any]
+    exemplars: list[str]
     copied_lines: int
     copied_fraction: float
     reasoning_removed: bool
+    instruction_tokens: int | None
+    unknown_labels: list[str]
+    demos: int
+    chosen: int
+    validation: str | None
+    candidates: list[dict[str, Any]]
     seconds: float
     instruction: str
     raw_reply: str = field(repr=False, default="")
@@ -98,54 +124,57 @@ class _Plan:
     predictor: dspy.Predict
     task: ClassificationTask
     examples: list[LabelledExample]
-    n_available: int
+    labelled: list[LabelledExample]
+    valset: list[LabelledExample] | None
 
 
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-    """Raise ``TypeError`` (not an integer) or ``ValueError`` (below 1) naming ``name``."""
+@dataclass
+class _Written:
+    """A generated candidate before scoring."""
+
+    spec: dict[str, Any]
+    meta_prompt_tokens: int | None
+    shown: list[LabelledExample]
+    reply: Reply
+    cleaned: Cleaned
+    instruction: str
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """Raise ``TypeError`` (not an integer) or ``ValueError`` (too small) naming ``name``."""
     if value is None and allow_none:
         return
-    wanted = "a positive integer or None" if allow_none else "a positive integer"
+    lowest = 0 if allow_zero else 1
+    wanted = f"an integer >= {lowest}" + (" or None" if allow_none else "")
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be {wanted}, got {value!r}")
-    if value < 1:
+    if value < lowest:
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
-def _refuses_temperature_0(model: str) -> bool:
-    """Models that take no temperature but their default (OpenAI's reasoning models,
-    by DSPy's own rule)."""
-    try:
-        from dspy.clients.lm import _is_openai_reasoning_model
-    except ImportError:  # pragma: no cover - DSPy moved it
-        return False
-    return bool(_is_openai_reasoning_model(model))
+def _other_template(template: str) -> str:
+    return {"meta1": "meta2", "meta2": "meta1"}.get(template, template)
 
 
-def _finish_reason(response: Any) -> str | None:
-    """The finish reason of a recorded LM response (DSPy's lm15 ``Response`` or an
-    OpenAI/LiteLLM ``ModelResponse``), or None when it carries none."""
-    reason = getattr(response, "finish_reason", None)
-    if reason is None:
-        choices = getattr(response, "choices", None)
-        if choices is None and isinstance(response, dict):
-            choices = response.get("choices")
-        if choices:
-            first = choices[0]
-            reason = first.get("finish_reason") if isinstance(first, dict) else getattr(first, "finish_reason", None)
-    return None if reason is None else str(getattr(reason, "value", reason))
+#: Sampling temperature of the candidates after the first two (which decode greedily).
+CANDIDATE_TEMPERATURE = 0.7
 
 
 class PromptMIIOptimizer(Teleprompter):
     """Write the instruction of every classification predictor of a DSPy program from
-    labelled examples, with one generator call per predictor.
+    labelled examples, with one generator call per predictor (by default).
 
     For each predictor whose last output field is a ``Literal``, an ``Enum`` or a
     ``bool``, ``compile`` renders ``n`` labelled examples from the trainset into a
-    meta-prompt, asks the generator LM once for an instruction, cleans the reply,
-    appends the answer-format line, and sets it with ``signature.with_instructions``
-    on a deep copy of the student. The student is never modified. Meta-prompt,
-    cleaning and format line are the :class:`~dspy_promptmii.protocol.Protocol`'s.
+    meta-prompt (with ``exemplars`` instructions of other tasks from the instruction
+    library, if asked), asks the generator LM once for an instruction, cleans the reply,
+    appends the answer-format line, and sets it with ``signature.with_instructions`` on
+    a deep copy of the student. The student is never modified. Meta-prompt, cleaning and
+    format line are the :class:`~dspy_promptmii.protocol.Protocol`'s.
+
+    With ``candidates=k`` > 1 it makes k generator calls (varying template, exemplars and
+    sampling; see :meth:`candidate_specs`), has the follower label held-out rows with
+    each instruction (and with the naive one, as a reference), and keeps the best.
 
     Args:
         generator_lm: The instruction generator; any ``dspy.LM``. Defaults to the LM in
@@ -157,23 +186,47 @@ class PromptMIIOptimizer(Teleprompter):
             ``protocol=Protocol(template=...)``; default ``"auto"``.
         protocol: The whole protocol (template, cleaning, follower settings); not together
             with ``template``.
-        seed: Seed of the example order; a smaller ``n`` is a prefix of a larger one.
+        seed: Seed of the example order (a smaller ``n`` is a prefix of a larger one) and
+            of the sampled candidates.
         sampling: ``"stratified"`` (every label shown when ``n`` allows) or ``"random"``.
         max_prompt_tokens: Token budget of the meta-prompt; examples are dropped from
             the end until it fits (the largest ``n`` that fits). ``None``: no budget.
-        token_counter: Counts the tokens of a text for the budget. Defaults to
-            LiteLLM's counter for the generator's model.
+        token_counter: Counts the tokens of a text (meta-prompt budget, instruction
+            length). Defaults to LiteLLM's counter for the generator's model.
         temperature: Generator temperature. ``None`` (default): the LM's own setting; if
             it has none, the paper's 0, unless the model takes no temperature (OpenAI's
-            reasoning models) or refuses it (then the call is retried without it).
+            reasoning models) or refuses it (then the call is made without it).
         max_tokens: Generator reply limit. ``None`` (default): the LM's own setting; if it
-            has none, :data:`DEFAULT_GENERATOR_MAX_TOKENS`.
+            has none, :data:`DEFAULT_GENERATOR_MAX_TOKENS`, or with
+            ``max_instruction_tokens`` a limit derived from it.
         generation_kwargs: Further keyword arguments for the generator call.
+        exemplars: How many instructions of other tasks, from the instruction library, the
+            meta-prompt shows as worked examples (default 0; chosen by similarity, see
+            :mod:`dspy_promptmii.library`). Still one generator call.
+        library: The instruction library: a file path, a list of entries, or ``None``
+            for the packaged one.
+        max_instruction_tokens: A length budget for the instruction: the template asks
+            for it in words, and the generation limit (when neither the LM nor
+            ``max_tokens`` sets one) is derived from it. ``None``: no budget.
+        candidates: Generator calls per predictor (default 1). Above 1 the follower picks
+            the best on validation rows.
+        valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
+            rows for ``candidates`` > 1; without it, up to ``val_size`` trainset rows the
+            generator did not see.
+        val_size: Validation rows taken from the trainset when no valset is given.
+        include_naive: With ``candidates`` > 1, also score the naive instruction and keep
+            it if no generated one does better.
+        demos: Keep this many of the shown examples as the predictor's demos, beside the
+            instruction (default 0).
+        follower_lm: The follower that scores candidates (default: ``dspy.settings.lm``
+            at compile time).
 
     Raises:
         TypeError: an argument of the wrong type (named).
         ValueError: a bad value (named): ``n`` < 1, an unknown template or sampling, a
-            template without its placeholders, ``protocol`` together with ``template``.
+            template without its placeholders, ``protocol`` together with ``template``,
+            exemplars with a template that has no ``{exemplars}`` placeholder, or a
+            library that cannot be read.
     """
 
     def __init__(
@@ -190,10 +243,19 @@ class PromptMIIOptimizer(Teleprompter):
         temperature: float | None = None,
         max_tokens: int | None = None,
         generation_kwargs: dict[str, Any] | None = None,
+        exemplars: int = 0,
+        library: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
+        max_instruction_tokens: int | None = None,
+        candidates: int = 1,
+        val_size: int = 20,
+        include_naive: bool = True,
+        demos: int = 0,
+        follower_lm: dspy.BaseLM | None = None,
     ):
         super().__init__()
-        if generator_lm is not None and not isinstance(generator_lm, dspy.BaseLM):
-            raise TypeError(f"generator_lm must be a dspy.LM (or BaseLM), got {type(generator_lm).__name__}")
+        for name, lm in (("generator_lm", generator_lm), ("follower_lm", follower_lm)):
+            if lm is not None and not isinstance(lm, dspy.BaseLM):
+                raise TypeError(f"{name} must be a dspy.LM (or BaseLM), got {type(lm).__name__}")
         _positive_int("n", n)
         if protocol is not None and not isinstance(protocol, Protocol):
             raise TypeError(f"protocol must be a dspy_promptmii.protocol.Protocol, got {type(protocol).__name__}")
@@ -208,6 +270,11 @@ class PromptMIIOptimizer(Teleprompter):
             raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
         _positive_int("max_prompt_tokens", max_prompt_tokens, allow_none=True)
         _positive_int("max_tokens", max_tokens, allow_none=True)
+        _positive_int("max_instruction_tokens", max_instruction_tokens, allow_none=True)
+        _positive_int("exemplars", exemplars, allow_zero=True)
+        _positive_int("candidates", candidates)
+        _positive_int("val_size", val_size)
+        _positive_int("demos", demos, allow_zero=True)
         if token_counter is not None and not callable(token_counter):
             raise TypeError(f"token_counter must be a function text -> int, got {type(token_counter).__name__}")
         if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
@@ -216,7 +283,24 @@ class PromptMIIOptimizer(Teleprompter):
             raise ValueError(f"temperature must not be negative, got {temperature!r}")
         if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
             raise TypeError(f"generation_kwargs must be a dict or None, got {type(generation_kwargs).__name__}")
+        if not isinstance(include_naive, bool):
+            raise TypeError(f"include_naive must be True or False, got {include_naive!r}")
+        if exemplars:
+            text = template_text(self.protocol.template) if self.protocol.template != "auto" else TEMPLATES["meta2"]
+            if "{exemplars}" not in text:
+                raise ValueError(
+                    "exemplars > 0 needs a template with an {exemplars} placeholder (meta1 and meta2 have one)"
+                )
+            if library is None or isinstance(library, (str, os.PathLike)):
+                self.library = load_library(library)
+            elif isinstance(library, Sequence):
+                self.library = [dict(entry) for entry in library]
+            else:
+                raise TypeError(f"library must be a path, a list of entries or None, got {type(library).__name__}")
+        else:
+            self.library = []
         self.generator_lm = generator_lm
+        self.follower_lm = follower_lm
         self.n = n
         self.seed = seed
         self.sampling = sampling
@@ -225,6 +309,12 @@ class PromptMIIOptimizer(Teleprompter):
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.generation_kwargs = dict(generation_kwargs or {})
+        self.exemplars = exemplars
+        self.max_instruction_tokens = max_instruction_tokens
+        self.candidates = candidates
+        self.val_size = val_size
+        self.include_naive = include_naive
+        self.demos = demos
         self.report: list[dict[str, Any]] = []
 
     @property
@@ -244,22 +334,24 @@ class PromptMIIOptimizer(Teleprompter):
         **kwargs: Any,
     ) -> dspy.Module:
         """Return a copy of ``student`` whose classification predictors carry induced
-        instructions; the student is never modified.
+        instructions (and ``demos`` demos); the student is never modified.
 
-        ``teacher`` and ``valset`` are accepted for API compatibility and not used:
-        Prompt-MII needs no search and no validation calls.
+        ``teacher`` is accepted for API compatibility and not used; ``valset`` is used
+        only to choose among ``candidates`` > 1.
 
         Raises:
-            TypeError: ``student`` is not a ``dspy.Module``, ``trainset`` is not a list or
-                tuple of ``dspy.Example``/dict, or an unexpected keyword argument.
-            ValueError: no generator LM; an empty trainset, an example missing a field or
-                with a label outside the label set (named by index); a program with no
-                classification predictor, or one the protocol cannot render (e.g. a label
-                spanning lines).
+            TypeError: ``student`` is not a ``dspy.Module``, ``trainset`` (or ``valset``)
+                is not a list or tuple of ``dspy.Example``/dict, or an unexpected keyword
+                argument.
+            ValueError: no generator LM (or, with ``candidates`` > 1, no follower LM); an
+                empty trainset, an example missing a field or with a label outside the
+                label set (named by index); a program with no classification predictor,
+                or one the protocol cannot render (e.g. a label spanning lines).
             PromptBudgetError: the meta-prompt does not fit ``max_prompt_tokens`` with even
                 one example.
-            GenerationError: a reply with no instruction left after cleaning.
-            Any error the generator LM raises (e.g. ``dspy.utils.exceptions.LMError``).
+            GenerationError: a reply with no instruction left after cleaning (with several
+                candidates: every one of them).
+            Any error the generator or follower LM raises (e.g. ``dspy.utils.exceptions.LMError``).
         """
         if kwargs:
             raise TypeError(f"compile() got unexpected keyword arguments: {sorted(kwargs)}")
@@ -267,88 +359,28 @@ class PromptMIIOptimizer(Teleprompter):
             raise TypeError(f"student must be a dspy.Module (e.g. dspy.Predict(...)), got {type(student).__name__}")
         if not isinstance(trainset, (list, tuple)):
             raise TypeError(f"trainset must be a list of dspy.Example, got {type(trainset).__name__}")
-        if teacher is not None or valset is not None:
-            logger.info("PromptMIIOptimizer ignores teacher and valset: it makes one generator call per predictor")
+        if valset is not None and not isinstance(valset, (list, tuple)):
+            raise TypeError(f"valset must be a list of dspy.Example or None, got {type(valset).__name__}")
+        if teacher is not None:
+            logger.info("PromptMIIOptimizer ignores teacher")
+        if valset is not None and self.candidates == 1:
+            logger.info("PromptMIIOptimizer uses valset only to choose among candidates (candidates > 1)")
         generator = self._generator()
+        follower = self._follower() if self.candidates > 1 else None
         program = student.deepcopy()
 
         # Task -> examples, for every classifier, before any LM call: bad input fails fast.
-        plans = []
-        for name, predictor, task in classification_tasks(program):
-            if task is None:
-                logger.info("predictor %r has no classification output field; its instruction is left as is", name)
-                continue
-            problem = task.rendering_problem()
-            if problem:
-                raise ValueError(f"predictor {name!r} cannot be written as a Prompt-MII task: {problem}")
-            labelled = task.examples(trainset)
-            examples = select_examples(labelled, self.n, self.seed, self.sampling)
-            plans.append(_Plan(name, predictor, task, examples, n_available=len(labelled)))
-        if not plans:
-            raise ValueError(
-                "the program has no classification predictor: PromptMIIOptimizer needs a predictor whose last "
-                "output field is a Literal[...], an Enum or a bool"
-            )
+        plans = self._plans(program, trainset, valset)
 
-        # Meta-prompt -> one generator call -> instruction, per classifier.
-        reports, instructions = [], []
-        for plan in plans:
-            template, choice = self.protocol.resolve_template(generator.model)
-            meta_prompt, shown, prompt_tokens = self._fit_meta_prompt(plan, generator.model)
-            started = time.perf_counter()
-            reply, usage, finish_reason, settings = self._generate(generator, meta_prompt)
-            seconds = time.perf_counter() - started
-            cleaned = self.protocol.clean(
-                reply,
-                plan.task.input_fields,
-                labels=plan.task.labels,
-                examples=shown,
-                truncated=finish_reason == "length",
-            )
-            if not cleaned.text:
-                raise GenerationError(
-                    f"the generator's reply for predictor {plan.name!r} is empty after cleaning; raw reply: {reply!r}",
-                    raw_reply=reply,
-                )
-            instructions.append(self.protocol.instruction(cleaned.text, plan.task.labels))
-            reports.append(
-                PredictorReport(
-                    predictor=plan.name,
-                    template=template if template in TEMPLATES else "custom",
-                    template_choice=choice,
-                    n_requested=self.n,
-                    n_used=len(shown),
-                    n_available=plan.n_available,
-                    labels=list(plan.task.labels),
-                    label_field=plan.task.label_field,
-                    input_fields=list(plan.task.input_fields),
-                    generator_model=generator.model,
-                    generator_calls=1,
-                    prompt_tokens=usage.get("prompt_tokens"),
-                    completion_tokens=usage.get("completion_tokens"),
-                    cached=not usage,
-                    finish_reason=finish_reason,
-                    truncated=finish_reason == "length",
-                    meta_prompt_tokens=prompt_tokens,
-                    generation_settings=settings,
-                    copied_lines=cleaned.copied_lines,
-                    copied_fraction=cleaned.copied_fraction,
-                    reasoning_removed=cleaned.reasoning_removed,
-                    seconds=round(seconds, 3),
-                    instruction=instructions[-1],
-                    raw_reply=reply or "",
-                )
-            )
-            logger.info(
-                "predictor %r: %d examples, template %s, instruction of %d characters%s",
-                plan.name, len(shown), reports[-1].template, len(instructions[-1]),
-                f", {cleaned.copied_lines} copied example line(s) dropped" if cleaned.copied_lines else "",
-            )
+        # Meta-prompt -> one generator call (or k, then the follower's choice) -> instruction.
+        results = [self._induce(plan, generator, follower) for plan in plans]
 
         # Only now, with every instruction in hand, touch the copy.
-        for plan, instruction in zip(plans, instructions):
+        for plan, (instruction, demos, _) in zip(plans, results):
             plan.predictor.signature = plan.predictor.signature.with_instructions(instruction)
-        self.report = [asdict(r) for r in reports]
+            if self.demos:
+                plan.predictor.demos = demos
+        self.report = [asdict(report) for _, _, report in results]
         program.promptmii_report = self.report
         program._compiled = True
         return program
@@ -363,6 +395,197 @@ class PromptMIIOptimizer(Teleprompter):
             )
         return lm
 
+    def _follower(self) -> dspy.BaseLM:
+        lm = self.follower_lm or dspy.settings.lm
+        if lm is None:
+            raise ValueError(
+                "candidates > 1 needs a follower LM to score them: pass follower_lm=dspy.LM(...) or call "
+                "dspy.configure(lm=...)"
+            )
+        return lm
+
+    def _plans(
+        self, program: dspy.Module, trainset: Sequence[Any], valset: Sequence[Any] | None
+    ) -> list[_Plan]:
+        plans = []
+        for name, predictor, task in classification_tasks(program):
+            if task is None:
+                logger.info("predictor %r has no classification output field; its instruction is left as is", name)
+                continue
+            problem = task.rendering_problem()
+            if problem:
+                raise ValueError(f"predictor {name!r} cannot be written as a Prompt-MII task: {problem}")
+            labelled = task.examples(trainset)
+            examples = select_examples(labelled, self.n, self.seed, self.sampling)
+            validation = task.examples(valset) if valset else None
+            plans.append(_Plan(name, predictor, task, examples, labelled, validation))
+        if not plans:
+            raise ValueError(
+                "the program has no classification predictor: PromptMIIOptimizer needs a predictor whose last "
+                "output field is a Literal[...], an Enum or a bool"
+            )
+        return plans
+
+    def candidate_specs(self, generator_model: str) -> list[dict[str, Any]]:
+        """What each of the ``candidates`` generator calls varies: candidate 0 is the
+        plain call (the protocol's template, the exemplars, greedy); 1 uses the other
+        built-in template; 2 drops the exemplars (if any) and samples at
+        :data:`CANDIDATE_TEMPERATURE`; 3 and later sample, alternating templates, with
+        the exemplars. Sampled candidates get seeds ``seed + index``."""
+        template, _ = self.protocol.resolve_template(generator_model)
+        specs = []
+        for index in range(self.candidates):
+            use_template = _other_template(template) if index % 2 == 1 else template
+            sampled = index >= 2
+            specs.append(
+                {
+                    "index": index,
+                    "template": use_template,
+                    "exemplars": not (index == 2 and self.exemplars),
+                    "temperature": CANDIDATE_TEMPERATURE if sampled else None,
+                    "seed": self.seed + index if sampled else None,
+                }
+            )
+        return specs
+
+    def _induce(
+        self, plan: _Plan, generator: dspy.BaseLM, follower: dspy.BaseLM | None
+    ) -> tuple[str, list[dspy.Example], PredictorReport]:
+        started = time.perf_counter()
+        task = plan.task
+        chosen_exemplars = select_exemplars(
+            self.library, task.labels, [str(v) for inputs, _ in plan.examples for v in inputs.values()], self.exemplars
+        )
+        written: list[_Written] = []
+        for spec in self.candidate_specs(generator.model):
+            exemplars = chosen_exemplars if spec["exemplars"] else []
+            written.append(self._write(plan, generator, spec, exemplars))
+        usable = [w for w in written if w.cleaned.text]
+        if not usable:
+            raw = written[0].reply.text
+            raise GenerationError(
+                f"the generator's reply for predictor {plan.name!r} is empty after cleaning; raw reply: {raw!r}",
+                raw_reply=raw,
+            )
+        demos = as_examples(plan.examples[: self.demos], task) if self.demos else []
+        candidates = [
+            Candidate(
+                index=w.spec["index"],
+                kind="generated",
+                instruction=w.instruction,
+                template=w.spec["template"] if w.spec["template"] in TEMPLATES else "custom",
+                exemplars=[e["task"] for e in chosen_exemplars] if w.spec["exemplars"] else [],
+                temperature=w.spec["temperature"],
+                seed=w.spec["seed"],
+                tokens=self._tokens(w.cleaned.text, generator.model),
+            )
+            for w in usable
+        ]
+        validation, follower_calls = None, 0
+        if follower is not None:
+            if self.include_naive:
+                naive = self.protocol.instruction(NAIVE_INSTRUCTION, task.labels)
+                candidates.append(Candidate(index=len(written), kind="naive", instruction=naive))
+            rows, validation = validation_rows(plan.labelled, plan.examples, self.val_size, self.seed, plan.valset)
+            val_examples = as_examples(rows, task)
+            adapter = dspy.settings.adapter or LabelAdapter(protocol=self.protocol)
+            scorer = plan.predictor.deepcopy()
+            scorer.demos = demos
+            for candidate in candidates:
+                candidate.score = score_candidate(
+                    scorer, candidate.instruction, val_examples, lm=follower, adapter=adapter
+                )
+                follower_calls += candidate.score["calls"]
+            best = best_candidate(candidates)
+        else:
+            best = candidates[0]
+        origin = next((w for w in usable if w.spec["index"] == best.index), usable[0])
+        report = self._report(plan, generator, written, origin, best, candidates, validation, follower_calls, started)
+        logger.info(
+            "predictor %r: %d example(s), template %s, instruction of %d characters%s%s",
+            plan.name, len(origin.shown), report.template, len(best.instruction),
+            f", candidate {best.index} of {len(candidates)} ({best.kind})" if follower is not None else "",
+            f", {origin.cleaned.copied_lines} copied example line(s) dropped" if origin.cleaned.copied_lines else "",
+        )
+        return best.instruction, demos, report
+
+    def _write(
+        self, plan: _Plan, generator: dspy.BaseLM, spec: dict[str, Any], exemplars: list[dict[str, Any]]
+    ) -> _Written:
+        """One candidate: meta-prompt, one generator call, cleaning."""
+        meta_prompt, shown, prompt_tokens = self._fit_meta_prompt(plan, generator.model, spec["template"], exemplars)
+        limit = self.max_tokens
+        if limit is None and self.max_instruction_tokens:
+            limit_default = min(DEFAULT_GENERATOR_MAX_TOKENS, int(1.5 * self.max_instruction_tokens) + 64)
+        else:
+            limit_default = DEFAULT_GENERATOR_MAX_TOKENS
+        extra = dict(self.generation_kwargs)
+        temperature = self.temperature
+        if spec["temperature"] is not None and not refuses_temperature_0(generator.model):
+            temperature = spec["temperature"]
+            extra["seed"] = spec["seed"]
+        settings, filled = generator_settings(
+            generator, temperature=temperature, max_tokens=limit, default_max_tokens=limit_default, extra=extra
+        )
+        if "seed" in extra:
+            filled = {*filled, "seed"}
+        reply = generate(generator, meta_prompt, settings, filled)
+        cleaned = self.protocol.clean(
+            reply.text, plan.task.input_fields, labels=plan.task.labels, examples=shown, truncated=reply.truncated
+        )
+        instruction = self.protocol.instruction(cleaned.text, plan.task.labels) if cleaned.text else ""
+        return _Written(spec, prompt_tokens, shown, reply, cleaned, instruction)
+
+    def _report(
+        self,
+        plan: _Plan,
+        generator: dspy.BaseLM,
+        written: list[_Written],
+        origin: _Written,
+        best: Candidate,
+        candidates: list[Candidate],
+        validation: str | None,
+        follower_calls: int,
+        started: float,
+    ) -> PredictorReport:
+        task = plan.task
+        naive_won = best.kind == "naive"
+        text = best.instruction.removesuffix(format_line(task.labels)).rstrip() if not naive_won else NAIVE_INSTRUCTION
+        return PredictorReport(
+            predictor=plan.name,
+            template=origin.spec["template"] if origin.spec["template"] in TEMPLATES else "custom",
+            template_choice=self.protocol.resolve_template(generator.model)[1],
+            n_requested=self.n,
+            n_used=len(origin.shown),
+            n_available=len(plan.labelled),
+            labels=list(task.labels),
+            label_field=task.label_field,
+            input_fields=list(task.input_fields),
+            generator_model=generator.model,
+            generator_calls=len(written),
+            follower_calls=follower_calls,
+            prompt_tokens=origin.reply.usage.get("prompt_tokens"),
+            completion_tokens=origin.reply.usage.get("completion_tokens"),
+            cached=not origin.reply.usage,
+            finish_reason=origin.reply.finish_reason,
+            truncated=origin.reply.truncated,
+            meta_prompt_tokens=origin.meta_prompt_tokens,
+            generation_settings=origin.reply.settings,
+            exemplars=best.exemplars,
+            copied_lines=origin.cleaned.copied_lines,
+            copied_fraction=origin.cleaned.copied_fraction,
+            reasoning_removed=origin.cleaned.reasoning_removed,
+            instruction_tokens=self._tokens(text, generator.model),
+            unknown_labels=unknown_labels(text, task.labels),
+            demos=self.demos and min(self.demos, len(plan.examples)),
+            chosen=best.index,
+            validation=validation,
+            candidates=[c.summary() for c in candidates] if len(candidates) > 1 else [],
+            seconds=round(time.perf_counter() - started, 3),
+            instruction=best.instruction,
+            raw_reply=origin.reply.text,
+        )
+
     def _count(self, text: str, model: str) -> int:
         if self.token_counter is not None:
             return int(self.token_counter(text))
@@ -370,9 +593,20 @@ class PromptMIIOptimizer(Teleprompter):
 
         return int(litellm.token_counter(model=model, text=text))
 
-    def _fit_meta_prompt(self, plan: _Plan, model: str) -> tuple[str, list[LabelledExample], int | None]:
+    def _tokens(self, text: str, model: str) -> int | None:
+        """Tokens of ``text`` for the report; None when no counter works (offline, unknown model)."""
+        try:
+            return self._count(text, model)
+        except Exception as error:  # noqa: BLE001 - a report figure must not fail a compile
+            logger.debug("cannot count tokens of the instruction: %s", error)
+            return None
+
+    def _fit_meta_prompt(
+        self, plan: _Plan, model: str, template: str, exemplars: list[dict[str, Any]]
+    ) -> tuple[str, list[LabelledExample], int | None]:
         """The meta-prompt with the largest prefix of the examples that fits the budget."""
         task, examples = plan.task, plan.examples
+        max_words = int(0.75 * self.max_instruction_tokens) if self.max_instruction_tokens else None
 
         def render(k: int) -> str:
             return self.protocol.meta_prompt(
@@ -382,6 +616,9 @@ class PromptMIIOptimizer(Teleprompter):
                 generator_model=model,
                 task_description=task.task_description,
                 descriptions=task.descriptions,
+                exemplars=exemplars,
+                max_words=max_words,
+                template=template,
             )
 
         if self.max_prompt_tokens is None:
@@ -408,53 +645,3 @@ class PromptMIIOptimizer(Teleprompter):
             plan.name, self.max_prompt_tokens, low, len(examples),
         )
         return render(low), examples[:low], self._count(render(low), model)
-
-    def _settings(self, lm: dspy.BaseLM) -> tuple[dict[str, Any], bool]:
-        """The generator call's settings, and whether its temperature is the paper's
-        default that the LM did not ask for (and may refuse)."""
-        configured = getattr(lm, "kwargs", {}) or {}
-        settings = dict(self.generation_kwargs)
-        defaulted_temperature = False
-        if self.temperature is not None:
-            settings["temperature"] = self.temperature
-        elif configured.get("temperature") is None and "temperature" not in settings:
-            if not _refuses_temperature_0(lm.model):
-                settings["temperature"] = 0.0
-                defaulted_temperature = True
-        if self.max_tokens is not None:
-            settings["max_tokens"] = self.max_tokens
-        elif not (configured.get("max_tokens") or configured.get("max_completion_tokens")) and not (
-            "max_tokens" in settings or "max_completion_tokens" in settings
-        ):
-            settings["max_tokens"] = DEFAULT_GENERATOR_MAX_TOKENS
-        return settings, defaulted_temperature
-
-    def _generate(self, lm: dspy.BaseLM, meta_prompt: str) -> tuple[str, dict[str, Any], str | None, dict[str, Any]]:
-        """The one generator call (the meta-prompt as a single user message): reply,
-        usage, finish reason, and the settings sent on top of the LM's own."""
-        settings, defaulted_temperature = self._settings(lm)
-        try:
-            outputs, usage = self._call(lm, meta_prompt, settings)
-        except Exception as error:
-            if not (defaulted_temperature and "temperature" in str(error).lower()):
-                raise
-            logger.warning("the generator refused temperature 0 (%s); calling it with its own setting", error)
-            settings.pop("temperature")
-            outputs, usage = self._call(lm, meta_prompt, settings)
-        first = outputs[0] if outputs else None
-        reply = first.get("text") if isinstance(first, dict) else first
-        return reply or "", usage, self._last_finish_reason(lm, meta_prompt), settings
-
-    @staticmethod
-    def _call(lm: dspy.BaseLM, meta_prompt: str, settings: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-        with dspy.track_usage() as tracker:
-            outputs = lm(meta_prompt, **settings)
-        return outputs, tracker.get_total_tokens().get(lm.model, {})
-
-    @staticmethod
-    def _last_finish_reason(lm: dspy.BaseLM, meta_prompt: str) -> str | None:
-        """The finish reason of this call, from the LM's history (None when DSPy keeps none)."""
-        for entry in reversed(getattr(lm, "history", [])[-8:]):
-            if entry.get("prompt") == meta_prompt or meta_prompt in str(entry.get("messages") or ""):
-                return _finish_reason(entry.get("response"))
-        return None

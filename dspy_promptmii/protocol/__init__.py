@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from dspy_promptmii.protocol.clean import Cleaned, clean_instruction, clean_reply, strip_reasoning
+from dspy_promptmii.protocol.clean import Cleaned, clean_instruction, clean_reply, strip_reasoning, unknown_labels
 from dspy_promptmii.protocol.parse import normalize_label, parse_label
 from dspy_promptmii.protocol.render import (
     DEMO_STYLES,
@@ -55,7 +55,9 @@ from dspy_promptmii.protocol.templates import (
     TEMPLATES,
     build_meta_prompt,
     check_template,
+    length_rule,
     load_template,
+    render_exemplars,
     task_notes,
     template_text,
 )
@@ -84,10 +86,13 @@ __all__ = [
     "load_template",
     "template_text",
     "task_notes",
+    "length_rule",
+    "render_exemplars",
     "build_meta_prompt",
     "strip_reasoning",
     "clean_reply",
     "clean_instruction",
+    "unknown_labels",
     "follower_prompt",
     "follower_messages",
     "label_grammar",
@@ -179,12 +184,18 @@ class Protocol:
         generator_model: str = "",
         task_description: str | None = None,
         descriptions: Mapping[str, str] | None = None,
+        exemplars: Sequence[Mapping[str, Any]] = (),
+        max_words: int | None = None,
+        template: str | None = None,
     ) -> str:
-        """The generator's prompt for a task (see :mod:`.templates`); the author's task
-        description and field descriptions are included when ``field_descriptions``."""
-        template, _ = self.resolve_template(generator_model)
+        """The generator's prompt for a task (see :mod:`.templates`): the author's task
+        description and field descriptions when ``field_descriptions``, exemplar
+        instructions of other tasks, and a length rule of ``max_words``. ``template``
+        overrides the protocol's (a built-in name or a template text)."""
+        if template is None:
+            template, _ = self.resolve_template(generator_model)
         notes = task_notes(task_description, descriptions, field_names) if self.field_descriptions else ""
-        return build_meta_prompt(template, labels, examples, field_names, notes)
+        return build_meta_prompt(template, labels, examples, field_names, notes, exemplars, max_words)
 
     def clean(
         self,

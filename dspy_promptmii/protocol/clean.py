@@ -19,7 +19,7 @@ from typing import Any
 
 from dspy_promptmii.protocol.render import Example, field_title
 
-__all__ = ["Cleaned", "strip_reasoning", "clean_reply", "clean_instruction"]
+__all__ = ["Cleaned", "strip_reasoning", "clean_reply", "clean_instruction", "unknown_labels"]
 
 _REASONING_TAGS = r"think|thinking|thought|reasoning|reflection"
 _CLOSED_BLOCK = re.compile(rf"<({_REASONING_TAGS})>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
@@ -291,3 +291,24 @@ def clean_instruction(
     ``""`` when nothing is left."""
     return clean_reply(reply, field_names, truncated=truncated, examples=examples, labels=labels).text
 
+
+
+# CamelCase (GetWeather) or snake_case (not_equivalent) names: how label names look.
+_LABEL_LIKE = re.compile(r"\b(?:[A-Za-z][a-z0-9]+(?:[A-Z][a-z0-9]+)+|[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)+)\b")
+
+
+def _label_key(text: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", text)).casefold().strip()
+
+
+def unknown_labels(instruction: str, labels: Sequence[Any]) -> list[str]:
+    """Names in an instruction that look like labels (CamelCase or snake_case) but are
+    not among ``labels`` (compared case- and separator-blind), in order of appearance:
+    an instruction that tells the follower to answer with a label that does not exist."""
+    known = {_label_key(str(label)) for label in labels}
+    found: list[str] = []
+    for match in _LABEL_LIKE.finditer(instruction or ""):
+        name = match.group(0)
+        if _label_key(name) not in known and name not in found:
+            found.append(name)
+    return found

@@ -2,10 +2,17 @@
 a template with a task's labels and examples.
 
 A template is text with the placeholders ``{label_names}`` and ``{examples}``
-(required) and ``{task_notes}`` (optional: what the program's author wrote about the
-task, i.e. the signature's own instructions and its field descriptions; a template
-without it leaves them out, with a log line). Filling is one pass, so braces inside
-examples or labels are never read as placeholders.
+(required) and, optionally:
+
+* ``{task_notes}``: what the program's author wrote about the task (the signature's
+  own instructions and its field descriptions); a template without it leaves them out,
+  with a log line;
+* ``{exemplars}``: instructions that worked for other tasks, shown as worked examples
+  (``PromptMIIOptimizer(exemplars=K)``; a template without it cannot take exemplars);
+* ``{length_rule}``: a sentence asking for an instruction under a number of words
+  (``PromptMIIOptimizer(max_instruction_tokens=N)``; empty otherwise).
+
+Filling is one pass, so braces inside examples or labels are never read as placeholders.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ __all__ = [
     "load_template",
     "template_text",
     "task_notes",
+    "length_rule",
+    "render_exemplars",
     "build_meta_prompt",
 ]
 
 #: Placeholders every template must contain.
 PLACEHOLDERS = ("{label_names}", "{examples}")
 #: Placeholders a template may contain.
-OPTIONAL_PLACEHOLDERS = ("{task_notes}",)
+OPTIONAL_PLACEHOLDERS = ("{task_notes}", "{exemplars}", "{length_rule}")
 
 # Two meta-prompt templates, after the structure of the paper's "meta1" (a prompt for a
 # classifier model; used with Llama generators) and "meta2" (guidelines for a human
@@ -46,30 +55,32 @@ TEMPLATES: dict[str, str] = {
         "You are helping to write the prompt of a language model whose job is to sort "
         "texts into these categories: {label_names}.\n\n"
         "{task_notes}"
+        "{exemplars}"
         "Here are some texts with the category each one belongs to:\n\n"
         "{examples}\n\n"
         "Write an instruction for that model. It should explain what the task is in a way "
         "that carries over to texts the model has not seen, point out the cues and "
         "strategies that tell the categories apart, and tell the model to answer with the "
-        "category name alone. Reply with the instruction only."
+        "category name alone.{length_rule} Reply with the instruction only."
     ),
     "meta2": (
         "You are drafting guidelines for a person who will annotate texts with exactly one "
         "of these labels: {label_names}.\n\n"
         "{task_notes}"
+        "{exemplars}"
         "Some texts that were already annotated:\n\n"
         "{examples}\n\n"
         "Write the annotation guidelines. Say what the task is and what each label means, "
         "give general rules for deciding on new texts rather than rules about these "
         "particular ones, and warn about common pitfalls and borderline cases. Keep them "
-        "short and do not repeat yourself. Reply with the guidelines only."
+        "short and do not repeat yourself.{length_rule} Reply with the guidelines only."
     ),
 }
 
 #: The "naive" baseline instruction: the task stated with no induction at all.
 NAIVE_INSTRUCTION = "Read the input and assign it the label that fits it best."
 
-_PLACEHOLDER = re.compile(r"\{(label_names|examples|task_notes)\}")
+_PLACEHOLDER = re.compile(r"\{(label_names|examples|task_notes|exemplars|length_rule)\}")
 
 
 def check_template(template: str) -> None:
@@ -143,25 +154,60 @@ def task_notes(task_description: str | None, descriptions: Mapping[str, str] | N
     return "What the author of the task says about it:\n" + "\n".join(parts) + "\n\n"
 
 
+def length_rule(max_words: int | None) -> str:
+    """The ``{length_rule}`` sentence for a word budget (``""`` without one)."""
+    return f" Keep it under {max_words} words." if max_words else ""
+
+
+def render_exemplars(exemplars: Sequence[Mapping[str, Any]]) -> str:
+    """The ``{exemplars}`` block: for each library entry (``labels``, ``inputs``,
+    ``instruction``), its labels, one sample input and the instruction that worked;
+    ``""`` for none."""
+    if not exemplars:
+        return ""
+    blocks = []
+    for number, entry in enumerate(exemplars, start=1):
+        lines = [f"Task {number}. Labels: {label_list(entry['labels'])}"]
+        inputs = list(entry.get("inputs") or [])
+        if inputs:
+            lines.append(f"Sample input: {inputs[0]}")
+        lines.append(f"Instruction that worked:\n{entry['instruction']}")
+        blocks.append("\n".join(lines))
+    return (
+        "Instructions written for other tasks that a model followed well (examples of the form to aim for; "
+        "do not copy them, the task here is different):\n\n" + "\n\n".join(blocks) + "\n\n"
+    )
+
+
 def build_meta_prompt(
     template: str,
     labels: Sequence[Any],
     examples: Sequence[Example],
     field_names: Sequence[str],
     notes: str = "",
+    exemplars: Sequence[Mapping[str, Any]] = (),
+    max_words: int | None = None,
 ) -> str:
     """The generator's prompt: ``template`` (a built-in name or a template text) filled
-    with the label list, the rendered examples and ``notes`` (see :func:`task_notes`).
+    with the label list, the rendered examples, ``notes`` (see :func:`task_notes`), the
+    ``exemplars`` (see :func:`render_exemplars`) and the length rule for ``max_words``.
 
-    Raises ``ValueError`` when the template lacks a required placeholder.
+    Raises ``ValueError`` when the template lacks a required placeholder, or has no
+    ``{exemplars}`` placeholder while exemplars are given.
     """
     text = template_text(template)
     check_template(text)
     if notes and "{task_notes}" not in text:
         logger.info("the template has no {task_notes} placeholder: the author's task notes are left out")
+    if exemplars and "{exemplars}" not in text:
+        raise ValueError("the template has no {exemplars} placeholder, so it cannot show exemplar instructions")
+    if max_words and "{length_rule}" not in text:
+        logger.info("the template has no {length_rule} placeholder: the length budget is only the generation limit")
     values = {
         "label_names": label_list(labels),
         "examples": render_examples(examples, field_names),
         "task_notes": notes,
+        "exemplars": render_exemplars(exemplars),
+        "length_rule": length_rule(max_words),
     }
     return _PLACEHOLDER.sub(lambda match: values[match.group(1)], text)

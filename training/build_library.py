@@ -1,0 +1,349 @@
+"""``python -m training.build_library``: the instruction library, a learned, CPU-scale
+form of what GRPO meta-training teaches the generator.
+
+For every meta-training task (the ``train`` list of ``SPLITS.json``; never a ``dev``
+task, and rows sharing a text with a dev task are left out, by the contamination
+hashes of :mod:`training.contamination`), one context is sampled as the GRPO data
+builder samples it (``n`` shown examples, ``m`` held-out test rows,
+:func:`training.build_data.sample_context`) and written as a GRPO prompt line
+(:func:`training.build_data.make_record`). The generator writes ``candidates``
+instructions for it (both templates, the first two decoded greedily, the rest sampled
+with seeds), each cleaned by the protocol as at compile time and scored by the SAME
+reward code GRPO would use (:func:`training.follower.score_instruction`: the follower's
+macro-F1 on the ``m`` held-out rows, with the protocol in the line). The naive
+instruction is scored the same way. The best candidate of a task becomes a library
+entry when it beats the naive instruction.
+
+The output (default ``dspy_promptmii/data/instruction_library.json``, the packaged
+library) holds the entries (task, labels, sample inputs where the dataset's licence
+allows redistribution, the instruction, its reward and the naive reward, template,
+generator, follower, seed) and every scored candidate: the rejection-sampling data a
+GPU user can fine-tune a generator on (training/README.md). The build is a function of
+its inputs and ``--seed``; the command that rebuilt it is recorded in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from dspy_promptmii.data import TaskData
+from dspy_promptmii.files import write_json
+from dspy_promptmii.generation import generate, generator_settings
+from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol
+from training.build_data import BuildConfig, ContextSpec, context_seed, filter_reason, make_record, sample_context
+from training.contamination import eval_hashes, overlapping_rows
+from training.follower import Follower, FollowerConfig, HeldOutSet, parse_payload, score_instruction
+from training.sources import load_local_tasks, read_splits, resolve_task_paths
+
+logger = logging.getLogger("training.build_library")
+
+__all__ = ["LibraryConfig", "build_library", "redistributable", "main", "DEFAULT_OUT"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The packaged library.
+DEFAULT_OUT = REPO_ROOT / "dspy_promptmii" / "data" / "instruction_library.json"
+#: Licences under which sample inputs of a dataset may be shipped in the library.
+_REDISTRIBUTABLE = ("CC BY", "CC0", "Apache-2.0", "MIT")
+#: Sampling temperature of the candidates after the first two (greedy) ones.
+SAMPLED_TEMPERATURE = 0.8
+
+
+def redistributable(licence: str | None) -> bool:
+    """Whether a dataset's licence text (INDEX.tsv) allows shipping sample inputs."""
+    return bool(licence) and licence.strip().startswith(_REDISTRIBUTABLE)
+
+
+@dataclass
+class LibraryConfig:
+    """What the build does (all of it is recorded in the output)."""
+
+    n: int = 20
+    m: int = 20
+    candidates: int = 4
+    seed: int = 0
+    max_instruction_tokens: int | None = 160
+    inputs_per_entry: int = 2
+    input_chars: int = 200
+    protocol: Protocol = field(default_factory=Protocol)
+
+    def __post_init__(self) -> None:
+        for name in ("n", "m", "candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def _licences(datasets_dir: Path | None) -> dict[str, str]:
+    index = datasets_dir / "INDEX.tsv" if datasets_dir else None
+    if index is None or not index.is_file():
+        return {}
+    with index.open(encoding="utf-8", newline="") as handle:
+        return {row["name"]: row.get("license", "") for row in csv.DictReader(handle, delimiter="\t")}
+
+
+def _candidate_specs(config: LibraryConfig) -> list[dict[str, Any]]:
+    return [
+        {
+            "template": "meta2" if index % 2 == 0 else "meta1",
+            "temperature": 0.0 if index < 2 else SAMPLED_TEMPERATURE,
+            "seed": config.seed + index,
+        }
+        for index in range(config.candidates)
+    ]
+
+
+async def _score(follower: Follower, instruction: str, tests: HeldOutSet) -> dict[str, Any]:
+    result = await score_instruction(follower, instruction, tests)
+    return {
+        "reward": round(result.reward, 4),
+        "accuracy": round(result.accuracy, 4),
+        "invalid_rate": round(result.invalid_rate, 4),
+        "follower_error": result.follower_error,
+    }
+
+
+async def _build_task(
+    task: TaskData,
+    source: str,
+    excluded: set[int],
+    config: LibraryConfig,
+    generator: Any,
+    follower: Follower,
+    allow_inputs: bool,
+) -> dict[str, Any]:
+    """Candidates and scores for one task (see the module docstring)."""
+    seed = context_seed(config.seed, task.name, config.n, 0)
+    context_ids, test_ids = sample_context(task, config.n, seed, config.m, "stratified", excluded)
+    spec = ContextSpec(task.name, config.n, 0, "library")
+    record = make_record(task, source, spec, seed, context_ids, test_ids, config.protocol, "library")
+    tests = parse_payload(record["label"])
+    shown = list(tests.shown)
+    max_words = int(0.75 * config.max_instruction_tokens) if config.max_instruction_tokens else None
+    limit = int(1.5 * config.max_instruction_tokens) + 64 if config.max_instruction_tokens else 1024
+    candidates = []
+    for index, spec in enumerate(_candidate_specs(config)):
+        prompt = config.protocol.meta_prompt(
+            task.labels, shown, list(task.input_fields), template=spec["template"], max_words=max_words
+        )
+        settings, _ = generator_settings(
+            generator, temperature=spec["temperature"], max_tokens=limit, extra={"seed": spec["seed"]}
+        )
+        started = time.perf_counter()
+        reply = generate(generator, prompt, settings)
+        seconds = time.perf_counter() - started
+        cleaned = config.protocol.clean(
+            reply.text, task.input_fields, labels=task.labels, examples=shown, truncated=reply.truncated
+        )
+        score = await _score(follower, cleaned.text, tests) if cleaned.text else {"reward": 0.0, "empty": True}
+        candidates.append(
+            {
+                "index": index,
+                **spec,
+                "instruction": cleaned.text,
+                "completion_tokens": reply.usage.get("completion_tokens"),
+                "finish_reason": reply.finish_reason,
+                "copied_fraction": cleaned.copied_fraction,
+                "seconds": round(seconds, 2),
+                **score,
+            }
+        )
+        logger.info("%s candidate %d (%s, T=%s): reward %.3f", task.name, index, spec["template"],
+                    spec["temperature"], candidates[-1]["reward"])
+    naive = await _score(follower, NAIVE_INSTRUCTION, tests)
+    best = max(candidates, key=lambda c: (c["reward"], -len(c["instruction"]), -c["index"]))
+    inputs = (
+        [str(inputs[task.input_fields[0]])[: config.input_chars] for inputs, _ in shown[: config.inputs_per_entry]]
+        if allow_inputs
+        else []
+    )
+    return {
+        "task": task.name,
+        "source": source,
+        "labels": list(task.labels),
+        "input_fields": list(task.input_fields),
+        "inputs": inputs,
+        "naive_reward": naive["reward"],
+        "best": best,
+        "candidates": candidates,
+        "context_ids": list(context_ids),
+        "test_ids": list(test_ids),
+    }
+
+
+def build_library(
+    tasks: Sequence[tuple[TaskData, str]],
+    config: LibraryConfig,
+    generator: Any,
+    follower: Follower,
+    *,
+    eval_tasks: Sequence[TaskData] = (),
+    licences: dict[str, str] | None = None,
+    generator_name: str = "",
+    follower_name: str = "",
+) -> dict[str, Any]:
+    """Build the library of ``tasks`` (see the module docstring) and return it as a dict.
+
+    Raises ``ValueError`` when a task is also an evaluation task.
+    """
+    started = time.perf_counter()
+    names = {task.name for task, _ in tasks}
+    clash = sorted(names & {task.name for task in eval_tasks})
+    if clash:
+        raise ValueError(f"task(s) {', '.join(clash)} are evaluation tasks: they must not enter the library")
+    hashes = eval_hashes(eval_tasks) if eval_tasks else set()
+    licences = licences or {}
+    filters = BuildConfig(m=config.m, base_shots=config.n)
+    entries, per_task, skipped = [], [], {}
+
+    async def run() -> None:
+        try:
+            for task, source in tasks:
+                excluded = overlapping_rows(task, hashes) if hashes else set()
+                reason = filter_reason(task, filters, len(task.rows) - len(excluded))
+                if reason:
+                    skipped[task.name] = reason
+                    logger.info("skipping %s: %s", task.name, reason)
+                    continue
+                result = await _build_task(
+                    task, source, excluded, config, generator, follower, redistributable(licences.get(task.name))
+                )
+                result["excluded_rows"] = len(excluded)
+                per_task.append(result)
+                best = result["best"]
+                if best["reward"] > result["naive_reward"] and best["instruction"]:
+                    entries.append(
+                        {
+                            "task": task.name,
+                            "labels": result["labels"],
+                            "input_fields": result["input_fields"],
+                            "inputs": result["inputs"],
+                            "instruction": best["instruction"],
+                            "reward": best["reward"],
+                            "naive_reward": result["naive_reward"],
+                            "template": best["template"],
+                            "temperature": best["temperature"],
+                            "seed": best["seed"],
+                            "generator": generator_name,
+                            "follower": follower_name,
+                        }
+                    )
+                else:
+                    scores = f"{best['reward']:.3f} <= {result['naive_reward']:.3f}"
+                    skipped[task.name] = f"no candidate beat the naive instruction ({scores})"
+        finally:
+            await follower.aclose()
+
+    asyncio.run(run())
+    return {
+        "version": 1,
+        "built": date.today().isoformat(),
+        "generator": generator_name,
+        "follower": follower_name,
+        "config": {k: v for k, v in config.__dict__.items() if k != "protocol"},
+        "protocol": config.protocol.to_dict(),
+        "entries": entries,
+        "skipped": skipped,
+        "contamination": {"eval_tasks": sorted(t.name for t in eval_tasks), "eval_texts": len(hashes)},
+        "tasks": per_task,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.build_library", description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", type=Path, default=None, help="folder of task folders (default ../shared/datasets)")
+    p.add_argument("--tasks", nargs="*", default=None, help="task names (default: the 'train' list of SPLITS.json)")
+    p.add_argument("--generator", default="qwen2.5-coder-1.5b-instruct", help="generator route (default 1.5B local)")
+    p.add_argument("--follower", default="local", help="follower route (default: the embedded 0.5B model)")
+    p.add_argument("--api-base", default=None, help="OpenAI-compatible base URL for non-local routes")
+    p.add_argument(
+        "--constrained",
+        choices=["auto", "none", "grammar", "json_object", "json_schema"],
+        default="auto",
+        help="the follower's constrained decoding (default: the follower endpoint's default style)",
+    )
+    p.add_argument("--candidates", type=int, default=4, help="generator calls per task (default 4)")
+    p.add_argument("--n", type=int, default=20, help="shown examples per task (default 20)")
+    p.add_argument("--m", type=int, default=20, help="held-out rows scored per task (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-instruction-tokens", type=int, default=160, help="instruction budget (0 for none; default 160)"
+    )
+    p.add_argument("--n-ctx", type=int, default=8192, help="context size of local servers")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _datasets_dir(given: Path | None) -> Path:
+    folder = given or REPO_ROOT.parent / "shared" / "datasets"
+    if not (folder / "SPLITS.json").is_file():
+        raise SystemExit(f"no SPLITS.json in {folder}: pass --datasets DIR (the shared datasets folder)")
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    datasets_dir = _datasets_dir(args.datasets)
+    splits = read_splits(datasets_dir) or {}
+    names = args.tasks or splits.get("train") or []
+    if not names:
+        raise SystemExit(f"no tasks: pass --tasks or give {datasets_dir}/SPLITS.json a 'train' list")
+    dev = set(splits.get("dev") or [])
+    if dev & set(names):
+        both = sorted(dev & set(names))
+        raise SystemExit(f"--tasks names development task(s) {both}; the library takes train tasks only")
+    tasks = load_local_tasks(resolve_task_paths(names, datasets_dir))
+    eval_tasks = [t for t, _ in load_local_tasks(resolve_task_paths(sorted(dev), datasets_dir))] if dev else []
+
+    from dspy_promptmii.routes import LMPool
+
+    with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
+        follow = pool.endpoint(args.follower, cache=False)
+        generator = pool.endpoint(args.generator, cache=False)
+        style = {"auto": follow.constrained_style, "none": False}.get(args.constrained, args.constrained)
+        config = LibraryConfig(
+            n=args.n,
+            m=args.m,
+            candidates=args.candidates,
+            seed=args.seed,
+            max_instruction_tokens=args.max_instruction_tokens or None,
+            protocol=Protocol(constrained=style),
+        )
+        base_url = follow.server.base_url if follow.server else str(follow.lm.kwargs.get("api_base"))
+        follower = Follower(
+            FollowerConfig(base_url=base_url, model=follow.lm.model.split("/", 1)[-1], concurrency=1, timeout=300)
+        )
+        library = build_library(
+            tasks,
+            config,
+            generator.lm,
+            follower,
+            eval_tasks=eval_tasks,
+            licences=_licences(datasets_dir),
+            generator_name=generator.route,
+            follower_name=follow.route,
+        )
+    library["command"] = "python -m training.build_library " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_json(library, args.out)
+    logger.info(
+        "wrote %s: %d entries of %d tasks (%d skipped) in %.0f s",
+        args.out, len(library["entries"]), len(library["tasks"]), len(library["skipped"]), library["seconds"],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
