@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cli, methods  # noqa: E402
-from benchmarks.methods import Budgets, MethodSpec, train_val_split  # noqa: E402
+from benchmarks.methods import Budgets, MethodSpec, parse_method, train_val_split  # noqa: E402
 from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark  # noqa: E402
 from benchmarks.store import ResultStore, cell_key, read_records  # noqa: E402
 from benchmarks.tasks import make_split, resolve_tasks  # noqa: E402
@@ -189,6 +189,43 @@ def test_search_methods_really_search_at_a_tiny_budget(data_dir, lms, tmp_path):
     assert gepa["details"] == {"train": 2, "val": 4, "max_metric_calls": 12}
     assert mipro["compile_generator_calls"] >= 2 and mipro["compile_follower_calls"] >= 4
     assert "num_candidates=2" in mipro["details"]["budget"]
+    # GEPA's reflection LM reads textual feedback: the gold label and what was predicted.
+    prompts = ["\n".join(message_texts(m) for m in r.messages) for r in lms["generator"].requests]
+    assert any("the correct label is" in p or "Correct: the label is" in p for p in prompts)
+
+
+def test_method_options_are_parsed_and_refused_by_name():
+    spec, options = parse_method("promptmii_zero:exemplars=2+max_instruction_tokens=160+candidates=4+demos=1")
+    assert spec.name == "promptmii_zero"
+    assert options == {"exemplars": 2, "max_instruction_tokens": 160, "candidates": 4, "demos": 1}
+    assert parse_method("gepa:generator=qwen2.5-coder-1.5b-instruct")[1] == {"generator": "qwen2.5-coder-1.5b-instruct"}
+    with pytest.raises(ValueError, match="unknown method 'gepaa'"):
+        parse_method("gepaa")
+    with pytest.raises(ValueError, match="method 'gepa' takes no option 'exemplars'"):
+        parse_method("gepa:exemplars=2")
+    with pytest.raises(ValueError, match="option candidates takes an integer"):
+        parse_method("promptmii_zero:candidates=four")
+    with pytest.raises(ValueError, match="is not name=value"):
+        parse_method("promptmii_zero:exemplars")
+
+
+def test_a_method_with_options_runs_under_its_full_name(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    method = "promptmii_zero:exemplars=1+max_instruction_tokens=40+demos=2"
+    library = [{"task": "other", "labels": ["x", "y"], "inputs": ["q"], "instruction": "Sort them.", "reward": 1}]
+    import dspy_promptmii.optimizer as optimizer_module
+
+    original = optimizer_module.load_library
+    optimizer_module.load_library = lambda path=None: library
+    try:
+        run_benchmark(config(data_dir, out, methods=[method], tasks=resolve_tasks(data_dir, ["toy"])), lms["endpoints"])
+    finally:
+        optimizer_module.load_library = original
+    [record] = ok(out).values()
+    assert record["method"] == method and record["demos"] == 2
+    assert record["details"]["exemplars"] == ["other"] and record["details"]["options"]["demos"] == 2
+    with pytest.raises(ValueError, match="takes no option"):
+        run_benchmark(config(data_dir, tmp_path / "o2", methods=["icl:demos=2"]), lms["endpoints"])
 
 
 # --- accounting ------------------------------------------------------------------------
