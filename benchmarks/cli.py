@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--template",
         default="auto",
-        help="meta-prompt of Prompt-MII: meta1, meta2, auto (default), a template file or a template text",
+        help="meta-prompt of Prompt-MII: meta1, meta2, label_defs, auto (default), a template file or a template text",
     )
     run.add_argument(
         "--threads",

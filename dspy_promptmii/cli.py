@@ -244,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     induce.add_argument("--generator", required=True, help=f"the generator LM: {lm_help}")
     induce.add_argument("--api-base", help="base URL of an OpenAI-compatible server (vLLM, llama.cpp, ...)")
     induce.add_argument("--n", type=positive_int, default=20, help="examples shown to the generator (default 20)")
-    induce.add_argument("--template", default="auto", help="meta1, meta2, auto (default) or a custom template")
+    induce.add_argument(
+        "--template",
+        default="auto",
+        help="meta1, meta2, label_defs, auto (default), a template file or a template text",
+    )
     induce.add_argument("--seed", type=int, default=0)
     induce.add_argument("--sampling", choices=("stratified", "random"), default="stratified")
     induce.add_argument("--max-tokens", type=positive_int, default=1024, help="most tokens the generator may write")

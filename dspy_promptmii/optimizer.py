@@ -152,8 +152,11 @@ def _positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: b
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
-def _other_template(template: str) -> str:
-    return {"meta1": "meta2", "meta2": "meta1"}.get(template, template)
+def _template_cycle(template: str) -> list[str]:
+    """``template`` first, then the other built-in templates (a custom template alone)."""
+    if template not in TEMPLATES:
+        return [template]
+    return [template, *(name for name in TEMPLATES if name != template)]
 
 
 #: Sampling temperature of the candidates after the first two (which decode greedily).
@@ -427,21 +430,22 @@ class PromptMIIOptimizer(Teleprompter):
         return plans
 
     def candidate_specs(self, generator_model: str) -> list[dict[str, Any]]:
-        """What each of the ``candidates`` generator calls varies: candidate 0 is the
-        plain call (the protocol's template, the exemplars, greedy); 1 uses the other
-        built-in template; 2 drops the exemplars (if any) and samples at
-        :data:`CANDIDATE_TEMPERATURE`; 3 and later sample, alternating templates, with
-        the exemplars. Sampled candidates get seeds ``seed + index``."""
+        """What each of the ``candidates`` generator calls varies. Candidate 0 is the
+        plain call (the protocol's template, the exemplars, greedy); the next ones, one
+        per other built-in template (meta1, meta2, label_defs; none for a custom
+        template), also greedy; after those, candidates are sampled at
+        :data:`CANDIDATE_TEMPERATURE` with seed ``seed + index``, cycling through the
+        templates, every other one without the exemplars."""
         template, _ = self.protocol.resolve_template(generator_model)
+        cycle = _template_cycle(template)
         specs = []
         for index in range(self.candidates):
-            use_template = _other_template(template) if index % 2 == 1 else template
-            sampled = index >= 2
+            sampled = index >= len(cycle)
             specs.append(
                 {
                     "index": index,
-                    "template": use_template,
-                    "exemplars": not (index == 2 and self.exemplars),
+                    "template": cycle[index % len(cycle)],
+                    "exemplars": not (sampled and (index - len(cycle)) % 2 == 0),
                     "temperature": CANDIDATE_TEMPERATURE if sampled else None,
                     "seed": self.seed + index if sampled else None,
                 }

@@ -47,9 +47,10 @@ PLACEHOLDERS = ("{label_names}", "{examples}")
 #: Placeholders a template may contain.
 OPTIONAL_PLACEHOLDERS = ("{task_notes}", "{exemplars}", "{length_rule}")
 
-# Two meta-prompt templates, after the structure of the paper's "meta1" (a prompt for a
+# Two meta-prompt templates after the structure of the paper's "meta1" (a prompt for a
 # classifier model; used with Llama generators) and "meta2" (guidelines for a human
-# annotator; used with Qwen generators). The wording is this project's own.
+# annotator; used with Qwen generators), and a third of this project's ("label_defs").
+# All wording is this project's own.
 TEMPLATES: dict[str, str] = {
     "meta1": (
         "You are helping to write the prompt of a language model whose job is to sort "
@@ -75,6 +76,21 @@ TEMPLATES: dict[str, str] = {
         "particular ones, and warn about common pitfalls and borderline cases. Keep them "
         "short and do not repeat yourself.{length_rule} Reply with the guidelines only."
     ),
+    # A third form, this project's own: a definition per label, which small followers
+    # can match a text against line by line.
+    "label_defs": (
+        "You are writing the instruction for a small language model that must put each text "
+        "into exactly one of these categories: {label_names}.\n\n"
+        "{task_notes}"
+        "{exemplars}"
+        "Texts with their categories:\n\n"
+        "{examples}\n\n"
+        "Write the instruction. Start with one sentence saying what the texts are and what is "
+        "being decided. Then give one line per category, in the form '<category>: <what texts "
+        "in this category have in common>', naming general cues, not these particular texts. "
+        "End by telling the model to answer with the category name only.{length_rule} Reply "
+        "with the instruction only."
+    ),
 }
 
 #: The "naive" baseline instruction: the task stated with no induction at all.
@@ -86,11 +102,13 @@ _PLACEHOLDER = re.compile(r"\{(label_names|examples|task_notes|exemplars|length_
 def check_template(template: str) -> None:
     """Raise ``ValueError`` naming every required placeholder a template text lacks."""
     if not isinstance(template, str) or not template.strip():
-        raise ValueError("a template must be 'meta1', 'meta2', 'auto', a template file or a non-empty template text")
+        raise ValueError(
+            "a template must be 'meta1', 'meta2', 'label_defs', 'auto', a template file or a non-empty template text"
+        )
     missing = [p for p in PLACEHOLDERS if p not in template]
     if missing:
         raise ValueError(
-            f"the template is missing the placeholder(s) {', '.join(missing)}; a template is 'meta1', 'meta2', "
+            f"the template is missing the placeholder(s) {', '.join(missing)}; a template is a built-in name, "
             f"'auto', a path to a template file, or a text containing both {' and '.join(PLACEHOLDERS)}"
         )
 
@@ -98,7 +116,8 @@ def check_template(template: str) -> None:
 def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     """Resolve what a user passed as ``template`` into (template, source).
 
-    * ``"meta1"``, ``"meta2"``, ``"auto"``: returned as is (source ``"built-in"``).
+    * a built-in name (``"meta1"``, ``"meta2"``, ``"label_defs"``) or ``"auto"``: returned as is
+      (source ``"built-in"``).
     * A text containing the placeholders: returned as is (source ``"text"``).
     * A path to an existing file: its text (source ``"file:<path>"``), checked.
 
@@ -122,7 +141,8 @@ def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
         raise TypeError(f"template must be a template name, a template text or a path, got {type(template).__name__}")
     if not path.is_file():
         raise ValueError(
-            f"template {str(template)!r} is not 'meta1', 'meta2' or 'auto', holds no {PLACEHOLDERS[1]} placeholder, "
+            f"template {str(template)!r} is not a built-in name ({', '.join(TEMPLATES)}) or 'auto', holds no "
+            f"{PLACEHOLDERS[1]} placeholder, "
             "and is not an existing file"
         )
     try:
