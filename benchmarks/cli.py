@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     run.add_argument(
+        "--descriptions",
+        default=None,
+        help="JSON file of what each task's author would write in its signature ({'tasks': {name: {'task', "
+        "'text', 'text_pair', 'label'}}}), e.g. benchmarks/task_descriptions.json",
+    )
+    run.add_argument(
         "--template",
         default="auto",
         help="meta-prompt of Prompt-MII: meta1, meta2, label_defs, auto (default), a template file or a template text",
@@ -283,6 +289,7 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         load_template(args.template)
     except (ValueError, TypeError) as error:
         raise SystemExit(f"--template: {error}") from None
+    descriptions = _read_descriptions(args.descriptions)
     auto = None if values["miprov2_auto"] == "none" else values["miprov2_auto"]
     if auto is None and not (values["miprov2_candidates"] and values["miprov2_trials"]):
         raise SystemExit("--miprov2-auto none needs --miprov2-candidates and --miprov2-trials")
@@ -340,6 +347,7 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
             ),
             follower_max_tokens=args.follower_max_tokens,
             template=args.template,
+            descriptions=descriptions,
             budgets=budgets,
             progress=not args.no_progress,
             preset={"name": "quick", "description": QUICK_DESCRIPTION, "values": QUICK} if args.quick else None,
@@ -371,6 +379,28 @@ def _report(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"wrote {path}")
     return 0
+
+
+def _read_descriptions(path: str | None) -> dict[str, dict[str, str]]:
+    """The --descriptions file's ``tasks`` mapping; SystemExit naming the problem."""
+    if not path:
+        return {}
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--descriptions: {path} cannot be read as JSON: {error}") from None
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
+        raise SystemExit(f"--descriptions: {path} needs a 'tasks' object mapping task names to objects")
+    allowed = {"task", "text", "text_pair", "label"}
+    for name, notes in tasks.items():
+        unknown = sorted(set(notes) - allowed)
+        if unknown or not all(isinstance(v, str) for v in notes.values()):
+            keys = unknown or list(notes)
+            raise SystemExit(f"--descriptions: task {name!r} has keys {keys}; allowed {sorted(allowed)}")
+    return tasks
 
 
 def _styles(text: str) -> tuple[str | bool, ...]:

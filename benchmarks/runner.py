@@ -32,7 +32,7 @@ from benchmarks.methods import Budgets, CompileContext, MethodFailure
 from benchmarks.store import ResultStore
 from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
-from dspy_promptmii.data import load_task
+from dspy_promptmii.data import TaskData, load_task
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import Endpoint
@@ -75,6 +75,9 @@ class RunConfig:
     #: The follower's reply limit with LabelAdapter; None: the protocol's default per label set.
     follower_max_tokens: int | None = None
     template: str = "auto"
+    #: Per task, what its author would write in the signature: ``{"task": docstring,
+    #: "text": desc, "text_pair": desc, "label": desc}`` (each optional).
+    descriptions: dict[str, dict[str, str]] = field(default_factory=dict)
     budgets: Budgets = field(default_factory=Budgets)
     progress: bool = True
     preset: dict[str, Any] | None = None
@@ -160,6 +163,12 @@ def _describe(method: str, budgets: Budgets) -> str:
     return text
 
 
+def _signature(task: TaskData, config: RunConfig) -> type[dspy.Signature]:
+    """The task's signature, with its author's descriptions when the run has them."""
+    notes = config.descriptions.get(task.name) or {}
+    return task.signature(instructions=notes.get("task"), descriptions=notes)
+
+
 def _route(endpoint: Endpoint | None) -> str | None:
     return None if endpoint is None else endpoint.route
 
@@ -205,6 +214,7 @@ def _settings(
         "adapter": {k: v for k, v in adapter.items() if k != "note"},
         "follower_max_tokens": config.follower_max_tokens,
         "protocol": protocol.to_dict(),
+        "descriptions": config.descriptions,
         "budgets": asdict(config.budgets),
         "split_protocol": SPLIT_PROTOCOL,
         "versions": {name: installed.get(name) for name in RESULT_PACKAGES},
@@ -285,7 +295,7 @@ def run_cell(
         return fields
 
     ctx = CompileContext(
-        student=dspy.Predict(task.signature()),
+        student=dspy.Predict(_signature(task, config)),
         examples=examples,
         seed=split.seed,
         threads=config.threads,

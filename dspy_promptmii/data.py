@@ -23,7 +23,7 @@ import json
 import math
 import numbers
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -166,13 +166,25 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def classifier_signature(labels: Sequence[str], pair: bool, instructions: str | None = None) -> type[dspy.Signature]:
+def classifier_signature(
+    labels: Sequence[str],
+    pair: bool,
+    instructions: str | None = None,
+    descriptions: Mapping[str, str] | None = None,
+) -> type[dspy.Signature]:
     """``text[, text_pair] -> label: Literal[labels]``, with ``instructions`` or DSPy's
-    default ones (which the protocol does not show as an author's task description)."""
-    fields: dict[str, Any] = {"text": (str, dspy.InputField())}
+    default ones (which the protocol does not show as an author's task description), and
+    ``descriptions`` of the fields (``{"text": ..., "text_pair": ..., "label": ...}``, each
+    optional) as their ``desc=``."""
+    descriptions = descriptions or {}
+
+    def field(kind: Any, name: str) -> Any:
+        return kind(desc=descriptions[name]) if descriptions.get(name) else kind()
+
+    fields: dict[str, Any] = {"text": (str, field(dspy.InputField, "text"))}
     if pair:
-        fields["text_pair"] = (str, dspy.InputField())
-    fields["label"] = (Literal[tuple(labels)], dspy.OutputField())
+        fields["text_pair"] = (str, field(dspy.InputField, "text_pair"))
+    fields["label"] = (Literal[tuple(labels)], field(dspy.OutputField, "label"))
     return dspy.Signature(fields, instructions) if instructions else dspy.Signature(fields)
 
 
@@ -211,8 +223,11 @@ class TaskData:
         """Distinct labels, sorted (the order the format line lists them in)."""
         return sorted({row["label"] for row in self.rows})
 
-    def signature(self, instructions: str | None = None) -> type[dspy.Signature]:
-        return classifier_signature(self.labels, self.pair, instructions)
+    def signature(
+        self, instructions: str | None = None, descriptions: Mapping[str, str] | None = None
+    ) -> type[dspy.Signature]:
+        """The task's signature (see :func:`classifier_signature`)."""
+        return classifier_signature(self.labels, self.pair, instructions, descriptions)
 
     def examples(self, rows: Sequence[dict[str, Any]] | None = None) -> list[dspy.Example]:
         return [

@@ -435,3 +435,27 @@ def test_count_flags_refuse_zero_before_anything_runs(capsys, flag):
         cli.main(["run", flag, "0"])
     assert exited.value.code == 2
     assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_descriptions_reach_the_signature_and_the_configuration(data_dir, lms, tmp_path):
+    notes = {"toy": {"task": "Sort toy rows.", "text": "a toy row", "label": "the toy's class"}}
+    out = tmp_path / "out"
+    run_benchmark(
+        config(data_dir, out, methods=["naive", "promptmii_zero"], tasks=resolve_tasks(data_dir, ["toy"]),
+               descriptions=notes),
+        lms["endpoints"],
+    )
+    asked = [message_texts(req.messages[-1]) for req in lms["follower"].requests]
+    assert any("- Input: a toy row\n- Label: the toy's class" in a for a in asked)
+    prompts = ["\n".join(message_texts(m) for m in r.messages) for r in lms["generator"].requests]
+    assert any("Sort toy rows." in p for p in prompts)
+    manifest = ResultStore(out).read_manifest()
+    assert manifest["settings"]["descriptions"] == notes
+
+
+def test_a_descriptions_file_is_checked(tmp_path):
+    bad = tmp_path / "d.json"
+    bad.write_text('{"tasks": {"toy": {"labels": "x"}}}', encoding="utf-8")
+    with pytest.raises(SystemExit, match="has keys"):
+        cli._read_descriptions(str(bad))
+    assert cli._read_descriptions(str(ROOT / "benchmarks" / "task_descriptions.json"))["snips"]["label"]
