@@ -7,8 +7,9 @@ hashes of :mod:`training.contamination`), one context is sampled as the GRPO dat
 builder samples it (``n`` shown examples, ``m`` held-out test rows,
 :func:`training.build_data.sample_context`) and written as a GRPO prompt line
 (:func:`training.build_data.make_record`). The generator writes ``candidates``
-instructions for it (both templates, the first two decoded greedily, the rest sampled
-with seeds), each cleaned by the protocol as at compile time and scored by the SAME
+instructions for it (for each of ``templates`` in turn, one decoded greedily and one
+sampled with a seed, so that the two share the meta-prompt in the server's prefix
+cache), each cleaned by the protocol as at compile time and scored by the SAME
 reward code GRPO would use (:func:`training.follower.score_instruction`: the follower's
 macro-F1 on the ``m`` held-out rows, with the protocol in the line). The naive
 instruction is scored the same way. The best candidate of a task becomes a library
@@ -67,9 +68,10 @@ def redistributable(licence: str | None) -> bool:
 class LibraryConfig:
     """What the build does (all of it is recorded in the output)."""
 
-    n: int = 20
+    n: int = 10
     m: int = 20
     candidates: int = 4
+    templates: tuple[str, ...] = ("meta2", "label_defs")
     seed: int = 0
     max_instruction_tokens: int | None = 160
     inputs_per_entry: int = 2
@@ -80,6 +82,8 @@ class LibraryConfig:
         for name in ("n", "m", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.templates:
+            raise ValueError("templates must name at least one template")
 
 
 def _licences(datasets_dir: Path | None) -> dict[str, str]:
@@ -91,10 +95,11 @@ def _licences(datasets_dir: Path | None) -> dict[str, str]:
 
 
 def _candidate_specs(config: LibraryConfig) -> list[dict[str, Any]]:
+    """Per template in turn: a greedy candidate, then a sampled one (same meta-prompt)."""
     return [
         {
-            "template": "meta2" if index % 2 == 0 else "meta1",
-            "temperature": 0.0 if index < 2 else SAMPLED_TEMPERATURE,
+            "template": config.templates[(index // 2) % len(config.templates)],
+            "temperature": 0.0 if index % 2 == 0 else SAMPLED_TEMPERATURE,
             "seed": config.seed + index,
         }
         for index in range(config.candidates)
@@ -248,7 +253,7 @@ def build_library(
         "built": date.today().isoformat(),
         "generator": generator_name,
         "follower": follower_name,
-        "config": {k: v for k, v in config.__dict__.items() if k != "protocol"},
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items() if k != "protocol"},
         "protocol": config.protocol.to_dict(),
         "entries": entries,
         "skipped": skipped,
@@ -272,7 +277,12 @@ def parser() -> argparse.ArgumentParser:
         help="the follower's constrained decoding (default: the follower endpoint's default style)",
     )
     p.add_argument("--candidates", type=int, default=4, help="generator calls per task (default 4)")
-    p.add_argument("--n", type=int, default=20, help="shown examples per task (default 20)")
+    p.add_argument(
+        "--templates",
+        default="meta2,label_defs",
+        help="templates the candidates cycle through (default meta2,label_defs)",
+    )
+    p.add_argument("--n", type=int, default=10, help="shown examples per task (default 10)")
     p.add_argument("--m", type=int, default=20, help="held-out rows scored per task (default 20)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -318,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n=args.n,
             m=args.m,
             candidates=args.candidates,
+            templates=tuple(t.strip() for t in args.templates.split(",") if t.strip()),
             seed=args.seed,
             max_instruction_tokens=args.max_instruction_tokens or None,
             protocol=Protocol(constrained=style),
