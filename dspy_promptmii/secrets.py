@@ -111,10 +111,17 @@ def remember(obj: Any) -> None:
             remember(item)
 
 
+#: Environment variables the shell defines whose names read like credentials but hold
+#: none (``PWD`` is the working directory, not a password).
+_SHELL_VARIABLES = frozenset({"PWD", "OLDPWD"})
+
+
 def _known_values() -> list[str]:
     with _lock:
         values = set(_known)
     for name, value in os.environ.items():
+        if name in _SHELL_VARIABLES:
+            continue
         if is_credential_name(name) and len(value.strip()) >= MIN_SECRET_LENGTH:
             values.add(value.strip())
     return sorted(values, key=len, reverse=True)  # a longer secret before a part of it

@@ -276,3 +276,13 @@ def test_promptmii_error_line_is_scrubbed(tmp_path, provider, capsys, monkeypatc
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("promptmii: error:") and "invalid credentials" in err
     assert_no_secret(err, "the error line")
+
+
+def test_the_working_directory_is_not_a_secret(monkeypatch, tmp_path):
+    from dspy_promptmii.secrets import scrub
+
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("OLDPWD", str(tmp_path / "before"))
+    monkeypatch.setenv("DB_PWD", "hunter2-hunter2")
+    text = f"no such file: {tmp_path}/data.jsonl (password hunter2-hunter2)"
+    assert scrub(text) == f"no such file: {tmp_path}/data.jsonl (password [redacted])"
