@@ -82,8 +82,12 @@ def _demo(args: argparse.Namespace) -> int:
         constrained=not args.no_constrained,
         adapter=args.adapter,
         n_ctx=args.n_ctx,
+        exemplars=args.exemplars,
+        max_instruction_tokens=args.max_instruction_tokens or None,
+        candidates=args.candidates,
     )
-    print("\nInstruction written by the generator in one call:\n")
+    calls = "one call" if args.candidates == 1 else f"{args.candidates} calls, the follower's best"
+    print(f"\nInstruction written by the generator ({calls}):\n")
     print(_indent(result["instruction"]))
     print()
     print(format_table(result["results"]))
@@ -141,6 +145,8 @@ def _induce(args: argparse.Namespace) -> int:
             max_prompt_tokens=budget,
             token_counter=endpoint.token_counter,
             max_tokens=args.max_tokens,
+            exemplars=args.exemplars,
+            max_instruction_tokens=args.max_instruction_tokens or None,
         )
         compiled = optimizer.compile(program, trainset=task.examples())
     instruction = compiled.predictors()[0].signature.instructions
@@ -212,7 +218,43 @@ def _serve(args: argparse.Namespace) -> int:
 # -- parser ----------------------------------------------------------------------------
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _quality_options(
+    parser: argparse.ArgumentParser, exemplars: int, max_instruction_tokens: int | None, candidates: int
+) -> None:
+    """PromptMIIOptimizer's quality options, with the given defaults."""
+    parser.add_argument(
+        "--exemplars",
+        type=non_negative_int,
+        default=exemplars,
+        help=f"instructions of other tasks from the instruction library shown to the generator (default {exemplars})",
+    )
+    parser.add_argument(
+        "--max-instruction-tokens",
+        type=non_negative_int,
+        default=max_instruction_tokens or 0,
+        help=f"instruction length budget, 0 for none (default {max_instruction_tokens or 0})",
+    )
+    parser.add_argument(
+        "--candidates",
+        type=positive_int,
+        default=candidates,
+        help=f"generator calls; above 1 the follower keeps the best on unseen labelled rows (default {candidates})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from dspy_promptmii.demo import DEMO_CANDIDATES, DEMO_EXEMPLARS, DEMO_GENERATOR, DEMO_MAX_INSTRUCTION_TOKENS
     from dspy_promptmii.local.registry import DEFAULT_MODEL
     from dspy_promptmii.local.server import DEFAULT_N_CTX
 
@@ -224,7 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="compile and evaluate a classifier on the embedded model, offline")
     demo.add_argument("--follower", default="local", help=f"the follower LM: {lm_help}")
-    demo.add_argument("--generator", default=None, help="the generator LM (default: the follower)")
+    demo.add_argument(
+        "--generator",
+        default=DEMO_GENERATOR,
+        help=f"the generator LM (default: {DEMO_GENERATOR or 'the follower'})",
+    )
     demo.add_argument("--n", type=positive_int, default=20, help="labelled examples every method sees (default 20)")
     demo.add_argument("--test-rows", type=positive_int, default=100, help="held-out rows to evaluate on (default 100)")
     demo.add_argument("--seed", type=int, default=0)
@@ -235,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="follower prompt: the compact LabelAdapter (default) or DSPy's ChatAdapter",
     )
     demo.add_argument("--no-constrained", action="store_true", help="no constrained decoding with LabelAdapter")
+    _quality_options(demo, DEMO_EXEMPLARS, DEMO_MAX_INSTRUCTION_TOKENS, DEMO_CANDIDATES)
     demo.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of the local server")
     demo.add_argument("--out", help="also write the results as JSON here")
     demo.set_defaults(func=_demo)
@@ -252,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     induce.add_argument("--seed", type=int, default=0)
     induce.add_argument("--sampling", choices=("stratified", "random"), default="stratified")
     induce.add_argument("--max-tokens", type=positive_int, default=1024, help="most tokens the generator may write")
+    induce.add_argument(
+        "--exemplars",
+        type=non_negative_int,
+        default=0,
+        help="instructions of other tasks from the instruction library shown to the generator (default 0)",
+    )
+    induce.add_argument(
+        "--max-instruction-tokens", type=non_negative_int, default=0, help="instruction length budget (default 0: none)"
+    )
     induce.add_argument(
         "--max-prompt-tokens", type=positive_int, help="meta-prompt budget (local default: context - reply)"
     )

@@ -33,6 +33,11 @@ __all__ = ["demo_task", "run_demo", "format_table"]
 
 #: The generator's reply limit.
 _GENERATOR_MAX_TOKENS = 1024
+#: The demo's Prompt-MII settings (the measured defaults, README "Which settings and why").
+DEMO_GENERATOR: str | None = None  # None: the follower's model
+DEMO_EXEMPLARS = 3
+DEMO_MAX_INSTRUCTION_TOKENS: int | None = 160
+DEMO_CANDIDATES = 1
 
 
 def demo_task() -> TaskData:
@@ -65,8 +70,16 @@ def run_demo(
     adapter: str = "label",
     n_ctx: int = DEFAULT_N_CTX,
     progress: bool = True,
+    exemplars: int = 0,
+    max_instruction_tokens: int | None = None,
+    candidates: int = 1,
 ) -> dict[str, Any]:
-    """Run the demo and return its results (instruction, per-method rows, settings)."""
+    """Run the demo and return its results (instruction, per-method rows, settings).
+
+    ``generator`` defaults to the follower's route. ``exemplars``,
+    ``max_instruction_tokens`` and ``candidates`` are PromptMIIOptimizer's; with
+    ``candidates`` > 1 they are scored on labelled rows the generator did not see (never
+    a test row). Raises ``ValueError`` for a bad adapter or row count."""
     if adapter not in ("label", "chat"):
         raise ValueError(f"adapter must be 'label' or 'chat', got {adapter!r}")
     task = demo_task()
@@ -78,7 +91,8 @@ def run_demo(
     # Held-out test rows first; the n labelled examples every method sees are a
     # stratified sample of the rest.
     pool_rows, test_rows_ = split_rows(task.rows, train=len(task.rows) - test_rows, test=test_rows, seed=seed)
-    shown = [ex for ex, _ in select_examples([(ex, ex.label) for ex in task.examples(pool_rows)], n, seed)]
+    pool = task.examples(pool_rows)
+    shown = [ex for ex, _ in select_examples([(ex, ex.label) for ex in pool], n, seed)]
     test = task.examples(test_rows_)
     student = dspy.Predict(task.signature())
 
@@ -116,6 +130,7 @@ def run_demo(
         run(f"icl (n={len(shown)})", icl_program(student, shown), 0, 0.0)
 
         generator_lm, meter = metered(gen.lm)
+        follower_lm, follower_meter = metered(follow.lm)
         budget = meta_prompt_budget(gen.context_tokens, _GENERATOR_MAX_TOKENS)
         optimizer = PromptMIIOptimizer(
             generator_lm=generator_lm,
@@ -124,16 +139,29 @@ def run_demo(
             seed=seed,
             max_prompt_tokens=budget,
             token_counter=gen.token_counter,
+            exemplars=exemplars,
+            max_instruction_tokens=max_instruction_tokens,
+            candidates=candidates,
+            follower_lm=follower_lm,
         )
         started = time.perf_counter()
-        compiled = optimizer.compile(student, trainset=shown)
+        # The whole pool: the optimizer shows the generator the same n examples ICL gets
+        # (same seeded order) and, with several candidates, scores them on the rest.
+        with dspy.context(adapter=chosen):
+            compiled = optimizer.compile(student, trainset=pool)
         compile_seconds = time.perf_counter() - started
-        run(f"promptmii-zero (n={optimizer.report[0]['n_used']})", compiled, meter.snapshot().calls, compile_seconds)
+        calls = meter.snapshot().calls + follower_meter.snapshot().calls
+        run(f"prompt-mii (n={optimizer.report[0]['n_used']})", compiled, calls, compile_seconds)
 
     return {
         "task": task.name,
         "follower": follow.route,
         "generator": gen.route,
+        "optimizer": {
+            "exemplars": exemplars,
+            "max_instruction_tokens": max_instruction_tokens,
+            "candidates": candidates,
+        },
         "adapter": adapter,
         "constrained": constrained if adapter == "label" else False,
         "n": n,

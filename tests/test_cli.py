@@ -299,7 +299,7 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
 
     assert code == 0, err
     result = json.loads(out_file.read_text())
-    assert [row["method"] for row in result["results"]] == ["naive", "icl (n=7)", "promptmii-zero (n=7)"]
+    assert [row["method"] for row in result["results"]] == ["naive", "icl (n=7)", "prompt-mii (n=7)"]
     assert result["results"][-1]["compile_calls"] == 1
     [pool] = FakePool.instances
     assert pool.closed
