@@ -18,15 +18,24 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 logger = logging.getLogger("dspy_promptmii")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (counts, limits, sizes)."""
+def _int_at_least(text: str, lowest: int, wanted: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, limits, sizes)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (counts where 0 means none)."""
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _check_out(path: str | None) -> None:
@@ -216,17 +225,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _quality_options(

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import dspy
 import pytest
 from fakes import fake_lm
+from support.chat_stub import ChatStub
 
 from benchmarks.methods import Budgets
 from benchmarks.runner import Endpoints, RunConfig, make_adapter, make_protocol, run_cell
@@ -39,51 +38,20 @@ TASK = TaskData(name="reviews", rows=ROWS)
 STYLES = [False, "json_schema", "json_object", "grammar"]
 
 
-class _Recorder(BaseHTTPRequestHandler):
-    bodies: list[dict[str, Any]]
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.bodies.append(body)  # type: ignore[attr-defined]
-        answer = json.dumps({"label": LABELS[0]}) if "response_format" in body else LABELS[0]
-        reply = {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body.get("model", "m"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-        }
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+def _label(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, str]:
+    return 200, json.dumps({"label": LABELS[0]}) if "response_format" in body else LABELS[0]
 
 
 @pytest.fixture()
 def follower_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
-    server.bodies = []  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    with ChatStub(_label) as stub:
+        yield stub
 
 
-def _url(server: ThreadingHTTPServer) -> str:
-    return f"http://127.0.0.1:{server.server_address[1]}/v1"
-
-
-def _lm(server: ThreadingHTTPServer) -> dspy.LM:
+def _lm(server: ChatStub) -> dspy.LM:
     """The follower as the benchmark and the demo make it: no temperature or reply limit
     of its own (the protocol sets them)."""
-    return dspy.LM("hosted_vllm/follower", api_base=_url(server), api_key="local", cache=False, num_retries=0)
+    return dspy.LM("hosted_vllm/follower", api_base=server.url, api_key="local", cache=False, num_retries=0)
 
 
 def _without_model(body: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +64,7 @@ def _by_input(bodies: list[dict[str, Any]], text: str) -> dict[str, Any]:
     return _without_model(found[-1])
 
 
-def _reward_body(server: ThreadingHTTPServer, protocol: Protocol, instruction: str, text: str) -> dict[str, Any]:
+def _reward_body(server: ChatStub, protocol: Protocol, instruction: str, text: str) -> dict[str, Any]:
     label = {
         "task": "reviews",
         "labels": LABELS,
@@ -105,7 +73,7 @@ def _reward_body(server: ThreadingHTTPServer, protocol: Protocol, instruction: s
         "test_labels": [LABELS[0]],
         "protocol": protocol.to_dict(),
     }
-    follower = Follower(FollowerConfig(base_url=_url(server), model="follower", max_retries=0))
+    follower = Follower(FollowerConfig(base_url=server.url, model="follower", max_retries=0))
 
     async def run() -> None:
         try:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import warnings
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dspy
 import pytest
 from fakes import fake_lm, word_count
+from support.chat_stub import ChatStub
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys.path
@@ -117,45 +116,22 @@ def test_the_log_filter_scrubs_messages_arguments_and_tracebacks(monkeypatch):
 # --- the benchmark: manifest, results.jsonl, log records ------------------------------------
 
 
-class _EchoingProvider(BaseHTTPRequestHandler):
+def _echoing(body: dict, headers: dict) -> tuple[int, object]:
     """Labels like the toy task wants, except that a request about something 'awful' gets
     a 401 whose message echoes the credentials it was sent, and the environment's secret."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        text = json.dumps(body["messages"])
-        if "awful" in text:
-            status, reply = 401, {
-                "error": {
-                    "message": f"invalid credentials {self.headers.get('Authorization')} "
-                    f"x-api-key={self.headers.get('X-Api-Key')} (expected {ENV_SECRET})",
-                    "type": "invalid_request_error",
-                }
-            }
-        else:
-            status, reply = 200, {
-                "id": "x", "object": "chat.completion", "created": 0, "model": "m",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "pos"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-            }
-        data = json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+    if "awful" in json.dumps(body["messages"]):
+        message = (
+            f"invalid credentials {headers.get('Authorization')} x-api-key={headers.get('X-Api-Key')} "
+            f"(expected {ENV_SECRET})"
+        )
+        return 401, {"error": {"message": message, "type": "invalid_request_error"}}
+    return 200, "pos"
 
 
 @pytest.fixture
 def provider():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoingProvider)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with ChatStub(_echoing) as stub:
+        yield stub.url
 
 
 @pytest.fixture

@@ -10,15 +10,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
 import dspy
 import pytest
 from fakes import fake_lm, message_texts, word_count
+from support.chat_stub import ChatStub
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -46,44 +45,23 @@ def reply(request) -> str:
     return "neg" if "awful" in message_texts(request.messages[-1]) else "pos"
 
 
-class _Labeller(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 that labels by the same rule as ``reply``."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        label = "neg" if "awful" in json.dumps(body["messages"][-1]) else "pos"
-        data = json.dumps(
-            {
-                "id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": label}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args) -> None:
-        pass
+def _label(body: dict, headers: dict) -> tuple[int, str]:
+    """Labels by the same rule as ``reply``."""
+    return 200, "neg" if "awful" in json.dumps(body["messages"][-1]) else "pos"
 
 
 @pytest.fixture
 def serve():
     """``serve()`` starts one more labelling server on 127.0.0.1 and gives its base URL."""
-    servers = []
+    stubs = []
 
     def start() -> str:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _Labeller)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/v1"
+        stubs.append(ChatStub(_label).start())
+        return stubs[-1].url
 
     yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    for stub in stubs:
+        stub.close()
 
 
 def endpoint(
