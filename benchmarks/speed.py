@@ -262,6 +262,12 @@ def measure_prefix_cache(
                 "rest": asdict(Latency.of(seconds[1:])),
             }
     result["ratio"] = round(result["long"]["rest"]["median_ms"] / result["short"]["rest"]["median_ms"], 3)
+    # The first long query follows the short series, so nearly all of its prompt is new:
+    # prompt processing's throughput for a large batch, to compare with the small batches
+    # (the ~20 new tokens) of the steady state.
+    result["cold_prompt_tokens_per_second"] = round(
+        result["long"]["prompt_tokens"] / (result["long"]["first_ms"] / 1000), 1
+    )
     return result
 
 
@@ -355,6 +361,7 @@ def format_speed(result: dict[str, Any]) -> str:
             f"  long instruction  ({cache['long']['prompt_tokens']:.0f} prompt tokens): "
             f"{cache['long']['rest']['median_ms']:.0f} (first query {cache['long']['first_ms']:.0f})",
             f"  ratio long/short: {cache['ratio']:.2f}",
+            f"  prompt processing of the first long query: {cache['cold_prompt_tokens_per_second']:.0f} tokens/s",
         ]
     if result.get("compile"):
         lines += ["", "Compile (one generator call)", ""]
