@@ -23,8 +23,10 @@ _EXPORTS = {
     "PromptBudgetError": "dspy_promptmii.optimizer",
     "choose_template": "dspy_promptmii.optimizer",
     "LabelAdapter": "dspy_promptmii.adapter",
+    "Protocol": "dspy_promptmii.protocol",
+    "evaluate": "dspy_promptmii.evaluation",
+    "load_library": "dspy_promptmii.library",
     "label_response_format": "dspy_promptmii.protocol",
-    "INVALID": "dspy_promptmii.protocol",
     "NAIVE_INSTRUCTION": "dspy_promptmii.protocol",
     "TEMPLATES": "dspy_promptmii.protocol",
     "format_line": "dspy_promptmii.protocol",
@@ -37,11 +39,13 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from dspy_promptmii.adapter import LabelAdapter
+    from dspy_promptmii.evaluation import evaluate
+    from dspy_promptmii.library import load_library
     from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, choose_template
     from dspy_promptmii.protocol import (
-        INVALID,
         NAIVE_INSTRUCTION,
         TEMPLATES,
+        Protocol,
         format_line,
         label_response_format,
         macro_f1,

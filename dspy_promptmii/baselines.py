@@ -18,7 +18,8 @@ __all__ = ["naive_program", "icl_program", "fit_icl_demos"]
 
 
 def naive_program(student: dspy.Module) -> dspy.Module:
-    """A copy of ``student`` whose classifiers carry the naive instruction (plus format line)."""
+    """A copy of ``student`` whose classifiers carry the naive instruction (plus format
+    line); other predictors are left as they are. The student is not modified."""
     program = student.deepcopy()
     for _, predictor, task in classification_tasks(program):
         if task is not None:
@@ -70,5 +71,5 @@ def fit_icl_demos(
 
 def icl_program(student: dspy.Module, examples: Sequence[dspy.Example]) -> dspy.Module:
     """The naive program with ``examples`` (in the given order) as every predictor's demos,
-    through DSPy's ``LabeledFewShot``."""
+    through DSPy's ``LabeledFewShot``. The student is not modified."""
     return LabeledFewShot(k=len(examples)).compile(naive_program(student), trainset=list(examples), sample=False)

@@ -72,7 +72,17 @@ class LMPool:
         self._servers: dict[str, LocalServer] = {}
 
     def endpoint(self, route: str, *, api_base: str | None = None, **lm_kwargs: Any) -> Endpoint:
-        """An endpoint for ``route``; ``lm_kwargs`` go to ``dspy.LM`` (temperature, max_tokens, cache)."""
+        """An endpoint for ``route``; ``lm_kwargs`` go to ``dspy.LM`` (temperature, max_tokens, cache).
+
+        A local route starts (once) a llama.cpp server for its model, pulling a registry
+        model first when the pool has ``auto_pull``.
+
+        Raises:
+            ServerError: the local server cannot start (see ``LocalServer.start``).
+            FileNotFoundError, ModelFileError, CorruptModelError, PullError: the local model
+                cannot be used (see ``dspy_promptmii.local.resolve_model``).
+            ValueError: ``dspy.LM`` refuses the route or its arguments.
+        """
         if is_local(route):
             model = DEFAULT_MODEL if route == "local" else route
             server = self._servers.get(model)
