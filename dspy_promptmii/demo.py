@@ -91,8 +91,8 @@ def run_demo(
     # Held-out test rows first; the n labelled examples every method sees are a
     # stratified sample of the rest.
     pool_rows, test_rows_ = split_rows(task.rows, train=len(task.rows) - test_rows, test=test_rows, seed=seed)
-    pool = task.examples(pool_rows)
-    shown = [ex for ex, _ in select_examples([(ex, ex.label) for ex in pool], n, seed)]
+    labelled = task.examples(pool_rows)
+    shown = [ex for ex, _ in select_examples([(ex, ex.label) for ex in labelled], n, seed)]
     test = task.examples(test_rows_)
     student = dspy.Predict(task.signature())
 
@@ -148,7 +148,7 @@ def run_demo(
         # The whole pool: the optimizer shows the generator the same n examples ICL gets
         # (same seeded order) and, with several candidates, scores them on the rest.
         with dspy.context(adapter=chosen):
-            compiled = optimizer.compile(student, trainset=pool)
+            compiled = optimizer.compile(student, trainset=labelled)
         compile_seconds = time.perf_counter() - started
         calls = meter.snapshot().calls + follower_meter.snapshot().calls
         run(f"prompt-mii (n={optimizer.report[0]['n_used']})", compiled, calls, compile_seconds)

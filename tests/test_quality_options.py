@@ -1,0 +1,304 @@
+"""PromptMIIOptimizer's quality options: exemplars from the instruction library, an
+instruction budget, candidate selection by the follower, demos beside the instruction;
+and the library builder (training.build_library) on a small fixture with a fake
+generator and a fake follower."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import dspy
+import httpx
+import pytest
+from fakes import fake_lm, message_texts
+
+from dspy_promptmii import LabelAdapter, PromptMIIOptimizer
+from dspy_promptmii.data import TaskData
+from dspy_promptmii.library import load_library, select_exemplars
+from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, format_line, unknown_labels
+from training.build_library import LibraryConfig, build_library, redistributable
+from training.follower import Follower, FollowerConfig
+
+LIBRARY = [
+    {
+        "task": "movie_sentiment",
+        "labels": ["negative", "positive"],
+        "inputs": ["a gorgeous, moving film", "two hours I will never get back"],
+        "instruction": "Decide whether the reviewer liked the film.",
+        "reward": 0.9,
+        "naive_reward": 0.6,
+    },
+    {
+        "task": "question_type",
+        "labels": ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"],
+        "inputs": ["Who wrote Hamlet?", "How far is the moon?"],
+        "instruction": "Name what kind of answer the question asks for.",
+        "reward": 0.7,
+        "naive_reward": 0.3,
+    },
+    {
+        "task": "voice_intents",
+        "labels": ["GetWeather", "PlayMusic", "BookRestaurant"],
+        "inputs": ["will it snow in Denver", "play some Miles Davis"],
+        "instruction": "Pick what the user wants the assistant to do.",
+        "reward": 0.8,
+        "naive_reward": 0.5,
+    },
+]
+
+
+class Review(dspy.Signature):
+    text: str = dspy.InputField()
+    label: Literal["pos", "neg"] = dspy.OutputField()
+
+
+def reviews(n: int) -> list[dspy.Example]:
+    return [
+        dspy.Example(text=f"review {i}: {'loved it' if i % 2 else 'hated it'}", label="pos" if i % 2 else "neg")
+        .with_inputs("text")
+        for i in range(n)
+    ]
+
+
+GOOD = "Praise means pos; complaints mean neg."
+
+
+# --- exemplars ---------------------------------------------------------------------------
+
+
+def test_exemplars_are_the_most_similar_library_entries() -> None:
+    chosen = select_exemplars(LIBRARY, ["pos", "neg"], ["loved the film", "hated the acting"], 2)
+    assert [e["task"] for e in chosen] == ["movie_sentiment", "voice_intents"] or chosen[0]["task"] == "movie_sentiment"
+    assert chosen[0]["similarity"] >= chosen[1]["similarity"]
+    assert select_exemplars(LIBRARY, ["pos"], ["x"], 0) == []
+    assert len(select_exemplars(LIBRARY, ["pos"], ["x"], 10)) == len(LIBRARY)
+    intents = select_exemplars(LIBRARY, ["GetWeather", "PlayMusic"], ["will it rain in Oslo"], 1)
+    assert intents[0]["task"] == "voice_intents"
+
+
+def test_exemplars_go_into_the_one_meta_prompt_and_the_report() -> None:
+    lm, engine = fake_lm([GOOD])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, exemplars=2, library=LIBRARY, n=6)
+    compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(10))
+    assert engine.calls == 1
+    prompt = engine.prompt(0)
+    report = optimizer.report[0]
+    shown_inputs = [line[len("Input: "):] for line in prompt.splitlines() if line.startswith("Input: ")]
+    expected = select_exemplars(LIBRARY, ["pos", "neg"], shown_inputs, 2)
+    assert report["exemplars"] == [e["task"] for e in expected] and len(expected) == 2
+    for task in report["exemplars"]:
+        entry = next(e for e in LIBRARY if e["task"] == task)
+        assert entry["instruction"] in prompt
+    assert prompt.index("Instructions written for other") < prompt.index("Some texts that were already annotated")
+    assert compiled.signature.instructions == GOOD + "\n" + format_line(["pos", "neg"])
+
+
+def test_exemplars_need_a_template_with_the_placeholder_and_a_readable_library(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exemplars"):
+        PromptMIIOptimizer(exemplars=1, library=LIBRARY, template="Labels {label_names}\n{examples}")
+    broken = tmp_path / "library.json"
+    broken.write_text('{"entries": [{"task": "x"}]}', encoding="utf-8")
+    with pytest.raises(ValueError, match="entry 0 has no labels, instruction"):
+        PromptMIIOptimizer(exemplars=1, library=broken)
+    with pytest.raises(TypeError, match="exemplars"):
+        PromptMIIOptimizer(exemplars="2")
+
+
+def test_the_packaged_library_loads_and_holds_no_dev_task() -> None:
+    entries = load_library()
+    assert entries, "the packaged instruction library is empty"
+    dev = {"snips", "tweeteval_emotion", "cola", "mrpc", "snli", "code_comment_category_java", "masakhanews_topic_yor",
+           "indonlu_smsa_sentiment_id", "legalbench_overruling", "tweeteval_irony", "hwu64",
+           "chnsenticorp_hotel_sentiment_zh"}
+    assert not dev & {e["task"] for e in entries}
+    for entry in entries:
+        assert entry["reward"] > entry["naive_reward"]
+        assert entry["instruction"].strip()
+
+
+# --- the instruction budget ----------------------------------------------------------------
+
+
+def test_a_budget_asks_for_words_and_limits_the_generation() -> None:
+    lm, engine = fake_lm([GOOD])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, max_instruction_tokens=100, token_counter=lambda t: len(t.split()))
+    optimizer.compile(dspy.Predict(Review), trainset=reviews(10))
+    assert "Keep it under 75 words." in engine.prompt(0)
+    assert engine.configs[0].max_tokens == int(1.5 * 100) + 64
+    assert optimizer.report[0]["instruction_tokens"] == len(GOOD.split())
+
+
+def test_an_lm_limit_wins_over_the_budgets_limit() -> None:
+    lm, engine = fake_lm([GOOD], max_tokens=4000)
+    PromptMIIOptimizer(generator_lm=lm, max_instruction_tokens=100).compile(dspy.Predict(Review), trainset=reviews(8))
+    assert engine.configs[0].max_tokens == 4000
+
+
+def test_unknown_labels_in_an_instruction_are_reported() -> None:
+    assert unknown_labels("Answer GetWeather or PlayMusic, or FindFlight.", ["GetWeather", "PlayMusic"]) == [
+        "FindFlight"
+    ]
+    assert unknown_labels("Use not_equivalent or Not-Equivalent.", ["not_equivalent"]) == []
+    lm, _ = fake_lm(["Answer pos or neg, never very_positive."])
+    optimizer = PromptMIIOptimizer(generator_lm=lm)
+    optimizer.compile(dspy.Predict(Review), trainset=reviews(8))
+    assert optimizer.report[0]["unknown_labels"] == ["very_positive"]
+
+
+# --- candidates ------------------------------------------------------------------------
+
+
+def _follower_that_obeys() -> tuple[dspy.LM, Any]:
+    """A follower that labels correctly only when its instruction says the magic words."""
+
+    def reply(request: Any) -> str:
+        text = message_texts(request.messages[-1])
+        if "Praise means pos" in text:
+            return "pos" if "loved" in text.rsplit("Input:", 1)[-1] else "neg"
+        return "neg"
+
+    return fake_lm(reply, model="fake/follower")
+
+
+def test_candidates_are_scored_by_the_follower_and_the_best_is_kept() -> None:
+    generator, generator_engine = fake_lm(["Label the review.", GOOD, "Answer with a label.", "Be careful."])
+    follower, follower_engine = _follower_that_obeys()
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=4, n=6, val_size=8)
+    with dspy.context(adapter=LabelAdapter()):
+        compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(20))
+    report = optimizer.report[0]
+    assert generator_engine.calls == 4 and report["generator_calls"] == 4
+    assert compiled.signature.instructions.startswith(GOOD)
+    assert report["chosen"] == 1
+    assert len(report["candidates"]) == 5  # four generated and the naive reference
+    assert report["candidates"][-1]["kind"] == "naive"
+    scores = [c["score"]["macro_f1"] for c in report["candidates"]]
+    assert scores[1] == 1.0 and max(scores) == 1.0
+    assert report["follower_calls"] == follower_engine.calls == 5 * 8
+    assert report["validation"] == "8 trainset rows the generator did not see"
+    # Candidates vary their template and sampling: two greedy, then sampled with seeds.
+    configs = generator_engine.configs
+    assert [c.temperature for c in configs] == [0.0, 0.0, 0.0, 0.7]
+    templates = [c["template"] for c in report["candidates"][:4]]
+    assert templates == ["meta2", "meta1", "label_defs", "meta2"]
+    assert len({generator_engine.prompt(i) for i in range(3)}) == 3  # the fourth repeats the first, sampled
+
+
+def test_the_naive_instruction_wins_when_every_candidate_is_worse() -> None:
+    generator, _ = fake_lm(["Always answer neg.", "Answer neg."])
+
+    def reply(request: Any) -> str:
+        text = message_texts(request.messages[-1])
+        if NAIVE_INSTRUCTION in text:  # the naive instruction makes this follower right
+            return "pos" if "loved" in text.rsplit("Input:", 1)[-1] else "neg"
+        return "neg"
+
+    follower, _ = fake_lm(reply)
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4)
+    with dspy.context(adapter=LabelAdapter()):
+        compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
+    assert optimizer.report[0]["candidates"][optimizer.report[0]["chosen"]]["kind"] == "naive"
+    assert compiled.signature.instructions == NAIVE_INSTRUCTION + "\n" + format_line(["pos", "neg"])
+
+
+def test_a_valset_is_used_for_selection_when_given() -> None:
+    generator, _ = fake_lm(["Label it.", GOOD])
+    follower, engine = _follower_that_obeys()
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4, include_naive=False)
+    with dspy.context(adapter=LabelAdapter()):
+        optimizer.compile(dspy.Predict(Review), trainset=reviews(4), valset=reviews(30)[20:26])
+    assert optimizer.report[0]["validation"] == "valset (6 rows)"
+    assert engine.calls == 2 * 6
+
+
+def test_candidates_need_a_follower() -> None:
+    generator, _ = fake_lm([GOOD])
+    with dspy.context(lm=None), pytest.raises(ValueError, match="needs a follower LM"):
+        PromptMIIOptimizer(generator_lm=generator, candidates=2).compile(dspy.Predict(Review), trainset=reviews(8))
+
+
+# --- demos ------------------------------------------------------------------------------
+
+
+def test_demos_are_kept_beside_the_instruction() -> None:
+    lm, _ = fake_lm([GOOD])
+    student = dspy.Predict(Review)
+    compiled = PromptMIIOptimizer(generator_lm=lm, n=6, demos=2).compile(student, trainset=reviews(10))
+    assert len(compiled.demos) == 2 and {d.label for d in compiled.demos} == {"pos", "neg"}
+    assert student.demos == []
+
+
+# --- the library builder --------------------------------------------------------------------
+
+
+def _task(name: str, n: int = 40) -> TaskData:
+    rows = [
+        {"text": f"{name} item {i} {'bright' if i % 2 else 'dark'}", "label": "b" if i % 2 else "d"} for i in range(n)
+    ]
+    return TaskData(name=name, rows=rows)
+
+
+def test_build_library_keeps_the_best_candidate_that_beats_naive() -> None:
+    replies = iter(["Say d.", "bright means b and dark means d.", "Guess.", "Answer b."] * 2)
+    generator, generator_engine = fake_lm(lambda request: next(replies))
+
+    def follower_reply(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        content = body["messages"][-1]["content"]
+        item = content.rsplit("Input:", 1)[-1]
+        if "bright means b" in content:
+            label = "b" if "bright" in item else "d"
+        else:
+            label = "d"
+        return httpx.Response(200, json={"choices": [{"message": {"content": label}}]})
+
+    follower = Follower(
+        FollowerConfig(base_url="http://f.test/v1", max_retries=0), transport=httpx.MockTransport(follower_reply)
+    )
+    config = LibraryConfig(
+        n=6, m=10, candidates=4, templates=("meta2", "meta1"), seed=3, max_instruction_tokens=60, protocol=Protocol()
+    )
+    library = build_library(
+        [(_task("shades"), "local"), (_task("tones"), "local")],
+        config,
+        generator,
+        follower,
+        eval_tasks=[_task("dev_task")],
+        licences={"shades": "CC BY 4.0", "tones": "not stated"},
+        generator_name="fake/generator",
+        follower_name="fake/follower",
+    )
+    assert generator_engine.calls == 8
+    assert [e["task"] for e in library["entries"]] == ["shades", "tones"]
+    entry = library["entries"][0]
+    assert entry["instruction"] == "bright means b and dark means d." and entry["reward"] == 1.0
+    assert entry["naive_reward"] < entry["reward"]
+    assert entry["inputs"] and library["entries"][1]["inputs"] == []  # only licensed inputs are shipped
+    assert all(len(t["candidates"]) == 4 for t in library["tasks"])
+    candidates = library["tasks"][0]["candidates"]
+    assert [(c["template"], c["temperature"]) for c in candidates] == [
+        ("meta2", 0.0), ("meta2", 0.8), ("meta1", 0.0), ("meta1", 0.8)
+    ]
+    assert "Keep it under 45 words." in generator_engine.prompt(0)
+    assert json.loads(json.dumps(library)) == library
+    # The library is usable as the optimizer's.
+    assert select_exemplars(library["entries"], ["b", "d"], ["bright"], 1)[0]["task"] in {"shades", "tones"}
+
+
+def test_build_library_refuses_evaluation_tasks_and_skips_tasks_it_cannot_use() -> None:
+    generator, _ = fake_lm(["x"])
+    follower = Follower(FollowerConfig(base_url="http://f.test/v1"), transport=httpx.MockTransport(lambda r: None))
+    with pytest.raises(ValueError, match="evaluation tasks"):
+        build_library(
+            [(_task("dev_task"), "local")], LibraryConfig(), generator, follower, eval_tasks=[_task("dev_task")]
+        )
+    tiny = TaskData(name="tiny", rows=[{"text": "a", "label": "x"}, {"text": "b", "label": "y"}])
+    library = build_library([(tiny, "local")], LibraryConfig(n=5, m=5), generator, follower)
+    assert library["entries"] == [] and "tiny" in library["skipped"]
+
+
+def test_redistributable_licences() -> None:
+    assert redistributable("CC BY 4.0 (README)") and redistributable("CC0 1.0") and redistributable("Apache-2.0 (x)")
+    assert not redistributable("not stated") and not redistributable("GPL-3.0") and not redistributable(None)
