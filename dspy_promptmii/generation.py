@@ -20,7 +20,25 @@ import dspy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Reply", "generator_settings", "generate", "finish_reason", "refuses_temperature_0"]
+__all__ = [
+    "Reply",
+    "BUDGET_MARGIN",
+    "budget_limit",
+    "generator_settings",
+    "generate",
+    "finish_reason",
+    "refuses_temperature_0",
+]
+
+#: Tokens a reply may run past an instruction budget (headers, the answer line) before the
+#: generation limit cuts it; cleaning then drops the unfinished last line.
+BUDGET_MARGIN = 64
+
+
+def budget_limit(max_instruction_tokens: int, ceiling: int = 1024) -> int:
+    """The generation limit that enforces an instruction budget: the budget plus
+    :data:`BUDGET_MARGIN` tokens, at most ``ceiling``."""
+    return min(ceiling, max_instruction_tokens + BUDGET_MARGIN)
 
 
 @dataclass

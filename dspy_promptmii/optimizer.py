@@ -14,7 +14,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from dspy_promptmii.adapter import LabelAdapter
-from dspy_promptmii.generation import Reply, generate, generator_settings, refuses_temperature_0
+from dspy_promptmii.generation import Reply, budget_limit, generate, generator_settings, refuses_temperature_0
 from dspy_promptmii.library import load_library, select_exemplars
 from dspy_promptmii.protocol import (
     NAIVE_INSTRUCTION,
@@ -209,8 +209,10 @@ class PromptMIIOptimizer(Teleprompter):
         library: The instruction library: a file path, a list of entries, or ``None``
             for the packaged one.
         max_instruction_tokens: A length budget for the instruction: the template asks
-            for it in words, and the generation limit (when neither the LM nor
-            ``max_tokens`` sets one) is derived from it. ``None``: no budget.
+            for it in words (three quarters of the tokens), and the generation limit (when
+            neither the LM nor ``max_tokens`` sets one) is the budget plus
+            :data:`~dspy_promptmii.generation.BUDGET_MARGIN`; a reply cut there loses its
+            unfinished last line. ``None``: no budget.
         candidates: Generator calls per predictor (default 1). Above 1 the follower picks
             the best on validation rows.
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
@@ -520,7 +522,7 @@ class PromptMIIOptimizer(Teleprompter):
         meta_prompt, shown, prompt_tokens = self._fit_meta_prompt(plan, generator.model, spec["template"], exemplars)
         limit = self.max_tokens
         if limit is None and self.max_instruction_tokens:
-            limit_default = min(DEFAULT_GENERATOR_MAX_TOKENS, int(1.5 * self.max_instruction_tokens) + 64)
+            limit_default = budget_limit(self.max_instruction_tokens, DEFAULT_GENERATOR_MAX_TOKENS)
         else:
             limit_default = DEFAULT_GENERATOR_MAX_TOKENS
         extra = dict(self.generation_kwargs)
