@@ -72,7 +72,9 @@ class Budgets:
         return {
             "naive": "the protocol's naive instruction, no compile calls",
             "icl": "LabeledFewShot with the n examples as demos (largest prefix that fits the follower context)",
-            "promptmii_zero": "PromptMIIOptimizer with the untrained generator (--generator), one call",
+            "promptmii_zero": "PromptMIIOptimizer with an untrained generator (--generator unless the options name "
+            "one), one call unless candidates > 1 (then the candidates are scored by the follower on the n "
+            "examples, the naive instruction included)",
             "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
             "gepa": (
                 f"dspy.GEPA, reflection LM = generator, max_metric_calls={self.gepa_metric_calls}, "

@@ -297,7 +297,8 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
     parts += [
         "## Mean over tasks, per method and n",
         "",
-        "Macro-F1 and accuracy by the protocol's scorer (an invalid reply is wrong and its own class); "
+        "Macro-F1 and accuracy by the protocol's scorer (a reply that names no label is a miss for its gold "
+        "label, not a class of its own; macro-F1 averages over the gold and the valid predicted labels); "
         "tokens/query: mean prompt tokens per test query reported by the follower; compile calls: LM calls "
         "to compile, generator + follower; n used: examples the method actually used (ICL: the largest "
         "prefix that fits the follower's context; Prompt-MII: the optimizer's n_used; naive: none).",
