@@ -459,6 +459,16 @@ def interrupt_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
+def _close_dead_runs(runs: list[dict[str, Any]]) -> None:
+    """Mark earlier runs still recorded as ``running`` as ``died``: this run holds the
+    folder's lock, so none of them is alive; they ended without writing their end
+    (``kill -9``, a crash or a machine restart). Their finished cells are in the results."""
+    for entry in runs:
+        if entry.get("status") == "running":
+            entry["status"] = "died"
+            entry["note"] = "ended without recording its end (killed, crashed or the machine restarted)"
+
+
 def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
     """Run every unfinished cell of ``config`` and return a summary.
 
@@ -552,6 +562,7 @@ def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
             "notes": notes,
         }
     )
+    _close_dead_runs(manifest["runs"])
     manifest["runs"].append(run_entry)
     store.write_manifest(manifest)
     logger.info(

@@ -350,6 +350,20 @@ def test_an_interrupted_run_resumes_and_skips_finished_cells(data_dir, lms, tmp_
     assert summary.cells_run == 0 and len(read_records(out)) == 12
 
 
+def test_a_run_killed_without_recording_its_end_is_marked_died_by_the_next_run(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    cfg = config(data_dir, out, methods=["naive"], n_values=[3])
+    run_benchmark(cfg, lms["endpoints"])
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["runs"][-1].update(status="running", finished=None)  # as kill -9 leaves it
+    manifest_path.write_text(json.dumps(manifest))
+    run_benchmark(cfg, lms["endpoints"])
+    runs = json.loads(manifest_path.read_text())["runs"]
+    assert [r["status"] for r in runs] == ["died", "finished"]
+    assert "killed" in runs[0]["note"]
+
+
 def test_machinery_errors_are_recorded_and_retried_method_failures_are_not(data_dir, lms, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = config(data_dir, out, methods=["naive", "promptmii_zero"], tasks=resolve_tasks(data_dir, ["toy"]))
