@@ -27,7 +27,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LIBRARY_FILE", "load_library", "select_exemplars", "entry_text"]
+__all__ = ["LIBRARY_FILE", "load_library", "check_entries", "select_exemplars", "entry_text"]
 
 #: The packaged library, inside the package's data folder.
 LIBRARY_FILE = "instruction_library.json"
@@ -43,7 +43,16 @@ def _check(entries: Any, source: str) -> list[dict[str, Any]]:
         missing = [key for key in _REQUIRED if not entry.get(key)]
         if missing:
             raise ValueError(f"{source}: entry {index} has no {', '.join(missing)}")
+        if isinstance(entry["labels"], (str, bytes)) or not isinstance(entry["labels"], Sequence):
+            raise ValueError(f"{source}: entry {index} has labels {entry['labels']!r}, not a list of labels")
+        if not isinstance(entry["instruction"], str):
+            raise ValueError(f"{source}: entry {index} has an instruction that is not text")
     return [dict(entry) for entry in entries]
+
+
+def check_entries(entries: Any, source: str = "the library") -> list[dict[str, Any]]:
+    """``entries`` checked like a library file's (``ValueError`` naming the entry)."""
+    return _check(entries, source)
 
 
 @lru_cache(maxsize=4)

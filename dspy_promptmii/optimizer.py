@@ -15,7 +15,7 @@ from dspy.teleprompt import Teleprompter
 
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.generation import Reply, budget_limit, generate, generator_settings, refuses_temperature_0
-from dspy_promptmii.library import load_library, select_exemplars
+from dspy_promptmii.library import check_entries, load_library, select_exemplars
 from dspy_promptmii.protocol import (
     NAIVE_INSTRUCTION,
     TEMPLATES,
@@ -74,7 +74,10 @@ class PredictorReport:
     """What compile did for one classification predictor (JSON-serialisable via ``asdict``).
 
     Token counts are the generator's reported usage for the chosen candidate (``None`` on
-    a cache hit); ``truncated`` comes from the reply's finish reason (``length``);
+    a cache hit); when the naive reference wins (its ``kind`` in ``candidates`` is
+    ``"naive"``), ``template``, the token counts, ``n_used``, the cleaning figures and
+    ``raw_reply`` describe generated candidate 0, which the naive instruction replaced;
+    ``truncated`` comes from the reply's finish reason (``length``);
     ``copied_fraction`` is the share of the reply's characters that copied the shown
     examples and were dropped; ``instruction_tokens`` counts the instruction without the
     format line (by ``token_counter``, else LiteLLM's counter; None if neither works);
@@ -298,8 +301,8 @@ class PromptMIIOptimizer(Teleprompter):
                 )
             if library is None or isinstance(library, (str, os.PathLike)):
                 self.library = load_library(library)
-            elif isinstance(library, Sequence):
-                self.library = [dict(entry) for entry in library]
+            elif isinstance(library, Sequence) and not isinstance(library, (str, bytes)):
+                self.library = check_entries(list(library), "library")
             else:
                 raise TypeError(f"library must be a path, a list of entries or None, got {type(library).__name__}")
         else:
@@ -422,7 +425,7 @@ class PromptMIIOptimizer(Teleprompter):
                 raise ValueError(f"predictor {name!r} cannot be written as a Prompt-MII task: {problem}")
             labelled = task.examples(trainset)
             examples = select_examples(labelled, self.n, self.seed, self.sampling)
-            validation = task.examples(valset) if valset else None
+            validation = task.examples(valset, "valset") if valset else None
             plans.append(_Plan(name, predictor, task, examples, labelled, validation))
         if not plans:
             raise ValueError(
@@ -481,8 +484,9 @@ class PromptMIIOptimizer(Teleprompter):
                 instruction=w.instruction,
                 template=w.spec["template"] if w.spec["template"] in TEMPLATES else "custom",
                 exemplars=[e["task"] for e in chosen_exemplars] if w.spec["exemplars"] else [],
-                temperature=w.spec["temperature"],
-                seed=w.spec["seed"],
+                # what was sent: a model that takes no temperature is not sampled
+                temperature=w.reply.settings.get("temperature") if w.spec["seed"] is not None else None,
+                seed=w.reply.settings.get("seed") if w.spec["seed"] is not None else None,
                 tokens=self._tokens(w.cleaned.text, generator.model),
             )
             for w in usable
@@ -496,12 +500,25 @@ class PromptMIIOptimizer(Teleprompter):
             val_examples = as_examples(rows, task)
             adapter = dspy.settings.adapter or LabelAdapter(protocol=self.protocol)
             scorer = plan.predictor.deepcopy()
-            scorer.demos = demos
+            scorer.lm = None  # the follower scores, not an LM the student's predictor carries
+            scorer.demos = demos if self.demos else list(plan.predictor.demos)
+            failed: list[str] = []
             for candidate in candidates:
-                candidate.score = score_candidate(
-                    scorer, candidate.instruction, val_examples, lm=follower, adapter=adapter
-                )
+                try:
+                    candidate.score = score_candidate(
+                        scorer, candidate.instruction, val_examples, lm=follower, adapter=adapter
+                    )
+                except RuntimeError as error:  # every validation row raised with this instruction
+                    failed.append(str(error))
+                    logger.warning("predictor %r: candidate %d failed on every validation row: %s",
+                                   plan.name, candidate.index, error)
+                    candidate.score = {"macro_f1": -1.0, "accuracy": 0.0, "invalid_rate": 1.0,
+                                       "calls": len(val_examples), "errors": len(val_examples), "failed": str(error)}
                 follower_calls += candidate.score["calls"]
+            if len(failed) == len(candidates):
+                raise RuntimeError(
+                    f"predictor {plan.name!r}: the follower failed on every candidate; first: {failed[0]}"
+                )
             best = best_candidate(candidates)
         else:
             best = candidates[0]
@@ -557,6 +574,13 @@ class PromptMIIOptimizer(Teleprompter):
         task = plan.task
         naive_won = best.kind == "naive"
         text = best.instruction.removesuffix(format_line(task.labels)).rstrip() if not naive_won else NAIVE_INSTRUCTION
+        tokens = self._tokens(text, generator.model)
+        if self.max_instruction_tokens and tokens is not None and tokens > self.max_instruction_tokens:
+            logger.warning(
+                "predictor %r: the instruction has %d tokens, over max_instruction_tokens=%d (the generation "
+                "limit was %s)", plan.name, tokens, self.max_instruction_tokens,
+                origin.reply.settings.get("max_tokens", "the LM's own"),
+            )
         return PredictorReport(
             predictor=plan.name,
             template=origin.spec["template"] if origin.spec["template"] in TEMPLATES else "custom",
@@ -581,7 +605,7 @@ class PromptMIIOptimizer(Teleprompter):
             copied_lines=origin.cleaned.copied_lines,
             copied_fraction=origin.cleaned.copied_fraction,
             reasoning_removed=origin.cleaned.reasoning_removed,
-            instruction_tokens=self._tokens(text, generator.model),
+            instruction_tokens=tokens,
             unknown_labels=unknown_labels(text, task.labels),
             demos=self.demos and min(self.demos, len(plan.examples)),
             chosen=best.index,

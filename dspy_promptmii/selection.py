@@ -52,6 +52,12 @@ def as_examples(rows: Sequence[LabelledExample], task: ClassificationTask) -> li
     ]
 
 
+def _row_key(row: LabelledExample) -> tuple[Any, ...]:
+    """A row's content: a duplicate of a shown row counts as shown."""
+    inputs, label = row
+    return (tuple(sorted((name, repr(value)) for name, value in inputs.items())), label)
+
+
 def validation_rows(
     labelled: Sequence[LabelledExample],
     shown: Sequence[LabelledExample],
@@ -60,12 +66,24 @@ def validation_rows(
     valset: Sequence[LabelledExample] | None = None,
 ) -> tuple[list[LabelledExample], str]:
     """The rows candidates are scored on, and where they come from: ``valset`` when given
-    (all of it), else up to ``size`` trainset rows the generator did not see (a seeded,
-    stratified choice), else (every row was shown) the shown rows themselves."""
+    (its rows the generator did not see, with a warning when it saw some; all of it if
+    it saw every one), else up to ``size`` trainset rows the generator did not see (a
+    seeded, stratified choice; a row equal to a shown one counts as seen), else (every
+    row was shown) the shown rows themselves."""
+    seen = {_row_key(row) for row in shown}
     if valset:
-        return list(valset), f"valset ({len(valset)} rows)"
-    seen = {id(row) for row in shown}
-    unseen = [row for row in labelled if id(row) not in seen]
+        fresh = [row for row in valset if _row_key(row) not in seen]
+        if len(fresh) == len(valset):
+            return list(valset), f"valset ({len(valset)} rows)"
+        if fresh:
+            logger.warning(
+                "%d of %d valset rows were shown to the generator; candidates are scored on the other %d",
+                len(valset) - len(fresh), len(valset), len(fresh),
+            )
+            return fresh, f"valset ({len(fresh)} of {len(valset)} rows: those the generator did not see)"
+        logger.warning("every valset row was shown to the generator: this favours instructions that copy them")
+        return list(valset), f"valset ({len(valset)} rows, all shown to the generator)"
+    unseen = [row for row in labelled if _row_key(row) not in seen]
     if unseen:
         chosen = select_examples(unseen, size, seed + 1)
         return chosen, f"{len(chosen)} trainset rows the generator did not see"

@@ -126,7 +126,7 @@ class ClassificationTask:
                 return v
         raise KeyError(f"{label!r} is not a label of {self.label_field!r}; labels: {list(self.labels)}")
 
-    def examples(self, trainset: Sequence[Any]) -> list[LabelledExample]:
+    def examples(self, trainset: Sequence[Any], name: str = "trainset") -> list[LabelledExample]:
         """Validate a trainset against this task and return its labelled examples.
 
         Raises ``ValueError`` for an empty trainset, for the first example missing an
@@ -134,7 +134,7 @@ class ClassificationTask:
         (all of them listed). A single distinct label only logs a warning.
         """
         if not trainset:
-            raise ValueError("trainset is empty: PromptMIIOptimizer needs labelled examples")
+            raise ValueError(f"{name} is empty: PromptMIIOptimizer needs labelled examples")
         result: list[LabelledExample] = []
         unknown: dict[str, None] = {}
         for index, example in enumerate(trainset):
@@ -142,7 +142,7 @@ class ClassificationTask:
             missing = [name for name in (*self.input_fields, self.label_field) if values.get(name) is None]
             if missing:
                 raise ValueError(
-                    f"trainset[{index}] has no value for field(s) {missing} needed by predictor "
+                    f"{name}[{index}] has no value for field(s) {missing} needed by predictor "
                     f"{self.predictor_name!r} (inputs {list(self.input_fields)}, label {self.label_field!r})"
                 )
             label = self.label_of(values[self.label_field])
@@ -152,13 +152,14 @@ class ClassificationTask:
             result.append(({name: values[name] for name in self.input_fields}, label))
         if unknown:
             raise ValueError(
-                f"trainset has labels outside the label set of {self.predictor_name!r}."
+                f"{name} has labels outside the label set of {self.predictor_name!r}."
                 f"{self.label_field}: {', '.join(unknown)}; allowed: {list(self.labels)}"
             )
         distinct = {label for _, label in result}
         if len(distinct) == 1:
             logger.warning(
-                "trainset for predictor %r has a single label (%s): the instruction can only describe that class",
+                "%s for predictor %r has a single label (%s): the instruction can only describe that class",
+                name,
                 self.predictor_name,
                 next(iter(distinct)),
             )

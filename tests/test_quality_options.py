@@ -302,3 +302,84 @@ def test_build_library_refuses_evaluation_tasks_and_skips_tasks_it_cannot_use() 
 def test_redistributable_licences() -> None:
     assert redistributable("CC BY 4.0 (README)") and redistributable("CC0 1.0") and redistributable("Apache-2.0 (x)")
     assert not redistributable("not stated") and not redistributable("GPL-3.0") and not redistributable(None)
+
+
+# --- review regressions ------------------------------------------------------------------
+
+
+def test_validation_rows_leave_out_duplicates_of_shown_rows_and_shown_valset_rows() -> None:
+    from dspy_promptmii.sampling import select_examples
+    from dspy_promptmii.selection import validation_rows
+    from dspy_promptmii.task import signature_task
+
+    task = signature_task(Review, "p")
+    labelled = task.examples(reviews(6) * 3)
+    shown = select_examples(labelled, 6, 0)
+    rows, _ = validation_rows(labelled, shown, 20, 0)
+    assert rows and not [row for row in rows if row in shown]
+    valset = task.examples(reviews(10))
+    rows, where = validation_rows(labelled, shown, 20, 0, valset)
+    assert not [row for row in rows if row in shown] and "did not see" in where
+
+
+def test_a_library_list_is_checked_like_a_file() -> None:
+    lm, _ = fake_lm([GOOD])
+    with pytest.raises(ValueError, match="entry 0 has no labels"):
+        PromptMIIOptimizer(generator_lm=lm, exemplars=1, library=[{"task": "t", "instruction": "Do it."}])
+
+
+def test_quotes_around_two_words_are_not_a_wrapping_pair() -> None:
+    from dspy_promptmii.protocol import clean_instruction
+
+    reply = '"pos" means the reviewer liked it.\nAnything else is "neg"'
+    assert clean_instruction(reply, labels=["pos", "neg"]) == reply
+    assert clean_instruction('"Label praise as pos."') == "Label praise as pos."
+
+
+def test_candidates_are_scored_by_the_follower_with_the_demos_the_program_keeps() -> None:
+    generator, _ = fake_lm(["Label it.", GOOD])
+    follower, follower_engine = _follower_that_obeys()
+    own, own_engine = fake_lm("neg", model="fake/own")
+    student = dspy.Predict(Review)
+    student.lm = own
+    student.demos = [dspy.Example(text="DEMO loved it", label="pos")]
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4)
+    with dspy.context(adapter=LabelAdapter()):
+        compiled = optimizer.compile(student, trainset=reviews(20))
+    assert optimizer.report[0]["chosen"] == 1 and optimizer.report[0]["follower_calls"] == follower_engine.calls
+    assert all("DEMO loved it" in "".join(message_texts(m) for m in r.messages) for r in follower_engine.requests)
+    assert len(compiled.demos) == 1 and student.lm is own
+
+
+def test_a_bad_valset_row_is_named_as_a_valset_row() -> None:
+    generator, _ = fake_lm([GOOD])
+    follower, _ = _follower_that_obeys()
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4)
+    bad = [dspy.Example(label="pos").with_inputs("text")]
+    with pytest.raises(ValueError, match=r"^valset\[0\]"):
+        optimizer.compile(dspy.Predict(Review), trainset=reviews(8), valset=bad)
+
+
+def test_a_candidate_the_follower_cannot_take_is_scored_as_failed() -> None:
+    def reply(request: Any) -> str:
+        text = message_texts(request.messages[-1])
+        if "RUNAWAY" in text:
+            raise RuntimeError("context length exceeded")
+        return "pos" if "Praise means pos" in text and "loved" in text.rsplit("Input:", 1)[-1] else "neg"
+
+    generator, _ = fake_lm([GOOD, "RUNAWAY " * 50])
+    follower, _ = fake_lm(reply, model="fake/follower", num_retries=0)
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4)
+    with dspy.context(adapter=LabelAdapter()):
+        optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
+    report = optimizer.report[0]
+    assert report["chosen"] == 0 and "failed" in report["candidates"][1]["score"]
+
+
+def test_sampled_candidates_of_a_model_without_temperature_are_reported_as_not_sampled() -> None:
+    generator, _ = fake_lm(["A.", "B.", "C.", GOOD], model="openai/o3-mini", temperature=1.0, max_tokens=16000)
+    follower, _ = _follower_that_obeys()
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=4, n=4, template="meta2")
+    with dspy.context(adapter=LabelAdapter()):
+        optimizer.compile(dspy.Predict(Review), trainset=reviews(20))
+    assert optimizer.report[0]["candidates"][3]["temperature"] is None

@@ -90,6 +90,8 @@ _MIN_QUOTE_WORDS = 5
 
 def _strip_wrapping_quotes(text: str) -> str:
     while len(text) >= 2 and (text[0], text[-1]) in _QUOTES:
+        if text[0] in text[1:-1] or text[-1] in text[1:-1]:
+            return text  # '"pos" means ... else "neg"': two quoted words, not one wrapped text
         inner = text[1:-1].strip()
         if not inner:
             return ""  # nothing but quotes: no instruction
