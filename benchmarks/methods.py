@@ -74,7 +74,8 @@ class Budgets:
             "icl": "LabeledFewShot with the n examples as demos (largest prefix that fits the follower context)",
             "promptmii_zero": "PromptMIIOptimizer with an untrained generator (--generator unless the options name "
             "one), one call unless candidates > 1 (then the candidates are scored by the follower on the n "
-            "examples, the naive instruction included)",
+            "examples, the naive instruction included); no instruction budget unless the options set "
+            "max_instruction_tokens (the optimizer's default is 160)",
             "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
             "gepa": (
                 f"dspy.GEPA, reflection LM = generator, max_metric_calls={self.gepa_metric_calls}, "
@@ -222,6 +223,9 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
     if "template" in options:
         protocol = replace(protocol, template=options.pop("template"))
     options.pop("generator", None)
+    # The method name alone means the 0.1 method, without an instruction budget, so that
+    # recorded results keep their meaning when the optimizer's default changes.
+    options.setdefault("max_instruction_tokens", None)
     limit = None if options.get("max_instruction_tokens") else ctx.budgets.generator_max_tokens
     budget = None
     if ctx.generator.token_counter is not None:

@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dspy_promptmii.demo import DEMO_CANDIDATES, DEMO_EXEMPLARS, DEMO_GENERATOR, DEMO_MAX_INSTRUCTION_TOKENS
     from dspy_promptmii.local.registry import DEFAULT_MODEL
     from dspy_promptmii.local.server import DEFAULT_N_CTX
+    from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS
 
     parser = argparse.ArgumentParser(prog="promptmii", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -304,7 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="instructions of other tasks from the instruction library shown to the generator (default 0)",
     )
     induce.add_argument(
-        "--max-instruction-tokens", type=non_negative_int, default=0, help="instruction length budget (default 0: none)"
+        "--max-instruction-tokens",
+        type=non_negative_int,
+        default=DEFAULT_MAX_INSTRUCTION_TOKENS,
+        help=f"instruction length budget in tokens, 0 for none (default {DEFAULT_MAX_INSTRUCTION_TOKENS})",
     )
     induce.add_argument(
         "--max-prompt-tokens", type=positive_int, help="meta-prompt budget (local default: context - reply)"

@@ -21,7 +21,7 @@ from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.local.server import DEFAULT_N_CTX
-from dspy_promptmii.optimizer import PromptMIIOptimizer, meta_prompt_budget
+from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptMIIOptimizer, meta_prompt_budget
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
@@ -33,10 +33,13 @@ __all__ = ["demo_task", "run_demo", "format_table"]
 
 #: The generator's reply limit.
 _GENERATOR_MAX_TOKENS = 1024
-#: The demo's Prompt-MII settings (the measured defaults, README "Which settings and why").
+#: The demo's Prompt-MII settings: the optimizer's defaults, which the dev-task study chose
+#: (README, "Which settings are the defaults, and why"; benchmarks/results/dev12-2026-11-29):
+#: the 0.5B model also as generator (the 1.5B one scored lower), no exemplars (no gain,
+#: twice the compile time), the 160-token instruction budget, one generator call.
 DEMO_GENERATOR: str | None = None  # None: the follower's model
-DEMO_EXEMPLARS = 3
-DEMO_MAX_INSTRUCTION_TOKENS: int | None = 160
+DEMO_EXEMPLARS = 0
+DEMO_MAX_INSTRUCTION_TOKENS: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS
 DEMO_CANDIDATES = 1
 
 
@@ -71,7 +74,7 @@ def run_demo(
     n_ctx: int = DEFAULT_N_CTX,
     progress: bool = True,
     exemplars: int = 0,
-    max_instruction_tokens: int | None = None,
+    max_instruction_tokens: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS,
     candidates: int = 1,
 ) -> dict[str, Any]:
     """Run the demo and return its results (instruction, per-method rows, settings).

@@ -14,7 +14,15 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from dspy_promptmii.adapter import LabelAdapter
-from dspy_promptmii.generation import Reply, budget_limit, generate, generator_settings, refuses_temperature_0
+from dspy_promptmii.generation import (
+    DEFAULT_MAX_INSTRUCTION_TOKENS,
+    Reply,
+    budget_limit,
+    budget_words,
+    generate,
+    generator_settings,
+    refuses_temperature_0,
+)
 from dspy_promptmii.library import check_entries, load_library, select_exemplars
 from dspy_promptmii.protocol import (
     NAIVE_INSTRUCTION,
@@ -40,6 +48,7 @@ __all__ = [
     "meta_prompt_budget",
     "CHAT_FRAMING",
     "DEFAULT_GENERATOR_MAX_TOKENS",
+    "DEFAULT_MAX_INSTRUCTION_TOKENS",
 ]
 
 #: Tokens a chat template adds around the meta-prompt's one user message and the reply.
@@ -215,7 +224,8 @@ class PromptMIIOptimizer(Teleprompter):
             for it in words (three quarters of the tokens), and the generation limit (when
             neither the LM nor ``max_tokens`` sets one) is the budget plus
             :data:`~dspy_promptmii.generation.BUDGET_MARGIN`; a reply cut there loses its
-            unfinished last line. ``None``: no budget.
+            unfinished last line. Default :data:`DEFAULT_MAX_INSTRUCTION_TOKENS` (160,
+            measured best on the dev tasks); ``None``: no budget.
         candidates: Generator calls per predictor (default 1). Above 1 the follower picks
             the best on validation rows.
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
@@ -253,7 +263,7 @@ class PromptMIIOptimizer(Teleprompter):
         generation_kwargs: dict[str, Any] | None = None,
         exemplars: int = 0,
         library: str | os.PathLike[str] | Sequence[Mapping[str, Any]] | None = None,
-        max_instruction_tokens: int | None = None,
+        max_instruction_tokens: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS,
         candidates: int = 1,
         val_size: int = 20,
         include_naive: bool = True,
@@ -636,7 +646,7 @@ class PromptMIIOptimizer(Teleprompter):
     ) -> tuple[str, list[LabelledExample], int | None]:
         """The meta-prompt with the largest prefix of the examples that fits the budget."""
         task, examples = plan.task, plan.examples
-        max_words = int(0.75 * self.max_instruction_tokens) if self.max_instruction_tokens else None
+        max_words = budget_words(self.max_instruction_tokens)
 
         def render(k: int) -> str:
             return self.protocol.meta_prompt(

@@ -73,18 +73,30 @@ def test_one_generator_call_with_the_meta_prompt_as_one_user_message():
     assert engine.roles(0) == ["user"]
     assert engine.requests[0].system is None
     labelled = [({"text": ex.text}, ex.label) for ex in trainset]
-    expected = build_meta_prompt("meta1", ["pos", "neg"], select_examples(labelled, 6, 0), ["text"], SENTIMENT_NOTES)
+    # the default instruction budget (160 tokens) is asked for in words: three quarters of it
+    expected = build_meta_prompt(
+        "meta1", ["pos", "neg"], select_examples(labelled, 6, 0), ["text"], SENTIMENT_NOTES, max_words=120
+    )
     assert engine.prompt(0) == expected
     assert engine.prompt(0).count("\nLabel: ") == 6
     assert compiled.signature.instructions == INSTRUCTION
 
 
-def test_generator_defaults_temperature_0_and_1024_tokens():
+def test_generator_defaults_temperature_0_and_the_budget_limit():
     lm, engine = fake_lm([REPLY])
     PromptMIIOptimizer(generator_lm=lm).compile(dspy.Predict(Sentiment), trainset=sentiment_trainset())
     config = engine.configs[0]
     assert config.temperature == 0
-    assert config.max_tokens == 1024
+    assert config.max_tokens == 160 + 64  # the default instruction budget plus its margin
+    assert "under 120 words" in engine.prompt(0)
+
+
+def test_without_a_budget_the_generator_gets_1024_tokens_and_no_length_rule():
+    lm, engine = fake_lm([REPLY])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, max_instruction_tokens=None)
+    optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset())
+    assert engine.configs[0].max_tokens == 1024
+    assert "words" not in engine.prompt(0)
 
 
 def test_generator_settings_can_be_changed():
@@ -447,7 +459,12 @@ def test_budget_drops_examples_from_the_end():
     assert word_count(render(7)) > budget
     lm, engine = fake_lm([REPLY])
     optimizer = PromptMIIOptimizer(
-        generator_lm=lm, n=10, template="meta2", max_prompt_tokens=budget, token_counter=word_count
+        generator_lm=lm,
+        n=10,
+        template="meta2",
+        max_prompt_tokens=budget,
+        max_instruction_tokens=None,
+        token_counter=word_count,
     )
     compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=trainset)
     report = optimizer.report[0]
@@ -463,7 +480,12 @@ def test_budget_that_fits_everything_keeps_every_example():
     trainset, render = _budget_setup(10)
     lm, engine = fake_lm([REPLY])
     optimizer = PromptMIIOptimizer(
-        generator_lm=lm, n=10, template="meta2", max_prompt_tokens=word_count(render(10)), token_counter=word_count
+        generator_lm=lm,
+        n=10,
+        template="meta2",
+        max_prompt_tokens=word_count(render(10)),
+        token_counter=word_count,
+        max_instruction_tokens=None,
     )
     optimizer.compile(dspy.Predict(Sentiment), trainset=trainset)
     assert optimizer.report[0]["n_used"] == 10
@@ -476,7 +498,12 @@ def test_budget_too_small_for_one_example_is_a_budget_error():
     lm, engine = fake_lm([REPLY])
     student = dspy.Predict(Sentiment)
     optimizer = PromptMIIOptimizer(
-        generator_lm=lm, n=10, template="meta2", max_prompt_tokens=budget, token_counter=word_count
+        generator_lm=lm,
+        n=10,
+        template="meta2",
+        max_prompt_tokens=budget,
+        max_instruction_tokens=None,
+        token_counter=word_count,
     )
     with pytest.raises(PromptBudgetError) as info:
         optimizer.compile(student, trainset=trainset)

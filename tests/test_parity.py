@@ -163,7 +163,9 @@ def test_compile_and_the_reward_clean_a_reply_identically(finish_reason: str) ->
     spec = ContextSpec("reviews", 6, 0, "train")
     seed = 1234
     context_ids, test_ids = sample_context(TASK, 6, seed, config.m)
-    record = make_record(TASK, "local", spec, seed, context_ids, test_ids, config.protocol, "promptmii")
+    record = make_record(
+        TASK, "local", spec, seed, context_ids, test_ids, config.protocol, "promptmii", config.max_instruction_tokens
+    )
     label = record["label"]
     shown_text = label["context_inputs"][0][0]
     reply = _reply(shown_text) + ("Mixed reviews are" if finish_reason == "length" else "")

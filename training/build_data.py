@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json, write_jsonl
+from dspy_promptmii.generation import DEFAULT_MAX_INSTRUCTION_TOKENS, budget_words
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, TEMPLATES, Protocol, choose_template
 from dspy_promptmii.sampling import SAMPLING, example_order
 from training.contamination import eval_hashes, overlapping_rows
@@ -103,6 +104,9 @@ class BuildConfig:
     #: (None: the protocol's default); with the template they make the lines' protocol.
     constrained: str | bool = "json_schema"
     reply_limit: int | None = None
+    #: The instruction budget the meta-prompts state as a length rule, as compile's
+    #: default does (None: no rule), so that the policy trains on the prompt it will get.
+    max_instruction_tokens: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS
 
     def __post_init__(self) -> None:
         if self.m < 1:
@@ -280,6 +284,7 @@ def make_record(
     test_ids: Sequence[int],
     protocol: Protocol,
     datasource: str,
+    max_instruction_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One OpenRLHF prompt line, its meta-prompt rendered by ``protocol``.
 
@@ -295,7 +300,7 @@ def make_record(
     fields = list(task.input_fields)
     examples = [({f: task.rows[i][f] for f in fields}, task.rows[i]["label"]) for i in context_ids]
     template, _ = protocol.resolve_template()
-    prompt = protocol.meta_prompt(task.labels, examples, fields)
+    prompt = protocol.meta_prompt(task.labels, examples, fields, max_words=budget_words(max_instruction_tokens))
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "label": {
@@ -397,7 +402,9 @@ def build(
         context_ids, test_ids = sample_context(
             task, spec.n_shot, seed, config.m, config.sampling, frozenset(excluded[spec.task])
         )
-        record = make_record(task, source, spec, seed, context_ids, test_ids, protocol, config.datasource)
+        record = make_record(
+            task, source, spec, seed, context_ids, test_ids, protocol, config.datasource, config.max_instruction_tokens
+        )
         content = record["prompt"][0]["content"]
         if IMAGE_TAG in content:
             image_tag += 1
@@ -646,6 +653,13 @@ def parser() -> argparse.ArgumentParser:
         help="policy tokenizer for the length filter: a HF tokenizer folder, a .gguf file, or "
         "'approx' (default; an over-estimate, see training/tokens.py)",
     )
+    prm.add_argument(
+        "--max-instruction-tokens",
+        type=int,
+        default=DEFAULT_MAX_INSTRUCTION_TOKENS,
+        help="instruction budget stated in every meta-prompt as compile states it, 0 for none "
+        f"(default {DEFAULT_MAX_INSTRUCTION_TOKENS}, compile's default)",
+    )
     prm.add_argument("--max-prompt-tokens", type=int, default=4096, help="drop prompts longer than this (4096)")
     prm.add_argument("--datasource", default="promptmii", help="datasource field of every line (eval metric name)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
@@ -731,6 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         drop_contaminated=args.drop_contaminated,
         constrained=False if args.constrained == "none" else args.constrained,
         reply_limit=args.reply_limit,
+        max_instruction_tokens=args.max_instruction_tokens or None,
     )
     counter = load_counter(args.tokenizer)
     if not counter.exact:

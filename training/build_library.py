@@ -39,7 +39,7 @@ from typing import Any
 
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json
-from dspy_promptmii.generation import budget_limit, generate, generator_settings
+from dspy_promptmii.generation import budget_limit, budget_words, generate, generator_settings
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol
 from training.build_data import BuildConfig, ContextSpec, context_seed, filter_reason, make_record, sample_context
 from training.contamination import eval_hashes, overlapping_rows
@@ -132,7 +132,7 @@ async def _build_task(
     record = make_record(task, source, spec, seed, context_ids, test_ids, config.protocol, "library")
     tests = parse_payload(record["label"])
     shown = list(tests.shown)
-    max_words = int(0.75 * config.max_instruction_tokens) if config.max_instruction_tokens else None
+    max_words = budget_words(config.max_instruction_tokens)
     limit = budget_limit(config.max_instruction_tokens) if config.max_instruction_tokens else 1024
     candidates = []
     for index, spec in enumerate(_candidate_specs(config)):
