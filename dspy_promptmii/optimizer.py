@@ -585,10 +585,20 @@ class PromptMIIOptimizer(Teleprompter):
         naive_won = best.kind == "naive"
         text = best.instruction.removesuffix(format_line(task.labels)).rstrip() if not naive_won else NAIVE_INSTRUCTION
         tokens = self._tokens(text, generator.model)
-        if self.max_instruction_tokens and tokens is not None and tokens > self.max_instruction_tokens:
+        # The budget's generation limit allows a margin over it; only an instruction past
+        # that (the LM or max_tokens set a larger limit, so the budget was only asked for
+        # in words) is worth a warning.
+        if (
+            self.max_instruction_tokens
+            and tokens is not None
+            and tokens > budget_limit(self.max_instruction_tokens, DEFAULT_GENERATOR_MAX_TOKENS)
+        ):
             logger.warning(
-                "predictor %r: the instruction has %d tokens, over max_instruction_tokens=%d (the generation "
-                "limit was %s)", plan.name, tokens, self.max_instruction_tokens,
+                "predictor %r: the instruction has %d tokens, over max_instruction_tokens=%d and its margin "
+                "(the generation limit was %s)",
+                plan.name,
+                tokens,
+                self.max_instruction_tokens,
                 origin.reply.settings.get("max_tokens", "the LM's own"),
             )
         return PredictorReport(

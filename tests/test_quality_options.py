@@ -383,3 +383,17 @@ def test_sampled_candidates_of_a_model_without_temperature_are_reported_as_not_s
     with dspy.context(adapter=LabelAdapter()):
         optimizer.compile(dspy.Predict(Review), trainset=reviews(20))
     assert optimizer.report[0]["candidates"][3]["temperature"] is None
+
+
+def test_an_instruction_past_its_budget_and_margin_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    word_counter = lambda text: len(text.split())  # noqa: E731 - one token a word
+    long_reply = " ".join(["Praise means pos."] * 40)  # 120 "tokens"
+    short_reply = " ".join(["Praise means pos."] * 5)  # 15
+    for reply, budget, warned in ((long_reply, 20, True), (short_reply, 20, False), (long_reply, 160, False)):
+        lm, _ = fake_lm([reply], max_tokens=4000)  # the LM's own limit: the budget is only asked for in words
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dspy_promptmii.optimizer"):
+            PromptMIIOptimizer(generator_lm=lm, max_instruction_tokens=budget, token_counter=word_counter).compile(
+                dspy.Predict(Review), trainset=reviews(10)
+            )
+        assert ("over max_instruction_tokens" in caplog.text) is warned, (budget, caplog.text)
