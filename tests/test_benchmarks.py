@@ -186,7 +186,7 @@ def test_search_methods_really_search_at_a_tiny_budget(data_dir, lms, tmp_path):
     records = ok(out)
     gepa, mipro = records[("toy", 6, "gepa", 0)], records[("toy", 6, "miprov2", 0)]
     assert gepa["compile_generator_calls"] >= 1 and gepa["compile_follower_calls"] >= 4  # reflected, evaluated
-    assert gepa["details"] == {"train": 2, "val": 4, "max_metric_calls": 12}
+    assert gepa["details"] == {"train": 6, "val": 6, "max_metric_calls": 12}  # every example in both roles
     assert mipro["compile_generator_calls"] >= 2 and mipro["compile_follower_calls"] >= 4
     assert "num_candidates=2" in mipro["details"]["budget"]
     # GEPA's reflection LM reads textual feedback: the gold label and what was predicted.
