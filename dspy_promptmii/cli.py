@@ -118,7 +118,13 @@ def _induce(args: argparse.Namespace) -> int:
 
     from dspy_promptmii.data import load_task
     from dspy_promptmii.files import write_json
-    from dspy_promptmii.optimizer import CHAT_FRAMING, PromptMIIOptimizer, meta_prompt_budget
+    from dspy_promptmii.generation import budget_limit
+    from dspy_promptmii.optimizer import (
+        CHAT_FRAMING,
+        DEFAULT_GENERATOR_MAX_TOKENS,
+        PromptMIIOptimizer,
+        meta_prompt_budget,
+    )
     from dspy_promptmii.protocol import load_template
     from dspy_promptmii.routes import LMPool
 
@@ -133,6 +139,10 @@ def _induce(args: argparse.Namespace) -> int:
             raise ValueError(f"--api-base {args.api_base!r} is not an http:// or https:// URL")
     task = load_task(args.data)
     _check_out(args.out)
+    if args.max_tokens is None:  # the instruction budget's limit, or the optimizer's default without one
+        args.max_tokens = (
+            budget_limit(args.max_instruction_tokens) if args.max_instruction_tokens else DEFAULT_GENERATOR_MAX_TOKENS
+        )
     _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
     program = dspy.Predict(task.signature())
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
@@ -297,7 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     induce.add_argument("--seed", type=int, default=0)
     induce.add_argument("--sampling", choices=("stratified", "random"), default="stratified")
-    induce.add_argument("--max-tokens", type=positive_int, default=1024, help="most tokens the generator may write")
+    induce.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="most tokens the generator may write (default: the instruction budget + 64, or 1024 without a budget)",
+    )
     induce.add_argument(
         "--exemplars",
         type=non_negative_int,

@@ -20,6 +20,7 @@ from dspy_promptmii.adapter import FOLLOWER_REPLY_LIMIT, LabelAdapter
 from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.generation import budget_limit
 from dspy_promptmii.local.server import DEFAULT_N_CTX
 from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptMIIOptimizer, meta_prompt_budget
 from dspy_promptmii.protocol import Protocol
@@ -103,7 +104,9 @@ def run_demo(
         # With LabelAdapter the follower's temperature and reply limit are the protocol's.
         limit = FOLLOWER_REPLY_LIMIT[adapter]
         follow = pool.endpoint(follower, cache=False, **({"temperature": 0.0, "max_tokens": limit} if limit else {}))
-        gen = pool.endpoint(generator or follower, max_tokens=_GENERATOR_MAX_TOKENS, cache=False)
+        # The generator's reply limit enforces the instruction budget (budget + margin).
+        gen_limit = budget_limit(max_instruction_tokens) if max_instruction_tokens else _GENERATOR_MAX_TOKENS
+        gen = pool.endpoint(generator or follower, max_tokens=gen_limit, cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
         protocol = Protocol(

@@ -153,6 +153,17 @@ def test_induce_prints_the_instruction_and_writes_the_report(capsys, tmp_path, t
     assert not list(out_file.parent.glob("*.partial"))
 
 
+@pytest.mark.parametrize(("extra", "limit"), [([], 224), (["--max-instruction-tokens", "0"], 1024)])
+def test_induce_limits_the_generator_to_the_instruction_budget(capsys, task_file, fake_pool, extra, limit):
+    fake_pool()
+    code, _, err = run(capsys, "induce", "--data", str(task_file), "--generator", "my-generator", *extra)
+    assert code == 0, err
+    [pool] = FakePool.instances
+    [(_, settings)] = pool.requests
+    assert settings["max_tokens"] == limit
+    assert pool.engine.configs[0].max_tokens == limit
+
+
 def test_induce_fits_the_meta_prompt_into_a_local_context(capsys, tmp_path, task_file, fake_pool):
     """With a local endpoint (a context size), the meta-prompt budget is the context
     left after the reply: fewer examples are shown."""
@@ -310,7 +321,8 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
         assert row["method"] in out
     assert "macro-F1" in out and result["instruction"].splitlines()[0] in out
     # The follower LM sets no limit or temperature: LabelAdapter's protocol does, per label set.
-    assert [kwargs.get("max_tokens") for _, kwargs in pool.requests] == [None, 1024]
+    # the generator's limit enforces the default instruction budget: 160 + 64 tokens
+    assert [kwargs.get("max_tokens") for _, kwargs in pool.requests] == [None, 224]
     assert "temperature" not in pool.requests[0][1]
     limits = {config.max_tokens for config in pool.follower_engine.configs}
     temperatures = {config.temperature for config in pool.follower_engine.configs}
@@ -325,7 +337,7 @@ def test_demo_gives_chat_adapter_replies_room_for_its_field_markers(capsys, tmp_
 
     assert code == 0, err
     [pool] = FakePool.instances
-    assert [kwargs["max_tokens"] for _, kwargs in pool.requests] == [128, 1024]
+    assert [kwargs["max_tokens"] for _, kwargs in pool.requests] == [128, 224]
     result = json.loads(out_file.read_text())
     assert result["adapter"] == "chat" and all(row["invalid_rate"] == 0.0 for row in result["results"])
 
