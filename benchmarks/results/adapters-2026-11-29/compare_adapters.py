@@ -20,6 +20,7 @@ from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import split_rows
 from dspy_promptmii.demo import DEMO_EXEMPLARS, DEMO_GENERATOR, DEMO_MAX_INSTRUCTION_TOKENS, demo_task
 from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.generation import budget_limit
 from dspy_promptmii.optimizer import PromptMIIOptimizer, meta_prompt_budget
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import LMPool
@@ -38,7 +39,8 @@ results: dict = {"test_rows": TEST_ROWS, "n": N, "seed": SEED, "rows": []}
 with LMPool() as lms:
     plain = lms.endpoint("local", cache=False)  # LabelAdapter: the protocol sets temperature and reply limit
     chat = lms.endpoint("local", temperature=0.0, max_tokens=FOLLOWER_REPLY_LIMIT["chat"], cache=False)
-    generator = lms.endpoint(DEMO_GENERATOR or "local", max_tokens=1024, cache=False)
+    limit = budget_limit(DEMO_MAX_INSTRUCTION_TOKENS) if DEMO_MAX_INSTRUCTION_TOKENS else 1024  # as the demo
+    generator = lms.endpoint(DEMO_GENERATOR or "local", max_tokens=limit, cache=False)
     optimizer = PromptMIIOptimizer(
         generator_lm=generator.lm,
         n=N,
