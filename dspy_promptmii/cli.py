@@ -119,12 +119,7 @@ def _induce(args: argparse.Namespace) -> int:
     from dspy_promptmii.data import load_task
     from dspy_promptmii.files import write_json
     from dspy_promptmii.generation import budget_limit
-    from dspy_promptmii.optimizer import (
-        CHAT_FRAMING,
-        DEFAULT_GENERATOR_MAX_TOKENS,
-        PromptMIIOptimizer,
-        meta_prompt_budget,
-    )
+    from dspy_promptmii.optimizer import CHAT_FRAMING, PromptMIIOptimizer, meta_prompt_budget
     from dspy_promptmii.protocol import load_template
     from dspy_promptmii.routes import LMPool
 
@@ -139,10 +134,8 @@ def _induce(args: argparse.Namespace) -> int:
             raise ValueError(f"--api-base {args.api_base!r} is not an http:// or https:// URL")
     task = load_task(args.data)
     _check_out(args.out)
-    if args.max_tokens is None:  # the instruction budget's limit, or the optimizer's default without one
-        args.max_tokens = (
-            budget_limit(args.max_instruction_tokens) if args.max_instruction_tokens else DEFAULT_GENERATOR_MAX_TOKENS
-        )
+    if args.max_tokens is None:  # the instruction budget's limit, or the default without one
+        args.max_tokens = budget_limit(args.max_instruction_tokens)
     _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
     program = dspy.Predict(task.signature())
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:

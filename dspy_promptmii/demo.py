@@ -105,8 +105,7 @@ def run_demo(
         limit = FOLLOWER_REPLY_LIMIT[adapter]
         follow = pool.endpoint(follower, cache=False, **({"temperature": 0.0, "max_tokens": limit} if limit else {}))
         # The generator's reply limit enforces the instruction budget (budget + margin).
-        gen_limit = budget_limit(max_instruction_tokens) if max_instruction_tokens else _GENERATOR_MAX_TOKENS
-        gen = pool.endpoint(generator or follower, max_tokens=gen_limit, cache=False)
+        gen = pool.endpoint(generator or follower, max_tokens=budget_limit(max_instruction_tokens), cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
         protocol = Protocol(

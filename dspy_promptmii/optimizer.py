@@ -15,6 +15,7 @@ from dspy.teleprompt import Teleprompter
 
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.generation import (
+    DEFAULT_GENERATOR_MAX_TOKENS,
     DEFAULT_MAX_INSTRUCTION_TOKENS,
     Reply,
     budget_limit,
@@ -53,9 +54,6 @@ __all__ = [
 
 #: Tokens a chat template adds around the meta-prompt's one user message and the reply.
 CHAT_FRAMING = 64
-#: The generator's reply limit when neither the optimizer nor the LM sets one (the paper
-#: lets the generator write up to about 1-2k tokens).
-DEFAULT_GENERATOR_MAX_TOKENS = 1024
 
 
 def meta_prompt_budget(context_tokens: int | None, max_tokens: int) -> int | None:
@@ -548,10 +546,7 @@ class PromptMIIOptimizer(Teleprompter):
         """One candidate: meta-prompt, one generator call, cleaning."""
         meta_prompt, shown, prompt_tokens = self._fit_meta_prompt(plan, generator.model, spec["template"], exemplars)
         limit = self.max_tokens
-        if limit is None and self.max_instruction_tokens:
-            limit_default = budget_limit(self.max_instruction_tokens, DEFAULT_GENERATOR_MAX_TOKENS)
-        else:
-            limit_default = DEFAULT_GENERATOR_MAX_TOKENS
+        limit_default = budget_limit(self.max_instruction_tokens)
         extra = dict(self.generation_kwargs)
         temperature = self.temperature
         if spec["temperature"] is not None and not refuses_temperature_0(generator.model):
@@ -591,7 +586,7 @@ class PromptMIIOptimizer(Teleprompter):
         if (
             self.max_instruction_tokens
             and tokens is not None
-            and tokens > budget_limit(self.max_instruction_tokens, DEFAULT_GENERATOR_MAX_TOKENS)
+            and tokens > budget_limit(self.max_instruction_tokens)
         ):
             logger.warning(
                 "predictor %r: the instruction has %d tokens, over max_instruction_tokens=%d and its margin "

@@ -133,7 +133,7 @@ async def _build_task(
     tests = parse_payload(record["label"])
     shown = list(tests.shown)
     max_words = budget_words(config.max_instruction_tokens)
-    limit = budget_limit(config.max_instruction_tokens) if config.max_instruction_tokens else 1024
+    limit = budget_limit(config.max_instruction_tokens)
     candidates = []
     for index, spec in enumerate(_candidate_specs(config)):
         prompt = config.protocol.meta_prompt(

@@ -39,7 +39,7 @@ results: dict = {"test_rows": TEST_ROWS, "n": N, "seed": SEED, "rows": []}
 with LMPool() as lms:
     plain = lms.endpoint("local", cache=False)  # LabelAdapter: the protocol sets temperature and reply limit
     chat = lms.endpoint("local", temperature=0.0, max_tokens=FOLLOWER_REPLY_LIMIT["chat"], cache=False)
-    limit = budget_limit(DEMO_MAX_INSTRUCTION_TOKENS) if DEMO_MAX_INSTRUCTION_TOKENS else 1024  # as the demo
+    limit = budget_limit(DEMO_MAX_INSTRUCTION_TOKENS)  # as the demo
     generator = lms.endpoint(DEMO_GENERATOR or "local", max_tokens=limit, cache=False)
     optimizer = PromptMIIOptimizer(
         generator_lm=generator.lm,
