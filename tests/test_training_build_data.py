@@ -253,6 +253,9 @@ def test_build_rejects_bad_config() -> None:
         BuildConfig(sampling="nope")
     with pytest.raises(ValueError, match="placeholder"):
         BuildConfig(template="no placeholders here")
+    with pytest.raises(ValueError, match="max_instruction_tokens must be a positive integer or None"):
+        BuildConfig(max_instruction_tokens=-5)
+    assert BuildConfig(max_instruction_tokens=None).max_instruction_tokens is None
 
 
 def _openrlhf_preprocess() -> Any:

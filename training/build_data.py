@@ -43,6 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dspy_promptmii.cli import non_negative_int
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json, write_jsonl
 from dspy_promptmii.generation import DEFAULT_MAX_INSTRUCTION_TOKENS, budget_words
@@ -124,6 +125,15 @@ class BuildConfig:
             raise ValueError(f"valid shots must be positive, got {self.valid_shots}")
         if not 0 < self.max_unique_label_ratio <= 1:
             raise ValueError(f"max_unique_label_ratio must be in (0, 1], got {self.max_unique_label_ratio}")
+        if self.max_instruction_tokens is not None and (
+            isinstance(self.max_instruction_tokens, bool)
+            or not isinstance(self.max_instruction_tokens, int)
+            or self.max_instruction_tokens < 1
+        ):
+            raise ValueError(
+                f"max_instruction_tokens must be a positive integer or None (no length rule), "
+                f"got {self.max_instruction_tokens!r}"
+            )
         if self.constrained not in (False, *CONSTRAINED_STYLES):
             raise ValueError(f"constrained must be False or one of {CONSTRAINED_STYLES}, got {self.constrained!r}")
         _ = self.protocol  # validates the template and the reply limit
@@ -655,7 +665,7 @@ def parser() -> argparse.ArgumentParser:
     )
     prm.add_argument(
         "--max-instruction-tokens",
-        type=int,
+        type=non_negative_int,
         default=DEFAULT_MAX_INSTRUCTION_TOKENS,
         help="instruction budget stated in every meta-prompt as compile states it, 0 for none "
         f"(default {DEFAULT_MAX_INSTRUCTION_TOKENS}, compile's default)",
