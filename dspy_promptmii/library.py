@@ -34,7 +34,9 @@ LIBRARY_FILE = "instruction_library.json"
 _REQUIRED = ("task", "labels", "instruction")
 
 
-def _check(entries: Any, source: str) -> list[dict[str, Any]]:
+def check_entries(entries: Any, source: str = "the library") -> list[dict[str, Any]]:
+    """``entries`` checked as a library file's are (``ValueError`` naming the entry), as
+    copies."""
     if not isinstance(entries, list):
         raise ValueError(f"{source}: an instruction library holds a list of entries under 'entries'")
     for index, entry in enumerate(entries):
@@ -50,11 +52,6 @@ def _check(entries: Any, source: str) -> list[dict[str, Any]]:
     return [dict(entry) for entry in entries]
 
 
-def check_entries(entries: Any, source: str = "the library") -> list[dict[str, Any]]:
-    """``entries`` checked like a library file's (``ValueError`` naming the entry)."""
-    return _check(entries, source)
-
-
 @lru_cache(maxsize=4)
 def _load(path: str | None) -> tuple[dict[str, Any], ...]:
     if path is None:
@@ -68,7 +65,7 @@ def _load(path: str | None) -> tuple[dict[str, Any], ...]:
             raise ValueError(f"instruction library {path} cannot be read: {error}") from None
         source = path
     entries = data.get("entries") if isinstance(data, Mapping) else data
-    return tuple(_check(entries, source))
+    return tuple(check_entries(entries, source))
 
 
 def load_library(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:

@@ -453,19 +453,25 @@ def _budget_setup(n: int = 10):
     return trainset, render
 
 
+def _budget_optimizer(lm: dspy.LM, max_prompt_tokens: int) -> PromptMIIOptimizer:
+    """A meta-prompt budget in words, without the instruction budget's length rule (so the
+    prompts match ``_budget_setup``'s renderings)."""
+    return PromptMIIOptimizer(
+        generator_lm=lm,
+        n=10,
+        template="meta2",
+        max_prompt_tokens=max_prompt_tokens,
+        max_instruction_tokens=None,
+        token_counter=word_count,
+    )
+
+
 def test_budget_drops_examples_from_the_end():
     trainset, render = _budget_setup(10)
     budget = word_count(render(6)) + 2  # fits 6 examples, not 7
     assert word_count(render(7)) > budget
     lm, engine = fake_lm([REPLY])
-    optimizer = PromptMIIOptimizer(
-        generator_lm=lm,
-        n=10,
-        template="meta2",
-        max_prompt_tokens=budget,
-        max_instruction_tokens=None,
-        token_counter=word_count,
-    )
+    optimizer = _budget_optimizer(lm, budget)
     compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=trainset)
     report = optimizer.report[0]
     assert (report["n_requested"], report["n_used"], report["n_available"]) == (10, 6, 10)
@@ -479,14 +485,7 @@ def test_budget_drops_examples_from_the_end():
 def test_budget_that_fits_everything_keeps_every_example():
     trainset, render = _budget_setup(10)
     lm, engine = fake_lm([REPLY])
-    optimizer = PromptMIIOptimizer(
-        generator_lm=lm,
-        n=10,
-        template="meta2",
-        max_prompt_tokens=word_count(render(10)),
-        token_counter=word_count,
-        max_instruction_tokens=None,
-    )
+    optimizer = _budget_optimizer(lm, word_count(render(10)))
     optimizer.compile(dspy.Predict(Sentiment), trainset=trainset)
     assert optimizer.report[0]["n_used"] == 10
     assert engine.prompt(0) == render(10)
@@ -497,14 +496,7 @@ def test_budget_too_small_for_one_example_is_a_budget_error():
     budget = word_count(render(1)) - 1
     lm, engine = fake_lm([REPLY])
     student = dspy.Predict(Sentiment)
-    optimizer = PromptMIIOptimizer(
-        generator_lm=lm,
-        n=10,
-        template="meta2",
-        max_prompt_tokens=budget,
-        max_instruction_tokens=None,
-        token_counter=word_count,
-    )
+    optimizer = _budget_optimizer(lm, budget)
     with pytest.raises(PromptBudgetError) as info:
         optimizer.compile(student, trainset=trainset)
     message = str(info.value)
