@@ -73,8 +73,9 @@ class Budgets:
             "naive": "the protocol's naive instruction, no compile calls",
             "icl": "LabeledFewShot with the n examples as demos (largest prefix that fits the follower context)",
             "promptmii_zero": "PromptMIIOptimizer with an untrained generator (--generator unless the options name "
-            "one), one call unless candidates > 1 (then the candidates are scored by the follower on the n "
-            "examples, the naive instruction included); no instruction budget unless the options set "
+            "one), one call unless candidates > 1 (then the candidates are scored by the follower on up to "
+            "val_size (default 20) of the n examples, the naive instruction included); no instruction budget "
+            "unless the options set "
             "max_instruction_tokens (the optimizer's default is 160)",
             "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
             "gepa": (
@@ -214,9 +215,9 @@ def compile_icl(ctx: CompileContext) -> Compiled:
 
 def compile_promptmii(ctx: CompileContext) -> Compiled:
     """PromptMIIOptimizer on the n examples, with the method's options (exemplars,
-    max_instruction_tokens, candidates, demos, template). With candidates > 1 the
-    candidates are scored on the same n examples (a benchmark cell has no other labelled
-    rows; every method gets exactly these n)."""
+    max_instruction_tokens, candidates, val_size, demos, template). With candidates > 1
+    the candidates are scored on up to val_size of the same n examples (a benchmark cell
+    has no other labelled rows; every method gets exactly these n)."""
     if ctx.generator_lm is None or ctx.generator is None:
         raise ValueError("Prompt-MII needs a generator LM")
     options = dict(ctx.options)

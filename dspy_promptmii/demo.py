@@ -22,7 +22,12 @@ from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.generation import budget_limit
 from dspy_promptmii.local.server import DEFAULT_N_CTX
-from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptMIIOptimizer, meta_prompt_budget
+from dspy_promptmii.optimizer import (
+    DEFAULT_GENERATOR_MAX_TOKENS,
+    DEFAULT_MAX_INSTRUCTION_TOKENS,
+    PromptMIIOptimizer,
+    meta_prompt_budget,
+)
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
@@ -32,8 +37,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["demo_task", "run_demo", "format_table"]
 
-#: The generator's reply limit.
-_GENERATOR_MAX_TOKENS = 1024
 #: The demo's Prompt-MII settings: the optimizer's defaults, which the dev-task study chose
 #: (README, "Which settings are the defaults, and why"; benchmarks/results/dev12-2026-11-29):
 #: the 0.5B model also as generator (the 1.5B one scored lower), no exemplars (no gain,
@@ -136,7 +139,7 @@ def run_demo(
 
         generator_lm, meter = metered(gen.lm)
         follower_lm, follower_meter = metered(follow.lm)
-        budget = meta_prompt_budget(gen.context_tokens, _GENERATOR_MAX_TOKENS)
+        budget = meta_prompt_budget(gen.context_tokens, DEFAULT_GENERATOR_MAX_TOKENS)
         optimizer = PromptMIIOptimizer(
             generator_lm=generator_lm,
             n=n,

@@ -229,7 +229,9 @@ class PromptMIIOptimizer(Teleprompter):
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
             rows for ``candidates`` > 1; without it, up to ``val_size`` trainset rows the
             generator did not see.
-        val_size: Validation rows taken from the trainset when no valset is given.
+        val_size: Validation rows taken from the trainset when no valset is given (at
+            most; default 20): unseen rows first, else shown rows. Each candidate costs
+            this many follower calls.
         include_naive: With ``candidates`` > 1, also score the naive instruction and keep
             it if no generated one does better.
         demos: Keep this many of the shown examples as the predictor's demos, beside the

@@ -69,7 +69,7 @@ def validation_rows(
     (its rows the generator did not see, with a warning when it saw some; all of it if
     it saw every one), else up to ``size`` trainset rows the generator did not see (a
     seeded, stratified choice; a row equal to a shown one counts as seen), else (every
-    row was shown) the shown rows themselves."""
+    row was shown) up to ``size`` of the shown rows themselves (the same kind of choice)."""
     seen = {_row_key(row) for row in shown}
     if valset:
         fresh = [row for row in valset if _row_key(row) not in seen]
@@ -87,12 +87,13 @@ def validation_rows(
     if unseen:
         chosen = select_examples(unseen, size, seed + 1)
         return chosen, f"{len(chosen)} trainset rows the generator did not see"
+    chosen = select_examples(list(shown), size, seed + 1) if len(shown) > size else list(shown)
     logger.warning(
-        "every trainset row was shown to the generator and no valset was given: candidates are scored on the "
-        "%d shown rows, which favours instructions that copy them; pass valset= or a larger trainset",
-        len(shown),
+        "every trainset row was shown to the generator and no valset was given: candidates are scored on %d "
+        "shown rows, which favours instructions that copy them; pass valset= or a larger trainset",
+        len(chosen),
     )
-    return list(shown), f"the {len(shown)} shown rows (no unseen row and no valset)"
+    return chosen, f"{len(chosen)} of the {len(shown)} shown rows (no unseen row and no valset)"
 
 
 def score_candidate(

@@ -322,6 +322,22 @@ def test_validation_rows_leave_out_duplicates_of_shown_rows_and_shown_valset_row
     assert not [row for row in rows if row in shown] and "did not see" in where
 
 
+def test_validation_on_shown_rows_takes_at_most_val_size_of_them() -> None:
+    from dspy_promptmii.sampling import select_examples
+    from dspy_promptmii.selection import validation_rows
+    from dspy_promptmii.task import signature_task
+
+    task = signature_task(Review, "p")
+    labelled = task.examples(reviews(12))
+    shown = select_examples(labelled, 12, 0)  # the generator saw every row
+    rows, where = validation_rows(labelled, shown, 6, 0)
+    assert len(rows) == 6 and all(row in shown for row in rows)
+    assert {label for _, label in rows} == {label for _, label in shown}  # stratified
+    assert where == "6 of the 12 shown rows (no unseen row and no valset)"
+    rows, where = validation_rows(labelled, shown, 20, 0)
+    assert rows == list(shown) and where.startswith("12 of the 12")
+
+
 def test_a_library_list_is_checked_like_a_file() -> None:
     lm, _ = fake_lm([GOOD])
     with pytest.raises(ValueError, match="entry 0 has no labels"):
