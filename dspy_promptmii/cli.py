@@ -72,8 +72,8 @@ def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: i
 
 def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.demo import format_table, run_demo
-    from dspy_promptmii.generation import DEFAULT_GENERATOR_MAX_TOKENS
     from dspy_promptmii.files import write_json
+    from dspy_promptmii.generation import DEFAULT_GENERATOR_MAX_TOKENS
 
     # Every option is checked before a model is pulled or a server started.
     _check_out(args.out)

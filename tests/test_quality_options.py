@@ -331,8 +331,8 @@ def test_validation_on_shown_rows_takes_at_most_val_size_of_them() -> None:
     labelled = task.examples(reviews(12))
     shown = select_examples(labelled, 12, 0)  # the generator saw every row
     rows, where = validation_rows(labelled, shown, 6, 0)
-    assert len(rows) == 6 and all(row in shown for row in rows)
-    assert {label for _, label in rows} == {label for _, label in shown}  # stratified
+    assert rows == select_examples(shown, 6, 1)  # seeded (seed + 1, as for unseen rows), stratified
+    assert len(rows) == 6 and {label for _, label in rows} == {label for _, label in shown}
     assert where == "6 of the 12 shown rows (no unseen row and no valset)"
     rows, where = validation_rows(labelled, shown, 20, 0)
     assert rows == list(shown) and where.startswith("12 of the 12")
