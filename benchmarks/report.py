@@ -434,7 +434,14 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
         parts.append("")
 
     if plot_name:
-        parts += ["## Pareto plot", "", f"![prompt tokens per query vs macro-F1]({plot_name})", ""]
+        parts += ["## Pareto plot", ""]
+        if len({r.tasks for r in rows}) > 1:
+            parts += [
+                "Each point is a mean over the tasks that method ran on (the `tasks` column above), and "
+                "these differ between methods: compare points over the same tasks in the tables above.",
+                "",
+            ]
+        parts += [f"![prompt tokens per query vs macro-F1]({plot_name})", ""]
 
     parts += ["## Instructions", "", "What each compiled program told the follower (before the format line).", ""]
     for r in sorted(records, key=lambda r: (r["task"], r["n"], methods.index(r["method"]), r["seed"])):

@@ -183,6 +183,16 @@ def test_report_and_plot_are_written(folder: Path):
     assert not list(folder.glob("*.partial"))  # written beside, then renamed into place
 
 
+def test_the_plot_caption_warns_when_methods_ran_on_different_tasks(folder: Path):
+    caption = "Each point is a mean over the tasks that method ran on"
+    assert caption not in render_report(folder)  # every method ran on every task
+    path = folder / "results.jsonl"
+    kept = [line for line in path.read_text().splitlines() if '"method": "gepa", "seed": 0' not in line
+            or '"task": "alpha"' in line]
+    path.write_text("\n".join(kept) + "\n")
+    assert caption in render_report(folder)
+
+
 def test_a_failed_report_write_keeps_the_previous_report(folder: Path, monkeypatch):
     write_report(folder)
     before = (folder / "report.md").read_text()
