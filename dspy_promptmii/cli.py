@@ -73,11 +73,12 @@ def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: i
 def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.demo import format_table, run_demo
     from dspy_promptmii.files import write_json
-    from dspy_promptmii.generation import DEFAULT_GENERATOR_MAX_TOKENS
+    from dspy_promptmii.generation import budget_limit
 
-    # Every option is checked before a model is pulled or a server started.
+    # Every option is checked before a model is pulled or a server started; the
+    # generator's reply limit is the one run_demo sets (the budget plus a margin).
     _check_out(args.out)
-    _check_context(args.generator or args.follower, args.n_ctx, DEFAULT_GENERATOR_MAX_TOKENS)
+    _check_context(args.generator or args.follower, args.n_ctx, budget_limit(args.max_instruction_tokens or None))
     print(
         f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
         f"{args.test_rows} held-out rows; follower {args.follower}, generator {args.generator or args.follower}.",

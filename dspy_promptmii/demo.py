@@ -23,7 +23,6 @@ from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.generation import budget_limit
 from dspy_promptmii.local.server import DEFAULT_N_CTX
 from dspy_promptmii.optimizer import (
-    DEFAULT_GENERATOR_MAX_TOKENS,
     DEFAULT_MAX_INSTRUCTION_TOKENS,
     PromptMIIOptimizer,
     meta_prompt_budget,
@@ -139,7 +138,7 @@ def run_demo(
 
         generator_lm, meter = metered(gen.lm)
         follower_lm, follower_meter = metered(follow.lm)
-        budget = meta_prompt_budget(gen.context_tokens, DEFAULT_GENERATOR_MAX_TOKENS)
+        budget = meta_prompt_budget(gen.context_tokens, budget_limit(max_instruction_tokens))
         optimizer = PromptMIIOptimizer(
             generator_lm=generator_lm,
             n=n,

@@ -292,8 +292,12 @@ def test_induce_output_made_unwritable_during_the_call_fails_in_one_line_without
 def test_demo_checks_the_output_and_context_before_any_model_or_server(capsys, tmp_path, no_pool):
     code, _, err = run(capsys, "demo", "--out", str(tmp_path))
     one_line_error(code, err, "--out", str(tmp_path), "folder")
-    code, _, err = run(capsys, "demo", "--n-ctx", "1024")
-    one_line_error(code, err, "--n-ctx 1024")
+    # The reply set aside is the generator's real limit: the budget (160) plus 64 tokens,
+    # or 1,024 tokens without a budget.
+    code, _, err = run(capsys, "demo", "--n-ctx", "200")
+    one_line_error(code, err, "--n-ctx 200", "(224 tokens)")
+    code, _, err = run(capsys, "demo", "--n-ctx", "1024", "--max-instruction-tokens", "0")
+    one_line_error(code, err, "--n-ctx 1024", "(1024 tokens)")
     assert no_pool.made == 0
 
 
