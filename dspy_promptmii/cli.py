@@ -52,17 +52,19 @@ def _check_out(path: str | None) -> None:
 
 def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: int | None = None) -> None:
     """For a local generator, whose context size is known before its server starts: the
-    context must leave room for a meta-prompt once the reply is set aside.
+    context must leave room for a meta-prompt (of ``max_prompt_tokens``, if given) once
+    the reply is set aside.
     Raises ``ValueError`` naming ``--n-ctx`` and the reply limit."""
     from dspy_promptmii.optimizer import CHAT_FRAMING, meta_prompt_budget
     from dspy_promptmii.routes import is_local
 
-    if max_prompt_tokens is not None or not is_local(route):
+    if not is_local(route):
         return
     budget = meta_prompt_budget(n_ctx, max_tokens)
-    if budget is not None and budget < 1:
+    if budget is not None and budget < (max_prompt_tokens or 1):
+        wanted = f"a meta-prompt of --max-prompt-tokens {max_prompt_tokens}" if max_prompt_tokens else "a meta-prompt"
         raise ValueError(
-            f"--n-ctx {n_ctx} leaves no room for a meta-prompt once the reply ({max_tokens} tokens) and "
+            f"--n-ctx {n_ctx} leaves no room for {wanted} once the reply ({max_tokens} tokens) and "
             f"{CHAT_FRAMING} tokens of chat framing are set aside"
         )
 
@@ -140,28 +142,30 @@ def _induce(args: argparse.Namespace) -> int:
         args.max_tokens = budget_limit(args.max_instruction_tokens)
     _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
     program = dspy.Predict(task.signature())
+    # The optimizer checks its settings (template with exemplars, the library) here; the
+    # generator and the context budget are set once the endpoint exists.
+    optimizer = PromptMIIOptimizer(
+        n=args.n,
+        template=args.template,
+        seed=args.seed,
+        sampling=args.sampling,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens=args.max_tokens,
+        exemplars=args.exemplars,
+        max_instruction_tokens=args.max_instruction_tokens or None,
+    )
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
         endpoint = pool.endpoint(args.generator, temperature=0.0, max_tokens=args.max_tokens)
-        budget = args.max_prompt_tokens
-        if budget is None:
+        if args.max_prompt_tokens is None:
             budget = meta_prompt_budget(endpoint.context_tokens, args.max_tokens)
             if budget is not None and budget < 1:
                 raise ValueError(
                     f"--n-ctx {endpoint.context_tokens} leaves no room for a meta-prompt once the reply "
                     f"(--max-tokens {args.max_tokens}) and {CHAT_FRAMING} tokens of chat framing are set aside"
                 )
-        optimizer = PromptMIIOptimizer(
-            generator_lm=endpoint.lm,
-            n=args.n,
-            template=args.template,
-            seed=args.seed,
-            sampling=args.sampling,
-            max_prompt_tokens=budget,
-            token_counter=endpoint.token_counter,
-            max_tokens=args.max_tokens,
-            exemplars=args.exemplars,
-            max_instruction_tokens=args.max_instruction_tokens or None,
-        )
+            optimizer.max_prompt_tokens = budget
+        optimizer.generator_lm = endpoint.lm
+        optimizer.token_counter = endpoint.token_counter
         compiled = optimizer.compile(program, trainset=task.examples())
     instruction = compiled.predictors()[0].signature.instructions
     print(instruction)

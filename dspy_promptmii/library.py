@@ -49,6 +49,13 @@ def check_entries(entries: Any, source: str = "the library") -> list[dict[str, A
             raise ValueError(f"{source}: entry {index} has labels {entry['labels']!r}, not a list of labels")
         if not isinstance(entry["instruction"], str):
             raise ValueError(f"{source}: entry {index} has an instruction that is not text")
+        inputs = entry.get("inputs")
+        if inputs is not None and (isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence)):
+            raise ValueError(f"{source}: entry {index} has inputs {inputs!r}, not a list of sample inputs")
+        for key in ("reward", "naive_reward"):
+            value = entry.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{source}: entry {index} has {key} {value!r}, not a number")
     return [dict(entry) for entry in entries]
 
 

@@ -297,12 +297,14 @@ class PromptMIIOptimizer(Teleprompter):
             raise TypeError(f"token_counter must be a function text -> int, got {type(token_counter).__name__}")
         if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
             raise TypeError(f"temperature must be a number or None, got {temperature!r}")
-        if temperature is not None and temperature < 0:
-            raise ValueError(f"temperature must not be negative, got {temperature!r}")
+        if temperature is not None and not (0 <= temperature < float("inf")):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
             raise TypeError(f"generation_kwargs must be a dict or None, got {type(generation_kwargs).__name__}")
         if not isinstance(include_naive, bool):
             raise TypeError(f"include_naive must be True or False, got {include_naive!r}")
+        if isinstance(library, bytes) or not isinstance(library, (str, os.PathLike, Sequence, type(None))):
+            raise TypeError(f"library must be a path, a list of entries or None, got {type(library).__name__}")
         if exemplars:
             text = template_text(self.protocol.template) if self.protocol.template != "auto" else TEMPLATES["meta2"]
             if "{exemplars}" not in text:
@@ -311,11 +313,13 @@ class PromptMIIOptimizer(Teleprompter):
                 )
             if library is None or isinstance(library, (str, os.PathLike)):
                 self.library = load_library(library)
-            elif isinstance(library, Sequence) and not isinstance(library, (str, bytes)):
-                self.library = check_entries(list(library), "library")
             else:
-                raise TypeError(f"library must be a path, a list of entries or None, got {type(library).__name__}")
+                self.library = check_entries(list(library), "library")
+            if not self.library:
+                raise ValueError(f"exemplars={exemplars} needs an instruction library with entries; this one has none")
         else:
+            if library is not None:
+                logger.warning("library= is unused with exemplars=0: the meta-prompt shows no library entry")
             self.library = []
         self.generator_lm = generator_lm
         self.follower_lm = follower_lm
@@ -502,10 +506,24 @@ class PromptMIIOptimizer(Teleprompter):
             for w in usable
         ]
         validation, follower_calls = None, 0
-        if follower is not None:
-            if self.include_naive:
-                naive = self.protocol.instruction(NAIVE_INSTRUCTION, task.labels)
-                candidates.append(Candidate(index=len(written), kind="naive", instruction=naive))
+        if follower is not None and self.include_naive:
+            naive = self.protocol.instruction(NAIVE_INSTRUCTION, task.labels)
+            candidates.append(Candidate(index=len(written), kind="naive", instruction=naive))
+        # Replies that cleaned to nothing are reported, never scored.
+        empty = [
+            Candidate(
+                index=w.spec["index"],
+                kind="empty",
+                instruction="",
+                template=w.spec["template"] if w.spec["template"] in TEMPLATES else "custom",
+            )
+            for w in written
+            if not w.cleaned.text
+        ]
+        if empty:
+            logger.warning("predictor %r: %d of %d generator replies were empty after cleaning",
+                           plan.name, len(empty), len(written))
+        if follower is not None and len(candidates) > 1:
             rows, validation = validation_rows(plan.labelled, plan.examples, self.val_size, self.seed, plan.valset)
             val_examples = as_examples(rows, task)
             adapter = dspy.settings.adapter or LabelAdapter(protocol=self.protocol)
@@ -533,7 +551,8 @@ class PromptMIIOptimizer(Teleprompter):
         else:
             best = candidates[0]
         origin = next((w for w in usable if w.spec["index"] == best.index), usable[0])
-        report = self._report(plan, generator, written, origin, best, candidates, validation, follower_calls, started)
+        reported = sorted([*candidates, *empty], key=lambda c: c.index)
+        report = self._report(plan, generator, written, origin, best, reported, validation, follower_calls, started)
         logger.info(
             "predictor %r: %d example(s), template %s, instruction of %d characters%s%s",
             plan.name, len(origin.shown), report.template, len(best.instruction),
@@ -561,7 +580,11 @@ class PromptMIIOptimizer(Teleprompter):
             filled = {*filled, "seed"}
         reply = generate(generator, meta_prompt, settings, filled)
         cleaned = self.protocol.clean(
-            reply.text, plan.task.input_fields, labels=plan.task.labels, examples=shown, truncated=reply.truncated
+            reply.text,
+            plan.task.input_fields,
+            labels=plan.task.labels,
+            examples=shown,
+            truncated=reply.truncated,
         )
         instruction = self.protocol.instruction(cleaned.text, plan.task.labels) if cleaned.text else ""
         return _Written(spec, prompt_tokens, shown, reply, cleaned, instruction)

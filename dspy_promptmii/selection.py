@@ -24,9 +24,10 @@ __all__ = ["Candidate", "validation_rows", "score_candidate", "best_candidate", 
 class Candidate:
     """One candidate instruction and how it was made and scored.
 
-    ``kind`` is ``"generated"`` or ``"naive"`` (the naive instruction, kept as a
+    ``kind`` is ``"generated"``, ``"naive"`` (the naive instruction, kept as a
     reference so that selection never prefers an instruction that the follower does
-    worse with than with no induction at all). ``score`` holds the follower's
+    worse with than with no induction at all) or ``"empty"`` (a generator reply with
+    nothing left after cleaning: reported, never scored). ``score`` holds the follower's
     ``macro_f1``, ``accuracy``, ``invalid_rate`` and ``calls`` on the validation rows.
     """
 

@@ -265,7 +265,15 @@ def test_custom_template_without_placeholder_fails_at_construction(template, mis
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"n": 0}, {"sampling": "balanced"}, {"max_prompt_tokens": 0}, {"max_tokens": 0}, {"temperature": -1}],
+    [
+        {"n": 0},
+        {"sampling": "balanced"},
+        {"max_prompt_tokens": 0},
+        {"max_tokens": 0},
+        {"temperature": -1},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+    ],
 )
 def test_bad_settings_fail_at_construction(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -285,6 +293,8 @@ def test_bad_settings_fail_at_construction(kwargs):
         {"token_counter": 5},
         {"generation_kwargs": ["top_p"]},
         {"protocol": {"template": "meta1"}},
+        {"library": 42},
+        {"library": b"library.json"},
     ],
 )
 def test_wrongly_typed_settings_name_the_argument(kwargs):

@@ -215,6 +215,44 @@ def test_clean_instruction_drops_lines_that_repeat_earlier_ones():
     assert clean_instruction(looping) == expected
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "Answer in at most 3 words: the label.",  # a short answer limit is for the follower
+        "Write down nothing but the label.",
+        "Reviews under 20 words are often neutral.\nThe guidelines of the venue decide borderline cases.",
+        "Keep in mind reviews under 20 words are often sarcastic.",
+        "Make the call from the first sentence; reviews under 30 words are usually negative.",
+    ],
+)
+def test_clean_instruction_keeps_sentences_meant_for_the_follower(reply):
+    assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == reply
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '{"instruction": "Label each request with its intent.\\nPlayMusic asks for a song."}',
+        '```json\n{"Guidelines": "Label each request with its intent.\\nPlayMusic asks for a song.", "n": 2}\n```',
+        '{"answer": "Label each request with its intent.\\nPlayMusic asks for a song."}',
+        '"Label each request with its intent.\\nPlayMusic asks for a song."',
+    ],
+)
+def test_clean_instruction_unwraps_an_instruction_sent_as_json(reply):
+    assert clean_instruction(reply) == "Label each request with its intent.\nPlayMusic asks for a song."
+
+
+def test_clean_instruction_keeps_json_that_holds_no_single_instruction():
+    reply = '{"PlayMusic": "asks for a song", "RateBook": "gives a score"}'
+    assert clean_instruction(reply) == reply
+
+
+def test_clean_instruction_cuts_a_one_paragraph_reply_at_its_last_full_sentence_when_truncated():
+    reply = "Label the intent. PlayMusic asks for a song. When the user men"
+    assert clean_instruction(reply, truncated=True) == "Label the intent. PlayMusic asks for a song."
+    assert clean_instruction(reply) == reply
+
+
 def test_clean_instruction_drops_an_unfinished_last_line_only_when_truncated():
     reply = "Label the intent.\nGet the weather for weather questions.\n- Overlapping: avoid the same"
     assert clean_instruction(reply, truncated=True) == "Label the intent.\nGet the weather for weather questions."

@@ -213,6 +213,19 @@ def test_a_valset_is_used_for_selection_when_given() -> None:
     assert engine.calls == 2 * 6
 
 
+def test_empty_candidates_are_reported_and_a_lone_usable_one_is_not_scored() -> None:
+    generator, _ = fake_lm(["<think>still thinking", GOOD, "```\n```"])
+    follower, engine = _follower_that_obeys()
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=3, n=4, include_naive=False)
+    with dspy.context(adapter=LabelAdapter()):
+        compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(20))
+    report = optimizer.report[0]
+    assert compiled.signature.instructions.startswith(GOOD)
+    assert [(c["index"], c["kind"]) for c in report["candidates"]] == [(0, "empty"), (1, "generated"), (2, "empty")]
+    assert report["chosen"] == 1 and report["generator_calls"] == 3
+    assert engine.calls == 0 and report["follower_calls"] == 0 and report["validation"] is None
+
+
 def test_candidates_need_a_follower() -> None:
     generator, _ = fake_lm([GOOD])
     with dspy.context(lm=None), pytest.raises(ValueError, match="needs a follower LM"):
@@ -299,6 +312,43 @@ def test_build_library_refuses_evaluation_tasks_and_skips_tasks_it_cannot_use() 
     assert library["entries"] == [] and "tiny" in library["skipped"]
 
 
+def _datasets(tmp_path: Path) -> Path:
+    root = tmp_path / "datasets"
+    for name in ("shades", "dev_task"):
+        (root / name).mkdir(parents=True)
+        (root / name / "data.jsonl").write_text(
+            "\n".join(json.dumps(row) for row in _task(name).rows) + "\n", encoding="utf-8"
+        )
+    (root / "SPLITS.json").write_text(json.dumps({"train": ["shades"], "dev": ["dev_task"]}), encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize(
+    "extra, problem",
+    [
+        (["--candidates", "0"], "candidates must be at least 1"),
+        (["--templates", "meta2,bogus"], "['bogus'] are not built-in templates"),
+        (["--max-instruction-tokens", "-1"], "--max-instruction-tokens must be 0"),
+        (["--out", "{tmp}"], "is a folder"),
+        (["--tasks", "nowhere"], "no task folder (with data.jsonl) or .jsonl file for nowhere"),
+        (["--tasks", "{datasets}/dev_task"], "development task(s) ['dev_task']"),
+    ],
+)
+def test_build_library_checks_its_options_before_any_server(tmp_path, monkeypatch, extra, problem) -> None:
+    from dspy_promptmii import routes
+    from training import build_library as builder
+
+    def no_pool(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("an LM pool was made before the options were checked")
+
+    monkeypatch.setattr(routes, "LMPool", no_pool)
+    datasets = _datasets(tmp_path)
+    argv = [a.format(tmp=tmp_path, datasets=datasets) for a in ["--datasets", str(datasets), *extra]]
+    with pytest.raises(SystemExit) as stop:
+        builder.main(argv)
+    assert problem in str(stop.value)
+
+
 def test_redistributable_licences() -> None:
     assert redistributable("CC BY 4.0 (README)") and redistributable("CC0 1.0") and redistributable("Apache-2.0 (x)")
     assert not redistributable("not stated") and not redistributable("GPL-3.0") and not redistributable(None)
@@ -342,6 +392,17 @@ def test_a_library_list_is_checked_like_a_file() -> None:
     lm, _ = fake_lm([GOOD])
     with pytest.raises(ValueError, match="entry 0 has no labels"):
         PromptMIIOptimizer(generator_lm=lm, exemplars=1, library=[{"task": "t", "instruction": "Do it."}])
+    entry = {"task": "t", "labels": ["a", "b"], "instruction": "Do it."}
+    for key, value, problem in [
+        ("inputs", 5, "inputs 5, not a list"),
+        ("inputs", "abcdef", "inputs 'abcdef', not a list"),
+        ("reward", "high", "reward 'high', not a number"),
+        ("naive_reward", True, "naive_reward True, not a number"),
+    ]:
+        with pytest.raises(ValueError, match=f"library: entry 1 has {problem}"):
+            PromptMIIOptimizer(generator_lm=lm, exemplars=1, library=[entry, {**entry, key: value}])
+    with pytest.raises(ValueError, match="exemplars=2 needs an instruction library with entries"):
+        PromptMIIOptimizer(generator_lm=lm, exemplars=2, library=[])
 
 
 def test_quotes_around_two_words_are_not_a_wrapping_pair() -> None:

@@ -272,6 +272,19 @@ def test_induce_checks_api_base_and_context_before_any_model_or_server(capsys, t
         capsys, "induce", "--data", str(task_file), "--generator", "local", "--n-ctx", "1024", "--max-tokens", "1024"
     )
     one_line_error(code, err, "--n-ctx 1024")
+    # a meta-prompt budget the context cannot hold either
+    args = ["--generator", "local", "--n-ctx", "100", "--max-prompt-tokens", "50"]
+    code, _, err = run(capsys, "induce", "--data", str(task_file), *args)
+    one_line_error(code, err, "--n-ctx 100", "--max-prompt-tokens 50")
+    assert no_pool.made == 0
+
+
+def test_induce_checks_exemplars_against_the_template_before_any_model_or_server(capsys, task_file, no_pool):
+    template = "L {label_names} E {examples}"
+    code, _, err = run(
+        capsys, "induce", "--data", str(task_file), "--generator", "local", "--template", template, "--exemplars", "2"
+    )
+    one_line_error(code, err, "{exemplars} placeholder")
     assert no_pool.made == 0
 
 

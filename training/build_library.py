@@ -32,15 +32,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from dspy_promptmii.data import TaskData
-from dspy_promptmii.files import write_json
+from dspy_promptmii.files import check_writable, write_json
 from dspy_promptmii.generation import budget_limit, budget_words, generate, generator_settings
-from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol
+from dspy_promptmii.protocol import NAIVE_INSTRUCTION, TEMPLATES, Protocol
 from training.build_data import BuildConfig, ContextSpec, context_seed, filter_reason, make_record, sample_context
 from training.contamination import eval_hashes, overlapping_rows
 from training.follower import Follower, FollowerConfig, HeldOutSet, parse_payload, score_instruction
@@ -84,6 +84,11 @@ class LibraryConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.templates:
             raise ValueError("templates must name at least one template")
+        unknown = [t for t in self.templates if t not in TEMPLATES]
+        if unknown:
+            raise ValueError(f"templates {unknown} are not built-in templates ({', '.join(TEMPLATES)})")
+        if self.max_instruction_tokens is not None and self.max_instruction_tokens < 1:
+            raise ValueError(f"max_instruction_tokens must be at least 1 or None, got {self.max_instruction_tokens}")
 
 
 def _licences(datasets_dir: Path | None) -> dict[str, str]:
@@ -146,7 +151,11 @@ async def _build_task(
         reply = generate(generator, prompt, settings)
         seconds = time.perf_counter() - started
         cleaned = config.protocol.clean(
-            reply.text, task.input_fields, labels=task.labels, examples=shown, truncated=reply.truncated
+            reply.text,
+            task.input_fields,
+            labels=task.labels,
+            examples=shown,
+            truncated=reply.truncated,
         )
         score = await _score(follower, cleaned.text, tests) if cleaned.text else {"reward": 0.0, "empty": True}
         candidates.append(
@@ -312,10 +321,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not names:
         raise SystemExit(f"no tasks: pass --tasks or give {datasets_dir}/SPLITS.json a 'train' list")
     dev = set(splits.get("dev") or [])
-    if dev & set(names):
-        both = sorted(dev & set(names))
+    # Every option and task is checked before a model is pulled or a server started.
+    if args.max_instruction_tokens < 0:
+        raise SystemExit(f"--max-instruction-tokens must be 0 (no budget) or more, got {args.max_instruction_tokens}")
+    try:
+        config = LibraryConfig(
+            n=args.n,
+            m=args.m,
+            candidates=args.candidates,
+            templates=tuple(t.strip() for t in args.templates.split(",") if t.strip()),
+            seed=args.seed,
+            max_instruction_tokens=args.max_instruction_tokens or None,
+        )
+        check_writable(args.out)
+        tasks = load_local_tasks(resolve_task_paths(names, datasets_dir))
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    # By name or by path: a development task never goes into the library.
+    both = sorted(dev & ({Path(name).name for name in names} | {task.name for task, _ in tasks}))
+    if both:
         raise SystemExit(f"--tasks names development task(s) {both}; the library takes train tasks only")
-    tasks = load_local_tasks(resolve_task_paths(names, datasets_dir))
     eval_tasks = [t for t, _ in load_local_tasks(resolve_task_paths(sorted(dev), datasets_dir))] if dev else []
 
     from dspy_promptmii.routes import LMPool
@@ -324,15 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         follow = pool.endpoint(args.follower, cache=False)
         generator = pool.endpoint(args.generator, cache=False)
         style = {"auto": follow.constrained_style, "none": False}.get(args.constrained, args.constrained)
-        config = LibraryConfig(
-            n=args.n,
-            m=args.m,
-            candidates=args.candidates,
-            templates=tuple(t.strip() for t in args.templates.split(",") if t.strip()),
-            seed=args.seed,
-            max_instruction_tokens=args.max_instruction_tokens or None,
-            protocol=Protocol(constrained=style),
-        )
+        config = replace(config, protocol=Protocol(constrained=style))
         base_url = follow.server.base_url if follow.server else str(follow.lm.kwargs.get("api_base"))
         follower = Follower(
             FollowerConfig(base_url=base_url, model=follow.lm.model.split("/", 1)[-1], concurrency=1, timeout=300)

@@ -2,16 +2,18 @@
 any LM reply.
 
 Cleaning removes only what is not the instruction: reasoning blocks (``<think>...``),
-code fences, header lines that announce the instruction ("Instruction:", "Sure! Here
-are the guidelines:"), wrapping quotes, an echo of the answer-format line (the protocol
-appends its own), lines that repeat an earlier line word for word (greedy decoding
-loops), lines that copy the shown examples (and a trailing block of them), and, only
-when the reply was cut off by the token limit (finish reason ``length``), its unfinished
-last line. Every other sentence of the reply is kept.
+code fences and a JSON wrapping (``{"instruction": "..."}``), header lines that
+announce the instruction ("Instruction:", "Sure! Here are the guidelines:"), wrapping
+quotes, an echo of the answer-format line (the protocol appends its own), lines that
+repeat an earlier line word for word (greedy decoding loops), lines that copy the shown
+examples (and a trailing block of them), and, only when the reply was cut off by the
+token limit (finish reason ``length``), its unfinished last line (in a reply of one
+line, its unfinished last sentence). Every other sentence of the reply is kept.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +78,9 @@ _FORMAT_ECHO = re.compile(r"^\s*only return one of these options\b.*$", re.IGNOR
 # A line ending like a sentence ("These guidelines explain how to label reviews.") is
 # part of the instruction, never a header to drop, even when it names a header word.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)*_]*\s*$")
+_INNER_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)*_]*(?=\s)")
+#: Keys under which a generator that answers in JSON puts the instruction.
+_JSON_KEYS = ("instruction", "instructions", "guidelines", "prompt", "text")
 _LIST_MARKER = re.compile(r"^\s*(?:[-*+\u2022]|\(?\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
 _DANGLING = re.compile(r"^\s*(?:#.*|.*:[*_\s]*|[*_]{2}[^*_]+[*_]{2})\s*$")
 _NOTE_PREFIXES = ("reason:", "reasoning:", "explanation:", "rationale:", "why:")
@@ -97,6 +102,23 @@ def _strip_wrapping_quotes(text: str) -> str:
             return ""  # nothing but quotes: no instruction
         text = inner
     return text
+
+
+def _unwrapped_json(lines: list[str]) -> list[str]:
+    """A reply that is only a JSON string or object ({"instruction": "..."}, as models
+    tuned for JSON output answer): the instruction it holds, as lines; else ``lines``."""
+    text = "\n".join(lines).strip()
+    if not text.startswith(("{", '"')):
+        return lines
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return lines
+    if isinstance(value, dict):
+        strings = {key.casefold(): item for key, item in value.items() if isinstance(item, str) and item.strip()}
+        found = next((strings[key] for key in _JSON_KEYS if key in strings), None)
+        value = found if found is not None else (next(iter(strings.values())) if len(strings) == 1 else None)
+    return value.strip().splitlines() if isinstance(value, str) and value.strip() else lines
 
 
 def _plain(line: str) -> str:
@@ -249,11 +271,20 @@ def clean_reply(
     without_reasoning = strip_reasoning(reply)
     reasoning_removed = without_reasoning != reply.strip()
     lines = [line for line in without_reasoning.splitlines() if not _FENCE.match(line)]
+    lines = _unwrapped_json(lines)
     total = _characters(lines)
     truncated_line_removed = False
-    if truncated and len(lines) > 1 and not _SENTENCE_END.search(lines[-1]):
-        lines.pop()
-        truncated_line_removed = True
+    if truncated and lines and not _SENTENCE_END.search(lines[-1]):
+        # The reply stopped mid-sentence: drop its unfinished last line; a reply of one
+        # line keeps its full sentences (and, with none, all of it: an unfinished
+        # instruction beats none).
+        ends = list(_INNER_SENTENCE_END.finditer(lines[-1]))
+        if len(lines) > 1:
+            lines.pop()
+            truncated_line_removed = True
+        elif ends:
+            lines[-1] = lines[-1][: ends[-1].end()]
+            truncated_line_removed = True
     # Drop leading blank and header-only lines ("Instruction:", "**Guidelines**").
     while lines and (not lines[0].strip() or _is_header(lines[0])):
         lines.pop(0)
@@ -267,7 +298,8 @@ def clean_reply(
     lines = _without_copies(lines, shown)
     copied_lines = sum(1 for line in before_copies if line.strip()) - sum(1 for line in lines if line.strip())
     copied_chars = _characters(before_copies) - _characters(lines)
-    lines = _without_repeats([line for line in lines if not _FORMAT_ECHO.match(line)])
+    lines = [line for line in lines if not _FORMAT_ECHO.match(line)]
+    lines = _without_repeats(lines)
     # A heading or a line ending in ":" with nothing after it introduces nothing.
     while len(lines) > 1 and (not lines[-1].strip() or _DANGLING.match(lines[-1])):
         lines.pop()
