@@ -580,11 +580,7 @@ class PromptMIIOptimizer(Teleprompter):
             filled = {*filled, "seed"}
         reply = generate(generator, meta_prompt, settings, filled)
         cleaned = self.protocol.clean(
-            reply.text,
-            plan.task.input_fields,
-            labels=plan.task.labels,
-            examples=shown,
-            truncated=reply.truncated,
+            reply.text, plan.task.input_fields, labels=plan.task.labels, examples=shown, truncated=reply.truncated
         )
         instruction = self.protocol.instruction(cleaned.text, plan.task.labels) if cleaned.text else ""
         return _Written(spec, prompt_tokens, shown, reply, cleaned, instruction)

@@ -151,11 +151,7 @@ async def _build_task(
         reply = generate(generator, prompt, settings)
         seconds = time.perf_counter() - started
         cleaned = config.protocol.clean(
-            reply.text,
-            task.input_fields,
-            labels=task.labels,
-            examples=shown,
-            truncated=reply.truncated,
+            reply.text, task.input_fields, labels=task.labels, examples=shown, truncated=reply.truncated
         )
         score = await _score(follower, cleaned.text, tests) if cleaned.text else {"reward": 0.0, "empty": True}
         candidates.append(

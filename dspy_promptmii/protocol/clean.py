@@ -278,12 +278,11 @@ def clean_reply(
         # The reply stopped mid-sentence: drop its unfinished last line; a reply of one
         # line keeps its full sentences (and, with none, all of it: an unfinished
         # instruction beats none).
-        ends = list(_INNER_SENTENCE_END.finditer(lines[-1]))
         if len(lines) > 1:
             lines.pop()
             truncated_line_removed = True
-        elif ends:
-            lines[-1] = lines[-1][: ends[-1].end()]
+        elif ends := list(_INNER_SENTENCE_END.finditer(lines[0])):
+            lines[0] = lines[0][: ends[-1].end()]
             truncated_line_removed = True
     # Drop leading blank and header-only lines ("Instruction:", "**Guidelines**").
     while lines and (not lines[0].strip() or _is_header(lines[0])):
@@ -298,8 +297,7 @@ def clean_reply(
     lines = _without_copies(lines, shown)
     copied_lines = sum(1 for line in before_copies if line.strip()) - sum(1 for line in lines if line.strip())
     copied_chars = _characters(before_copies) - _characters(lines)
-    lines = [line for line in lines if not _FORMAT_ECHO.match(line)]
-    lines = _without_repeats(lines)
+    lines = _without_repeats([line for line in lines if not _FORMAT_ECHO.match(line)])
     # A heading or a line ending in ":" with nothing after it introduces nothing.
     while len(lines) > 1 and (not lines[-1].strip() or _DANGLING.match(lines[-1])):
         lines.pop()
