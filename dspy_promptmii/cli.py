@@ -55,11 +55,18 @@ def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: i
     context must leave room for a meta-prompt (of ``max_prompt_tokens``, if given) once
     the reply is set aside.
     Raises ``ValueError`` naming ``--n-ctx`` and the reply limit."""
-    from dspy_promptmii.optimizer import CHAT_FRAMING, meta_prompt_budget
     from dspy_promptmii.routes import is_local
 
-    if not is_local(route):
-        return
+    if is_local(route):
+        _require_room(n_ctx, max_tokens, max_prompt_tokens)
+
+
+def _require_room(n_ctx: int | None, max_tokens: int, max_prompt_tokens: int | None = None) -> int | None:
+    """The meta-prompt budget a context of ``n_ctx`` tokens leaves once the reply and the
+    chat framing are set aside (None for an unknown context); ``ValueError`` naming
+    ``--n-ctx`` when that is less than ``max_prompt_tokens`` (or no room at all)."""
+    from dspy_promptmii.optimizer import CHAT_FRAMING, meta_prompt_budget
+
     budget = meta_prompt_budget(n_ctx, max_tokens)
     if budget is not None and budget < (max_prompt_tokens or 1):
         wanted = f"a meta-prompt of --max-prompt-tokens {max_prompt_tokens}" if max_prompt_tokens else "a meta-prompt"
@@ -67,6 +74,7 @@ def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: i
             f"--n-ctx {n_ctx} leaves no room for {wanted} once the reply ({max_tokens} tokens) and "
             f"{CHAT_FRAMING} tokens of chat framing are set aside"
         )
+    return budget
 
 
 # -- demo ------------------------------------------------------------------------------
@@ -123,7 +131,7 @@ def _induce(args: argparse.Namespace) -> int:
     from dspy_promptmii.data import load_task
     from dspy_promptmii.files import write_json
     from dspy_promptmii.generation import budget_limit
-    from dspy_promptmii.optimizer import CHAT_FRAMING, PromptMIIOptimizer, meta_prompt_budget
+    from dspy_promptmii.optimizer import PromptMIIOptimizer
     from dspy_promptmii.protocol import load_template
     from dspy_promptmii.routes import LMPool
 
@@ -156,14 +164,8 @@ def _induce(args: argparse.Namespace) -> int:
     )
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
         endpoint = pool.endpoint(args.generator, temperature=0.0, max_tokens=args.max_tokens)
-        if args.max_prompt_tokens is None:
-            budget = meta_prompt_budget(endpoint.context_tokens, args.max_tokens)
-            if budget is not None and budget < 1:
-                raise ValueError(
-                    f"--n-ctx {endpoint.context_tokens} leaves no room for a meta-prompt once the reply "
-                    f"(--max-tokens {args.max_tokens}) and {CHAT_FRAMING} tokens of chat framing are set aside"
-                )
-            optimizer.max_prompt_tokens = budget
+        if args.max_prompt_tokens is None:  # the context the endpoint reports (remote ones too)
+            optimizer.max_prompt_tokens = _require_room(endpoint.context_tokens, args.max_tokens)
         optimizer.generator_lm = endpoint.lm
         optimizer.token_counter = endpoint.token_counter
         compiled = optimizer.compile(program, trainset=task.examples())

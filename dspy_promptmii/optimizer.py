@@ -56,6 +56,11 @@ __all__ = [
 CHAT_FRAMING = 64
 
 
+def _template_name(spec: Mapping[str, Any]) -> str:
+    """A candidate's template as reported: its built-in name, or ``"custom"``."""
+    return spec["template"] if spec["template"] in TEMPLATES else "custom"
+
+
 def meta_prompt_budget(context_tokens: int | None, max_tokens: int) -> int | None:
     """Meta-prompt tokens that fit a generator's context once its reply (``max_tokens``)
     and :data:`CHAT_FRAMING` are set aside; ``None`` when the context size is unknown."""
@@ -496,7 +501,7 @@ class PromptMIIOptimizer(Teleprompter):
                 index=w.spec["index"],
                 kind="generated",
                 instruction=w.instruction,
-                template=w.spec["template"] if w.spec["template"] in TEMPLATES else "custom",
+                template=_template_name(w.spec),
                 exemplars=[e["task"] for e in chosen_exemplars] if w.spec["exemplars"] else [],
                 # what was sent: a model that takes no temperature is not sampled
                 temperature=w.reply.settings.get("temperature") if w.spec["seed"] is not None else None,
@@ -515,7 +520,7 @@ class PromptMIIOptimizer(Teleprompter):
                 index=w.spec["index"],
                 kind="empty",
                 instruction="",
-                template=w.spec["template"] if w.spec["template"] in TEMPLATES else "custom",
+                template=_template_name(w.spec),
             )
             for w in written
             if not w.cleaned.text
@@ -619,7 +624,7 @@ class PromptMIIOptimizer(Teleprompter):
             )
         return PredictorReport(
             predictor=plan.name,
-            template=origin.spec["template"] if origin.spec["template"] in TEMPLATES else "custom",
+            template=_template_name(origin.spec),
             template_choice=self.protocol.resolve_template(generator.model)[1],
             n_requested=self.n,
             n_used=len(origin.shown),

@@ -333,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = load_local_tasks(resolve_task_paths(names, datasets_dir))
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    # By name or by path: a development task never goes into the library.
-    both = sorted(dev & ({Path(name).name for name in names} | {task.name for task, _ in tasks}))
+    # By name or by path (a task's name is its folder's or file's): no development task.
+    both = sorted(dev & {task.name for task, _ in tasks})
     if both:
         raise SystemExit(f"--tasks names development task(s) {both}; the library takes train tasks only")
     eval_tasks = [t for t, _ in load_local_tasks(resolve_task_paths(sorted(dev), datasets_dir))] if dev else []
