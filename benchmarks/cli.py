@@ -17,6 +17,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 from benchmarks.methods import METHODS, Budgets, parse_method  # noqa: E402
 from benchmarks.tasks import DEFAULT_DATA_DIR, REPO_ROOT, resolve_tasks  # noqa: E402
 from dspy_promptmii.cli import positive_int  # noqa: E402
+from dspy_promptmii.protocol import CONSTRAINED_STYLES  # noqa: E402
 
 logger = logging.getLogger("benchmarks")
 
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--constrained",
-        choices=["auto", "none", "grammar", "json_object", "json_schema"],
+        choices=["auto", "none", *CONSTRAINED_STYLES],
         default="auto",
         help="constrained decoding of the follower's label with LabelAdapter (default auto: the follower "
         "endpoint's default style)",
@@ -182,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--queries", type=positive_int, default=16, help="requests per series (default 16)")
     speed.add_argument(
         "--styles",
-        default="none,grammar,json_object,json_schema",
-        help="constrained styles to time, comma list of none,grammar,json_object,json_schema",
+        default=",".join(["none", *CONSTRAINED_STYLES]),
+        help=f"constrained styles to time, comma list of {','.join(['none', *CONSTRAINED_STYLES])}",
     )
     speed.add_argument("--n", type=positive_int, default=20, help="examples in the timed meta-prompt (default 20)")
     speed.add_argument(
@@ -191,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument("--no-stack", action="store_true", help="skip the DSPy + LabelAdapter series")
     speed.add_argument("--no-compile", action="store_true", help="skip the compile timing")
+    speed.add_argument(
+        "--no-prompt-processing", action="store_true", help="skip the answer-over-prompt-processing series"
+    )
+    speed.add_argument("--no-scoring", action="store_true", help="skip the 20-row scoring series")
+    speed.add_argument(
+        "--no-load", action="store_true", help="skip the series with one core busy (local followers only)"
+    )
     speed.add_argument("--n-ctx", type=positive_int, default=None, help="context size of local servers (default 8192)")
     speed.add_argument("--n-threads", type=positive_int, default=None, help="CPU threads of local servers")
     speed.add_argument("--out", default=None, help="write the measurements as JSON here")
@@ -431,6 +439,9 @@ def _speed(args: argparse.Namespace) -> int:
         n_examples=args.n,
         generator_max_tokens=args.generator_max_tokens,
         stack=not args.no_stack,
+        prompt_processing=not args.no_prompt_processing,
+        scoring=not args.no_scoring,
+        load=not args.no_load,
     )
     started = now()
     pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}

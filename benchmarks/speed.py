@@ -1,7 +1,7 @@
 """``python -m benchmarks speed``: how fast the follower and the generator run.
 
-Four measurements on fixed prompts built from the packaged SNIPS sample (the same rows,
-instructions and order every run), one request at a time:
+Measurements on fixed prompts built from the packaged SNIPS sample (the same rows,
+instructions and order every run):
 
 1. **Constrained styles**: latency per query of each constrained-decoding style (none,
    grammar, json_object, json_schema) over raw HTTP to the follower's server, with the
@@ -11,21 +11,35 @@ instructions and order every run), one request at a time:
 3. **Prefix cache**: queries 2..N with a long (~400-token) instruction shared by all
    queries against the same queries with a short one: with the server's prefix cache
    working, the long instruction is processed once, not at every query.
-4. **Compile**: one generator call split into meta-prompt processing (the call with a
+4. **Prompt processing**: per style, the follower's latency over the raw prompt
+   processing of the same prompts (a plain request with a one-token reply, which the
+   server answers after processing the prompt and sampling once), both in the steady
+   state where the server holds the previous query's prompt (the shared instruction).
+5. **Load** (a local follower): the default style's latency with one core kept busy by
+   another process, over the idle latency, for several server thread settings (threads,
+   prompt-processing threads, OpenMP wait policy), each in a server of its own.
+6. **Scoring 20 rows**: rows per second when one instruction is scored on 20 held-out
+   rows through ``evaluate`` (what compile-time selection does), per style and number of
+   parallel calls.
+7. **Compile**: one generator call split into meta-prompt processing (the call with a
    one-token reply) and generation (the same call again, its prompt now cached), per
    generator given.
 
 Latencies are wall-clock seconds per request on this machine; medians and 90th
 percentiles over the queries, each series after one untimed warm-up request (first-call
-imports, client setup). Nothing else should run while it measures.
+imports, client setup). Ratios compare series of the same run. Nothing else should run
+while it measures (the load series makes its own load).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,8 +47,10 @@ import dspy
 import httpx
 
 from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.baselines import naive_program
 from dspy_promptmii.data import TaskData, classifier_signature, split_rows
 from dspy_promptmii.demo import demo_task
+from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.protocol import (
     CONSTRAINED_STYLES,
     NAIVE_INSTRUCTION,
@@ -56,6 +72,12 @@ __all__ = [
     "measure_styles",
     "measure_prefix_cache",
     "measure_compile",
+    "measure_prompt_processing",
+    "measure_load",
+    "measure_scoring",
+    "ServerSetting",
+    "LOAD_SETTINGS",
+    "busy_core",
     "run_speed",
     "format_speed",
 ]
@@ -132,6 +154,12 @@ class SpeedConfig:
     generator_max_tokens: int = 1024
     stack: bool = True
     prefix_cache: bool = True
+    prompt_processing: bool = True
+    load: bool = True
+    load_settings: tuple[ServerSetting, ...] = ()  # () means LOAD_SETTINGS
+    scoring: bool = True
+    scoring_styles: tuple[str | bool, ...] = ("json_object", "choice")
+    scoring_threads: tuple[int, ...] = (1, 4)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -204,7 +232,7 @@ def measure_styles(
                 completion.append(usage.get("completion_tokens") or 0)
                 prompt.append(usage.get("prompt_tokens") or 0)
                 valid.append(parse_label(text, labels) is not None)
-                constrained.append(_is_json_label(text) if style in ("json_schema", "json_object") else True)
+                constrained.append(_is_json_label(text) if style in ("json_schema", "json_object", "choice") else True)
             else:
                 row: dict[str, Any] = {
                     "style": style or "none",
@@ -283,6 +311,177 @@ def measure_prefix_cache(
     return result
 
 
+def _series(client: httpx.Client, url: str, bodies: Sequence[dict[str, Any]]) -> list[float]:
+    return [_post(client, url, body)[0] for body in bodies]
+
+
+def measure_prompt_processing(
+    endpoint: Endpoint, queries: Sequence[dict[str, str]], styles: Sequence[str | bool]
+) -> list[dict[str, Any]]:
+    """Per style: the follower's latency over the raw prompt processing of the same
+    prompts (naive instruction, binary queries, raw HTTP). ``ratio`` 1 would mean the
+    answer costs nothing beyond reading the prompt."""
+    labels = list(BINARY_LABELS)
+    instruction = with_format_line(SHORT_INSTRUCTION, labels)
+    url, model = _base_url(endpoint), _served_model(endpoint)
+    raw = Protocol(constrained=False, reply_limit=1)
+
+    def bodies(protocol: Protocol, texts: Sequence[str]) -> list[dict[str, Any]]:
+        return [protocol.request_body(model, instruction, labels, {"text": t}, ["text"]) for t in texts]
+
+    texts = [query["text"] for query in queries]
+    rows = []
+    with httpx.Client(timeout=300) as client:
+        for style in styles:
+            protocol = Protocol(constrained=style)
+            try:
+                # Untimed: the instruction enters the server's cache; each timed query then
+                # finds the previous query's prompt there, as in a benchmark or a reward.
+                _series(client, url, bodies(raw, [WARM_UP_TEXT]))
+                prompt_only = _series(client, url, bodies(raw, texts))
+                _series(client, url, bodies(protocol, [WARM_UP_TEXT]))
+                answered = _series(client, url, bodies(protocol, texts))
+            except httpx.HTTPStatusError as error:
+                rows.append({"style": style or "none", "refused": str(error).splitlines()[0][:200]})
+                continue
+            prompt_latency, style_latency = Latency.of(prompt_only), Latency.of(answered)
+            rows.append(
+                {
+                    "style": style or "none",
+                    "prompt_processing": asdict(prompt_latency),
+                    "follower": asdict(style_latency),
+                    "ratio": round(style_latency.median_ms / prompt_latency.median_ms, 3),
+                }
+            )
+            logger.info("prompt processing, style %s: %s", style or "none", rows[-1])
+    return rows
+
+
+@dataclass(frozen=True)
+class ServerSetting:
+    """Thread settings of a local llama.cpp server (see :class:`LocalServer`)."""
+
+    n_threads: int
+    n_threads_batch: int
+    wait_policy: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"threads {self.n_threads}/{self.n_threads_batch}, wait {self.wait_policy or 'default'}"
+
+
+#: The settings the load measurement compares (2 cores: both threads, one thread, and
+#: OpenMP's three wait behaviours).
+LOAD_SETTINGS: tuple[ServerSetting, ...] = (
+    ServerSetting(2, 2, None),
+    ServerSetting(2, 2, "passive"),
+    ServerSetting(2, 2, "active"),
+    ServerSetting(1, 1, None),
+    ServerSetting(1, 2, "passive"),
+)
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[subprocess.Popen]:
+    """Another process that keeps one core busy (a Python busy loop) while the block runs."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let the scheduler see it
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def measure_load(
+    model: str,
+    queries: Sequence[dict[str, str]],
+    style: str | bool,
+    settings: Sequence[ServerSetting] = LOAD_SETTINGS,
+    n_ctx: int = 2048,
+    start_server: Callable[..., Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Per server setting, in a server of its own: the latency of ``style`` on the binary
+    queries when idle, and with one core kept busy by :func:`busy_core`; ``ratio`` is
+    loaded over idle (1: unaffected). ``start_server(setting)`` returns a started
+    :class:`LocalServer`-like object (tests pass a stub)."""
+    from dspy_promptmii.local.server import LocalServer
+
+    def default_start(setting: ServerSetting) -> LocalServer:
+        server = LocalServer(
+            model,
+            n_ctx=n_ctx,
+            n_threads=setting.n_threads,
+            n_threads_batch=setting.n_threads_batch,
+            wait_policy=setting.wait_policy,
+        )
+        server.start()
+        return server
+
+    labels = list(BINARY_LABELS)
+    instruction = with_format_line(SHORT_INSTRUCTION, labels)
+    protocol = Protocol(constrained=style)
+    rows = []
+    for setting in settings:
+        server = (start_server or default_start)(setting)
+        try:
+            url, model_name = server.base_url, server.alias
+            bodies = [
+                protocol.request_body(model_name, instruction, labels, {"text": q["text"]}, ["text"]) for q in queries
+            ]
+            warm = protocol.request_body(model_name, instruction, labels, {"text": WARM_UP_TEXT}, ["text"])
+            with httpx.Client(timeout=600) as client:
+                _series(client, url, [warm])
+                idle = Latency.of(_series(client, url, bodies))
+                with busy_core():
+                    _series(client, url, [warm])
+                    loaded = Latency.of(_series(client, url, bodies))
+        finally:
+            server.stop()
+        rows.append(
+            {
+                "setting": asdict(setting),
+                "name": setting.name,
+                "idle": asdict(idle),
+                "loaded": asdict(loaded),
+                "ratio": round(loaded.median_ms / idle.median_ms, 3),
+            }
+        )
+        logger.info("load, %s: %s", setting.name, rows[-1])
+    return rows
+
+
+def measure_scoring(
+    endpoint: Endpoint, task: TaskData, styles: Sequence[str | bool], threads: Sequence[int] = (1, 4), rows: int = 20
+) -> list[dict[str, Any]]:
+    """Rows per second when the naive instruction is scored on ``rows`` held-out rows of
+    ``task`` through :func:`~dspy_promptmii.evaluation.evaluate` (compile-time selection's
+    path), per style and number of parallel calls."""
+    _, test = split_rows(task.rows, train=0, test=rows, seed=0)
+    examples = task.examples(test)
+    program = naive_program(dspy.Predict(task.signature()))
+    lm = endpoint.lm.copy(cache=False)
+    out = []
+    for style in styles:
+        adapter = LabelAdapter(protocol=Protocol(constrained=style))
+        evaluate(program, examples[:2], lm=lm, adapter=adapter, progress=False)  # untimed warm-up
+        for count in threads:
+            result = evaluate(program, examples, lm=lm, adapter=adapter, threads=count, progress=False)
+            out.append(
+                {
+                    "style": style or "none",
+                    "threads": count,
+                    "rows": len(examples),
+                    "seconds": round(result.seconds, 3),
+                    "rows_per_second": round(len(examples) / result.seconds, 3),
+                    "macro_f1": round(result.macro_f1, 4),
+                    "errors": result.errors + result.lm_errors,
+                }
+            )
+            logger.info("scoring %d rows, style %s, %d thread(s): %s", len(examples), style or "none", count, out[-1])
+    return out
+
+
 def measure_compile(
     generator: Endpoint, task: TaskData, n: int, max_tokens: int, seed: int = 0, name: str | None = None
 ) -> dict[str, Any]:
@@ -333,6 +532,21 @@ def run_speed(
         fastest = min(usable, key=lambda row: row["raw"]["median_ms"])["style"]
         progress(f"prefix cache (style {fastest})")
         result["prefix_cache"] = measure_prefix_cache(follower, queries, False if fastest == "none" else fastest)
+    if config.prompt_processing:
+        progress("prompt processing against the answer, per style")
+        result["prompt_processing"] = measure_prompt_processing(follower, queries, config.styles)
+    if config.scoring:
+        progress(f"scoring {20} rows per style and parallel calls")
+        result["scoring"] = measure_scoring(follower, task, config.scoring_styles, config.scoring_threads)
+    if config.load and follower.server is not None:
+        progress("latency with one core busy, per server thread setting")
+        result["load"] = measure_load(
+            str(follower.server.model_path),
+            queries,
+            follower.constrained_style,
+            config.load_settings or LOAD_SETTINGS,
+        )
+        result["load_style"] = follower.constrained_style
     result["compile"] = []
     for name, generator in generators:
         progress(f"compile with {name}")
@@ -375,6 +589,38 @@ def format_speed(result: dict[str, Any]) -> str:
             f"  ratio long/short: {cache['ratio']:.2f}",
             f"  prompt processing of the first long query: {cache['cold_prompt_tokens_per_second']:.0f} tokens/s",
         ]
+    if result.get("prompt_processing"):
+        lines += ["", "Answer over prompt processing of the same prompts (ms; median / p90)", ""]
+        lines.append(f"{'style':<12} {'prompt only':>16} {'answered':>16} {'ratio':>6}")
+        for row in result["prompt_processing"]:
+            if "refused" in row:
+                lines.append(f"{row['style']:<12} refused: {row['refused']}")
+                continue
+            pp, fo = row["prompt_processing"], row["follower"]
+            lines.append(
+                f"{row['style']:<12} {pp['median_ms']:>7.0f} / {pp['p90_ms']:<6.0f} {fo['median_ms']:>7.0f} / "
+                f"{fo['p90_ms']:<6.0f} {row['ratio']:>6.2f}"
+            )
+    if result.get("scoring"):
+        base = next(
+            (r for r in result["scoring"] if r["style"] == "json_object" and r["threads"] == 1), result["scoring"][0]
+        )
+        lines += ["", f"Scoring {base['rows']} rows with one instruction (evaluate)", ""]
+        lines.append(f"{'style':<12} {'threads':>7} {'seconds':>8} {'rows/s':>7} {'vs ' + base['style'] + ' x1':>16}")
+        for row in result["scoring"]:
+            lines.append(
+                f"{row['style']:<12} {row['threads']:>7} {row['seconds']:>8.2f} {row['rows_per_second']:>7.2f} "
+                f"{row['rows_per_second'] / base['rows_per_second']:>16.2f}"
+            )
+    if result.get("load"):
+        lines += ["", f"One core busy beside the server (style {result.get('load_style')}; ms, median / p90)", ""]
+        lines.append(f"{'server setting':<34} {'idle':>16} {'loaded':>16} {'ratio':>6}")
+        for row in result["load"]:
+            idle, loaded = row["idle"], row["loaded"]
+            lines.append(
+                f"{row['name']:<34} {idle['median_ms']:>7.0f} / {idle['p90_ms']:<6.0f} {loaded['median_ms']:>7.0f} / "
+                f"{loaded['p90_ms']:<6.0f} {row['ratio']:>6.2f}"
+            )
     if result.get("compile"):
         lines += ["", "Compile (one generator call)", ""]
         lines.append(

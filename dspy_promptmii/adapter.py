@@ -9,6 +9,8 @@ with far fewer prompt tokens and far fewer unparseable replies.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from dspy.adapters.base import Adapter
@@ -37,12 +39,35 @@ __all__ = [
     "constrained_body",
     "CONSTRAINED_STYLES",
     "FOLLOWER_REPLY_LIMIT",
+    "PROBABILITIES",
+    "label_probabilities",
 ]
 
 #: max_tokens of a follower LM for DSPy's ChatAdapter, whose field markers
 #: (``[[ ## label ## ]]`` ... ``[[ ## completed ## ]]``) a label-sized limit would cut.
 #: With ``LabelAdapter`` the limit comes from its :class:`~dspy_promptmii.protocol.Protocol`.
 FOLLOWER_REPLY_LIMIT: dict[str, int | None] = {"label": None, "chat": 128}
+#: The prediction field that holds each label's probability (``constrained="choice"``).
+PROBABILITIES = "probabilities"
+
+
+def _get(item: Any, key: str) -> Any:
+    return item.get(key) if isinstance(item, dict) else getattr(item, key, None)
+
+
+def label_probabilities(logprobs: Any, labels: Sequence[str]) -> dict[str, float] | None:
+    """Label -> probability from a ``choice``-style reply's logprobs (OpenAI's shape: one
+    content entry whose ``top_logprobs`` are the labels), or None when the reply has none
+    (or has the token logprobs of generated text instead). Labels the reply leaves out
+    (a ``top_logprobs`` below their count) get 0."""
+    content = _get(logprobs, "content") if logprobs is not None else None
+    if not content:
+        return None
+    top = _get(content[0], "top_logprobs") or []
+    found = {str(_get(entry, "token")): math.exp(float(_get(entry, "logprob"))) for entry in top}
+    if not found or not set(found) <= set(labels):  # token logprobs of generated text, not a label choice
+        return None
+    return {label: found.get(label, 0.0) for label in labels}
 
 
 class LabelAdapter(Adapter):
@@ -62,7 +87,8 @@ class LabelAdapter(Adapter):
     Args:
         constrained: Shortcut for ``Protocol(constrained=...)``: ``False`` (default,
             plain text), ``True``/``"json_schema"`` (vLLM, OpenAI), ``"json_object"`` or
-            ``"grammar"`` (llama.cpp's server).
+            ``"grammar"`` (llama.cpp's server), ``"choice"`` (the embedded server: no
+            generation, and each prediction gets ``probabilities``, label -> probability).
         fallback: Adapter for the predictors above; defaults to ``dspy.ChatAdapter()``.
         callbacks: DSPy adapter callbacks.
         demos: Shortcut for ``Protocol(demo_style=...)``: ``"inline"`` (default, paper)
@@ -138,11 +164,32 @@ class LabelAdapter(Adapter):
         json_wrapped = self.protocol.constrained in ("json_schema", "json_object")
         if limit is None or (json_wrapped and limit < settings["max_tokens"]):
             out["max_tokens"] = settings["max_tokens"]
-        if "response_format" in settings:
-            out["response_format"] = settings["response_format"]
-        if "grammar" in settings:  # not an OpenAI parameter: LiteLLM forwards extra_body as is
-            out["extra_body"] = {**out.get("extra_body", {}), "grammar": settings["grammar"]}
+        for key in ("response_format", "logprobs", "top_logprobs"):  # OpenAI parameters
+            if key in settings:
+                out[key] = settings[key]
+        extra = {key: settings[key] for key in ("grammar", "label_choice") if key in settings}
+        if extra:  # not OpenAI parameters: LiteLLM forwards extra_body as is
+            out["extra_body"] = {**out.get("extra_body", {}), **extra}
         return out
+
+    def _with_probabilities(self, task: ClassificationTask, values: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """With the ``choice`` style, each prediction gets ``probabilities`` (label -> its
+        probability, from the reply's ``top_logprobs``), as DSPy's ``Choice`` type keys them."""
+        if self.protocol.constrained != "choice" or task.label_field == PROBABILITIES:
+            return values
+        for value in values:
+            probabilities = label_probabilities(value.get("logprobs"), task.labels)
+            if probabilities is not None:
+                value[PROBABILITIES] = probabilities
+            elif "choice" not in self._told:
+                self._told.add("choice")
+                logger.warning(
+                    "LabelAdapter(constrained='choice'): the follower's reply has no label probabilities, so its "
+                    "server did not answer the label choice and generated freely; the choice style needs "
+                    "dspy-promptmii's embedded server (LocalServer, `promptmii serve`); use 'json_schema' (vLLM, "
+                    "OpenAI) or 'json_object' (llama.cpp) elsewhere"
+                )
+        return values
 
     def __call__(
         self,
@@ -156,7 +203,8 @@ class LabelAdapter(Adapter):
         if task is None:
             return self.fallback(lm, lm_kwargs, signature, demos, inputs)
         try:
-            return super().__call__(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+            values = super().__call__(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+            return self._with_probabilities(task, values)
         except AdapterParseError as error:
             return self._invalid(task, error)
 
@@ -172,7 +220,8 @@ class LabelAdapter(Adapter):
         if task is None:
             return await self.fallback.acall(lm, lm_kwargs, signature, demos, inputs)
         try:
-            return await super().acall(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+            values = await super().acall(lm, self._lm_kwargs(lm, lm_kwargs, task), signature, demos, inputs)
+            return self._with_probabilities(task, values)
         except AdapterParseError as error:
             return self._invalid(task, error)
 

@@ -100,7 +100,7 @@ def _demo(args: argparse.Namespace) -> int:
         n=args.n,
         test_rows=args.test_rows,
         seed=args.seed,
-        constrained=not args.no_constrained,
+        constrained=False if args.no_constrained else (args.constrained or True),
         adapter=args.adapter,
         n_ctx=args.n_ctx,
         exemplars=args.exemplars,
@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dspy_promptmii.local.registry import DEFAULT_MODEL
     from dspy_promptmii.local.server import DEFAULT_N_CTX
     from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS
+    from dspy_promptmii.protocol import CONSTRAINED_STYLES
 
     parser = argparse.ArgumentParser(prog="promptmii", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
@@ -291,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="follower prompt: the compact LabelAdapter (default) or DSPy's ChatAdapter",
     )
     demo.add_argument("--no-constrained", action="store_true", help="no constrained decoding with LabelAdapter")
+    demo.add_argument(
+        "--constrained",
+        choices=CONSTRAINED_STYLES,
+        default=None,
+        help="the follower's decoding style with LabelAdapter (default: the follower endpoint's, 'choice' for the "
+        "embedded model)",
+    )
     _quality_options(demo, DEMO_EXEMPLARS, DEMO_MAX_INSTRUCTION_TOKENS, DEMO_CANDIDATES)
     demo.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of the local server")
     demo.add_argument("--out", help="also write the results as JSON here")

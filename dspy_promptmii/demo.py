@@ -72,7 +72,7 @@ def run_demo(
     n: int = 20,
     test_rows: int = 100,
     seed: int = 0,
-    constrained: bool = True,
+    constrained: bool | str = True,
     adapter: str = "label",
     n_ctx: int = DEFAULT_N_CTX,
     progress: bool = True,
@@ -82,7 +82,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its results (instruction, per-method rows, settings).
 
-    ``generator`` defaults to the follower's route. ``exemplars``,
+    ``generator`` defaults to the follower's route. ``constrained``: the follower's
+    decoding style with LabelAdapter, ``True`` for the follower endpoint's own (see
+    :class:`~dspy_promptmii.protocol.Protocol`), ``False`` for none. ``exemplars``,
     ``max_instruction_tokens`` and ``candidates`` are PromptMIIOptimizer's; with
     ``candidates`` > 1 they are scored on labelled rows the generator did not see (never
     a test row). Raises ``ValueError`` for a bad adapter or row count."""
@@ -110,9 +112,8 @@ def run_demo(
         gen = pool.endpoint(generator or follower, max_tokens=budget_limit(max_instruction_tokens), cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
-        protocol = Protocol(
-            constrained=follow.constrained_style if constrained and adapter == "label" else False, demo_style="turns"
-        )
+        style = follow.constrained_style if constrained is True else constrained
+        protocol = Protocol(constrained=style if adapter == "label" else False, demo_style="turns")
         chosen = LabelAdapter(protocol=protocol) if adapter == "label" else dspy.ChatAdapter()
 
         rows: list[MethodResult] = []
@@ -170,7 +171,7 @@ def run_demo(
             "candidates": candidates,
         },
         "adapter": adapter,
-        "constrained": constrained if adapter == "label" else False,
+        "constrained": protocol.constrained,
         "n": n,
         "test_rows": len(test),
         "seed": seed,

@@ -12,7 +12,7 @@ from typing import Any
 import dspy
 
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
-from dspy_promptmii.local.server import DEFAULT_N_CTX, RESPONSE_FORMAT_STYLE, LocalServer
+from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LocalServer
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Endpoint:
     route: str
     token_counter: Callable[[str], int] | None
     context_tokens: int | None
-    constrained_style: str  # the response_format form this endpoint accepts
+    constrained_style: str  # the follower decoding style this endpoint takes (see Protocol.constrained)
     server: LocalServer | None = None
 
 
@@ -95,7 +95,7 @@ class LMPool:
                 route=route,
                 token_counter=server.count_tokens,
                 context_tokens=server.n_ctx,
-                constrained_style=RESPONSE_FORMAT_STYLE,
+                constrained_style=FOLLOWER_STYLE,
                 server=server,
             )
         base = api_base or self.api_base

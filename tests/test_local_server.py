@@ -28,7 +28,7 @@ from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.local.lifetime import sweep
 from dspy_promptmii.local.pull import CorruptModelError, ModelFileError
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY, ModelSpec, get_spec
-from dspy_promptmii.local.server import DEFAULT_N_CTX, LOG_PREFIX, RESPONSE_FORMAT_STYLE, LocalServer, ServerError
+from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LOG_PREFIX, LocalServer, ServerError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).resolve().parent / "support" / "fake_llama_server.py"
@@ -142,7 +142,9 @@ def test_start_returns_an_lm_routed_to_the_server(make_server, record, monkeypat
         "--port": str(server.port),
         "--n_ctx": "2048",
         "--n_threads": "3",
+        "--n_threads_batch": "3",
     }
+    assert read_record(record)[0]["omp_wait_policy"] is None  # OpenMP's own default unless set
 
     # A real call, through DSPy and LiteLLM, reaches the fake and comes back.
     assert server.lm(cache=False, max_tokens=7)("a question for the fake") == ["hello from the fake server"]
@@ -159,7 +161,7 @@ def test_start_returns_an_lm_routed_to_the_server(make_server, record, monkeypat
     assert server.process.pid == pid and len(recorded_pids(record)) == 1
 
 
-@pytest.mark.parametrize("style", sorted({"json_object", RESPONSE_FORMAT_STYLE}))
+@pytest.mark.parametrize("style", sorted({"json_object", FOLLOWER_STYLE}))
 def test_constrained_label_request_reaches_the_server(make_server, record, style):
     """LabelAdapter's constrained decoding, in llama.cpp's JSON form and in the form
     LocalServer's route uses, arrives at the server intact (the fake answers the first
@@ -178,7 +180,7 @@ def test_constrained_label_request_reaches_the_server(make_server, record, style
 
     assert prediction.label == "PlayMusic"
     body = next(e["body"] for e in read_record(record) if e.get("path") == "/v1/chat/completions")
-    constraint = body.get("grammar") or body.get("response_format")
+    constraint = body.get("grammar") or body.get("response_format") or body.get("label_choice")
     assert constraint, f"no constraint in the request: {sorted(body)}"
     assert "PlayMusic" in json.dumps(constraint) and "GetWeather" in json.dumps(constraint)
 
@@ -403,8 +405,9 @@ def test_pool_starts_one_local_server_per_model_and_stops_them(make_server, cach
         assert (follower.lm.kwargs["max_tokens"], generator.lm.kwargs["max_tokens"]) == (5, 900)
         assert follower.route == "local" and generator.route == DEFAULT_MODEL
         assert follower.context_tokens == 1024 and follower.server.n_ctx == 1024
-        assert all(entry["argv"][-2:] == ["--n_threads", "1"] for entry in read_record(record) if "argv" in entry)
-        assert follower.constrained_style == RESPONSE_FORMAT_STYLE
+        argvs = [dict(zip(e["argv"][::2], e["argv"][1::2])) for e in read_record(record) if "argv" in e]
+        assert argvs and all(a["--n_threads"] == a["--n_threads_batch"] == "1" for a in argvs)
+        assert follower.constrained_style == FOLLOWER_STYLE
         assert follower.token_counter("three small words") == 3
         assert follower.lm("hi") == ["fake reply"]
         assert follower.server.model_path == cached_models / get_spec(DEFAULT_MODEL).filename
@@ -675,3 +678,28 @@ def test_log_folders_of_dead_processes_are_removed_at_the_next_start(make_server
     assert wait_gone(live_server, 10)
     make_server().start()  # and once its process is gone, its folder goes too
     assert not live_log.parent.exists()
+
+
+@pytest.mark.parametrize("policy, expected", [("passive", "PASSIVE"), ("active", "ACTIVE"), (None, None)])
+def test_thread_settings_reach_the_server(make_server, record, monkeypatch, policy, expected):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's own setting does not leak past the option
+    server = make_server(n_threads=1, n_threads_batch=2, wait_policy=policy)
+    server.start()
+    [entry] = [e for e in read_record(record) if "argv" in e]
+    argv = dict(zip(entry["argv"][::2], entry["argv"][1::2]))
+    assert (argv["--n_threads"], argv["--n_threads_batch"]) == ("1", "2")
+    assert entry["omp_wait_policy"] == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"wait_policy": "spin"}, "wait_policy must be one of"),
+        ({"n_threads": 0}, "n_threads must be a positive integer"),
+        ({"n_threads_batch": 1.5}, "n_threads_batch must be a positive integer"),
+        ({"n_threads": True}, "n_threads must be a positive integer"),
+    ],
+)
+def test_bad_thread_settings_are_refused_by_name(model_file, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LocalServer(model_file, **kwargs)

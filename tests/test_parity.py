@@ -35,7 +35,7 @@ ROWS = [
     for i in range(40)
 ]
 TASK = TaskData(name="reviews", rows=ROWS)
-STYLES = [False, "json_schema", "json_object", "grammar"]
+STYLES = [False, "json_schema", "json_object", "grammar", "choice"]
 
 
 def _label(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, str]:

@@ -20,7 +20,7 @@ from dspy_promptmii.data import split_rows
 from dspy_promptmii.demo import demo_task
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, ModelFileError, ServerError
-from dspy_promptmii.local.server import RESPONSE_FORMAT_STYLE
+from dspy_promptmii.local.server import FOLLOWER_STYLE
 from dspy_promptmii.optimizer import PromptMIIOptimizer
 from dspy_promptmii.protocol import format_line
 from dspy_promptmii.usage import metered
@@ -32,7 +32,7 @@ GENERATOR_MAX_TOKENS = 512
 
 
 def llama_server_children() -> dict[int, str]:
-    """This process's child processes running llama.cpp's server: pid -> command line
+    """This process's child processes running the embedded server: pid -> command line
     (from /proc; zombies, which have exited, are not counted)."""
     found = {}
     me = os.getpid()
@@ -45,7 +45,7 @@ def llama_server_children() -> dict[int, str]:
         except OSError:
             continue
         state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) == me and state != "Z" and "llama_cpp.server" in cmdline:
+        if int(ppid) == me and state != "Z" and "dspy_promptmii.local.label_server" in cmdline:
             found[int(entry.name)] = cmdline
     return found
 
@@ -93,7 +93,7 @@ def test_compile_makes_one_generator_call(compiled, snips):
     print(instruction)
 
 
-@pytest.mark.parametrize("style", sorted({"json_object", RESPONSE_FORMAT_STYLE}))
+@pytest.mark.parametrize("style", sorted({"json_object", FOLLOWER_STYLE}))
 def test_compiled_classifier_gives_valid_labels(local_server, compiled, snips, style):
     task, _, test = snips
     program = compiled[0]
@@ -149,3 +149,28 @@ def test_bad_model_file_is_a_clear_error(local_server, tmp_path):
     print(caught.value)
     assert server.process is None
     assert not llama_server_children().keys() - {local_server.process.pid}
+
+
+def test_choice_style_gives_each_labels_probability(local_server, compiled, snips):
+    """The label server reads the label off the model's probabilities: every prediction
+    names a label, with a probability per label that sums to 1 and peaks at it; a request
+    it cannot answer is an HTTP 400 that says why."""
+    import httpx
+
+    from dspy_promptmii.protocol import Protocol
+
+    task, _, test = snips
+    program = compiled[0]
+    with dspy.context(lm=local_server.lm(cache=False), adapter=LabelAdapter(constrained="choice")):
+        predictions = [program(**example.inputs()) for example in test[:5]]
+    for prediction in predictions:
+        probabilities = prediction.probabilities
+        assert set(probabilities) == set(task.labels)
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-6)
+        assert max(probabilities, key=probabilities.get) == prediction.label
+
+    body = Protocol(constrained="choice").request_body(
+        local_server.alias, "Classify.", ["same", "same"], {"text": "x"}, ["text"]
+    )
+    reply = httpx.post(f"{local_server.base_url}/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 400 and "duplicates" in reply.json()["error"]["message"]

@@ -17,7 +17,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cli  # noqa: E402
-from benchmarks.speed import SpeedConfig, binary_queries, format_speed, run_speed  # noqa: E402
+from benchmarks.speed import (  # noqa: E402
+    ServerSetting,
+    SpeedConfig,
+    binary_queries,
+    format_speed,
+    measure_load,
+    run_speed,
+)
 from dspy_promptmii.demo import demo_task  # noqa: E402
 from dspy_promptmii.routes import Endpoint  # noqa: E402
 
@@ -47,7 +54,7 @@ def test_run_speed_measures_every_style_the_stack_the_cache_and_compile() -> Non
         endpoint = _endpoint(stub)
         result = run_speed(endpoint, [("stub", endpoint)], SpeedConfig(queries=3, generator_max_tokens=8))
     styles = {row["style"]: row for row in result["styles"]}
-    assert set(styles) == {"none", "grammar", "json_object", "json_schema"}
+    assert set(styles) == {"none", "grammar", "json_object", "json_schema", "choice"}
     assert "refused" in styles["json_schema"]
     for name in ("none", "grammar", "json_object"):
         row = styles[name]
@@ -59,8 +66,68 @@ def test_run_speed_measures_every_style_the_stack_the_cache_and_compile() -> Non
     assert cache["long"]["prompt_tokens"] and cache["short"]["rest"]["n"] == 2 and cache["ratio"] > 0
     [compile_row] = result["compile"]
     assert compile_row["generator"] == "stub" and compile_row["max_tokens"] == 8
+    processing = {row["style"]: row for row in result["prompt_processing"]}
+    assert "refused" in processing["json_schema"]
+    for name in ("none", "grammar", "json_object", "choice"):
+        row = processing[name]
+        assert row["prompt_processing"]["n"] == row["follower"]["n"] == 3 and row["ratio"] > 0
+    one_token = [b for b in stub.bodies if b.get("max_tokens") == 1 and "Input:" in b["messages"][-1]["content"]]
+    assert one_token and all("response_format" not in b and "label_choice" not in b for b in one_token)
+    scoring = {(row["style"], row["threads"]): row for row in result["scoring"]}
+    assert set(scoring) == {("json_object", 1), ("json_object", 4), ("choice", 1), ("choice", 4)}
+    assert all(row["rows"] == 20 and row["errors"] == 0 and row["rows_per_second"] > 0 for row in scoring.values())
+    assert "load" not in result  # a remote follower: no server of ours to start with other settings
     text = format_speed(result)
     assert "json_schema  refused" in text and "Prefix cache" in text and "Compile" in text
+    assert "Answer over prompt processing" in text and "Scoring 20 rows" in text
+
+
+class StubServer:
+    """What measure_load needs of a LocalServer, over a ChatStub."""
+
+    def __init__(self, stub: ChatStub, setting: ServerSetting, started: list) -> None:
+        self.base_url, self.alias = stub.url, "follower"
+        started.append(setting)
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_load_series_starts_one_server_per_setting_and_busies_a_core() -> None:
+    started: list[ServerSetting] = []
+    servers: list[StubServer] = []
+    busy_seen = []
+
+    def reply_checking_busy(body: dict, headers: dict) -> tuple[int, object]:
+        busy_seen.append(_busy_loop_running())
+        return 200, "GetWeather"
+
+    with ChatStub(reply_checking_busy) as stub:
+        def start(setting: ServerSetting) -> StubServer:
+            servers.append(StubServer(stub, setting, started))
+            return servers[-1]
+
+        settings = (ServerSetting(2, 2, None), ServerSetting(1, 1, "passive"))
+        rows = measure_load("model.gguf", binary_queries(demo_task(), 3), "choice", settings, start_server=start)
+    assert started == list(settings) and all(server.stopped for server in servers)
+    assert [row["name"] for row in rows] == ["threads 2/2, wait default", "threads 1/1, wait passive"]
+    assert all(row["idle"]["n"] == row["loaded"]["n"] == 3 and row["ratio"] > 0 for row in rows)
+    # Per setting: warm-up + 3 idle queries without the busy loop, warm-up + 3 with it.
+    assert busy_seen == ([False] * 4 + [True] * 4) * 2
+    assert not _busy_loop_running()
+
+
+def _busy_loop_running() -> bool:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"while True: pass" in cmdline:
+                return True
+    return False
 
 
 def test_speed_command_line_checks_its_styles() -> None:
@@ -75,12 +142,25 @@ def test_speed_smoke_on_the_embedded_model(local_server, tmp_path) -> None:
     runs end to end and reports every part (no timing assertions)."""
     out = tmp_path / "speed.json"
     code = cli.main(
-        ["speed", "--queries", "2", "--styles", "none,grammar,json_object", "--generator-max-tokens", "8",
-         "--n", "4", "--out", str(out)]
+        ["speed", "--queries", "2", "--styles", "none,json_object,choice", "--generator-max-tokens", "8",
+         "--n", "4", "--no-load", "--out", str(out)]
     )
     assert code == 0
     report = json.loads(out.read_text())
-    assert {row["style"] for row in report["styles"]} == {"none", "grammar", "json_object"}
+    assert {row["style"] for row in report["styles"]} == {"none", "json_object", "choice"}
     assert all(row["raw"]["valid_rate"] == 1.0 for row in report["styles"])
+    assert {row["style"] for row in report["prompt_processing"]} == {"none", "json_object", "choice"}
+    assert all(row["errors"] == 0 for row in report["scoring"])
     assert report["compile"][0]["prompt_tokens"] > 50
     assert report["machine"]["cpu_count"] and report["follower"]["local_server"]["model"]
+
+
+@pytest.mark.real_model
+def test_load_series_on_the_embedded_model(local_server) -> None:
+    """One setting, two queries: a server of its own starts with the setting, answers idle
+    and beside a busy core, and stops (no timing assertions)."""
+    [row] = measure_load(
+        str(local_server.model_path), binary_queries(demo_task(), 2), "choice", (ServerSetting(1, 2, "passive"),)
+    )
+    assert row["idle"]["n"] == row["loaded"]["n"] == 2 and row["ratio"] > 0
+    assert not _busy_loop_running()

@@ -644,7 +644,8 @@ def parser() -> argparse.ArgumentParser:
         choices=["none", *CONSTRAINED_STYLES],
         default="json_schema",
         help="the reward follower's constrained decoding, written into every line's protocol: json_schema "
-        "(vLLM, default), json_object or grammar (llama.cpp's server), none; evaluate with the same",
+        "(vLLM, default), json_object or grammar (llama.cpp's server), choice (dspy-promptmii's embedded "
+        "server: the label read off the log-probabilities), none; evaluate with the same",
     )
     prm.add_argument(
         "--reply-limit",

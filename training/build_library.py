@@ -40,7 +40,7 @@ from typing import Any
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import check_writable, write_json
 from dspy_promptmii.generation import budget_limit, budget_words, generate, generator_settings
-from dspy_promptmii.protocol import NAIVE_INSTRUCTION, TEMPLATES, Protocol
+from dspy_promptmii.protocol import CONSTRAINED_STYLES, NAIVE_INSTRUCTION, TEMPLATES, Protocol
 from training.build_data import BuildConfig, ContextSpec, context_seed, filter_reason, make_record, sample_context
 from training.contamination import eval_hashes, overlapping_rows
 from training.follower import Follower, FollowerConfig, HeldOutSet, parse_payload, score_instruction
@@ -277,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-base", default=None, help="OpenAI-compatible base URL for non-local routes")
     p.add_argument(
         "--constrained",
-        choices=["auto", "none", "grammar", "json_object", "json_schema"],
+        choices=["auto", "none", *CONSTRAINED_STYLES],
         default="auto",
         help="the follower's constrained decoding (default: the follower endpoint's default style)",
     )

@@ -12,14 +12,14 @@ from dspy_promptmii.local.pull import (
     verify_file,
 )
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY, ModelSpec, Part, get_spec, home, models_dir
-from dspy_promptmii.local.server import DEFAULT_N_CTX, RESPONSE_FORMAT_STYLE, LocalServer, ServerError
+from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LocalServer, ServerError
 
 __all__ = [
     "CorruptModelError",
     "DEFAULT_MODEL",
     "DEFAULT_N_CTX",
     "REGISTRY",
-    "RESPONSE_FORMAT_STYLE",
+    "FOLLOWER_STYLE",
     "LocalServer",
     "ModelFileError",
     "ModelSpec",

@@ -27,13 +27,17 @@ from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalServer", "ServerError", "RESPONSE_FORMAT_STYLE", "DEFAULT_N_CTX"]
+__all__ = ["LocalServer", "ServerError", "FOLLOWER_STYLE", "DEFAULT_N_CTX", "DEFAULT_WAIT_POLICY", "WAIT_POLICIES"]
 
-#: The constrained-decoding form to use with llama.cpp's server (see LabelAdapter). Measured
-#: on SNIPS with the 0.5B follower (30 rows, naive instruction): the JSON form raised
-#: macro-F1 from 0.296 to 0.486, at about 2.5x the time per query; a grammar of the bare
-#: labels ("grammar") is as fast as plain text but, like plain text, scored 0.296.
-RESPONSE_FORMAT_STYLE = "json_object"
+#: The follower's decoding style on the embedded server (see LabelAdapter and
+#: :mod:`dspy_promptmii.local.label_server`): the label read off the log-probabilities,
+#: no generation. Chosen by benchmarks/results/styles-choice-2026-12-05 (as accurate as
+#: ``json_object`` on the style study's tasks) and the speed run beside it (faster).
+FOLLOWER_STYLE = "choice"
+#: OpenMP wait policies a server can be given (``None``: OpenMP's own default).
+WAIT_POLICIES = (None, "active", "passive")
+#: The embedded server's wait policy (see ``benchmarks speed``'s load measurement).
+DEFAULT_WAIT_POLICY: str | None = None
 #: Room for an n=20 meta-prompt (about 1-3k tokens on short-text tasks) plus a 1024-token reply.
 DEFAULT_N_CTX = 8192
 #: Each server's log folder, in the temporary folder: ``promptmii-server-<pid>-<random>/``.
@@ -94,13 +98,19 @@ class LocalServer:
     Args:
         model: A registry name (default ``qwen2.5-coder-0.5b-instruct``) or a ``.gguf`` path.
         n_ctx: Context size in tokens.
-        n_threads: CPU threads (default: all cores).
+        n_threads: CPU threads for generation (default: all cores).
+        n_threads_batch: CPU threads for prompt processing (default: ``n_threads``).
+        wait_policy: How llama.cpp's OpenMP threads wait for each other at every step:
+            ``"active"`` (spin), ``"passive"`` (sleep at once) or ``None`` (OpenMP's
+            default: spin a while, then sleep); the server's ``OMP_WAIT_POLICY``. See
+            :data:`DEFAULT_WAIT_POLICY` for the measured default.
         host, port: Where to listen; ``port=None`` picks a free one.
         startup_timeout: Seconds to wait for the server to answer.
         auto_pull: Pull a registry model that is not cached yet (else the error says how).
         lm_kwargs: Defaults for the LM that ``start()`` returns (temperature 0 unless given).
         command: The server command, before ``--model ...``; defaults to
-            ``python -m llama_cpp.server`` (tests put a stand-in here).
+            ``python -m dspy_promptmii.local.label_server`` (llama-cpp-python's server
+            with label choice, the ``choice`` style; tests put a stand-in here).
     """
 
     def __init__(
@@ -109,6 +119,8 @@ class LocalServer:
         *,
         n_ctx: int = DEFAULT_N_CTX,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        wait_policy: str | None = DEFAULT_WAIT_POLICY,
         host: str = "127.0.0.1",
         port: int | None = None,
         startup_timeout: float = 180.0,
@@ -121,7 +133,14 @@ class LocalServer:
             raise ValueError(f"n_ctx must be at least 512, got {n_ctx}")
         self.model = os.fspath(model)
         self.n_ctx = n_ctx
+        if wait_policy not in WAIT_POLICIES:
+            raise ValueError(f"wait_policy must be one of {WAIT_POLICIES}, got {wait_policy!r}")
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         self.n_threads = n_threads or os.cpu_count() or 2
+        self.n_threads_batch = n_threads_batch or self.n_threads
+        self.wait_policy = wait_policy
         self.host = host
         self.port = port
         self._auto_port = port is None
@@ -181,7 +200,7 @@ class LocalServer:
                     "llama.cpp's server is not installed: pip install 'dspy-promptmii[local]' "
                     "(builds llama-cpp-python from source, a few minutes)"
                 ) from None
-            command = [sys.executable, "-m", "llama_cpp.server"]
+            command = [sys.executable, "-m", "dspy_promptmii.local.label_server"]
         self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
         if self._auto_port:
             self.port = _free_port(self.host)
@@ -195,7 +214,12 @@ class LocalServer:
             "--port", str(self.port),
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads_batch),
         ]
+        env = dict(os.environ)
+        env.pop("OMP_WAIT_POLICY", None)
+        if self.wait_policy is not None:
+            env["OMP_WAIT_POLICY"] = self.wait_policy.upper()
         sweep(log_folder_parent(), LOG_PREFIX)  # logs of processes that died without stopping
         atexit.register(self.stop)
         self._log_folder = OwnedFolder(log_folder_parent(), LOG_PREFIX)
@@ -203,7 +227,7 @@ class LocalServer:
         logger.info("starting %s (log: %s)", " ".join(args), self._log.name)
         try:
             self.process = popen_for_process_lifetime(
-                args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
             )
         except OSError as error:
             self.stop()

@@ -40,10 +40,13 @@ from dspy_promptmii.protocol.render import (
     with_format_line,
 )
 from dspy_promptmii.protocol.request import (
+    CHOICE_PREFIX,
+    CHOICE_SUFFIX,
     CONSTRAINED_STYLES,
     ConstrainedStyle,
     constrained_body,
     default_reply_limit,
+    label_choice,
     label_grammar,
     label_response_format,
 )
@@ -97,6 +100,9 @@ __all__ = [
     "follower_messages",
     "label_grammar",
     "label_response_format",
+    "label_choice",
+    "CHOICE_PREFIX",
+    "CHOICE_SUFFIX",
     "constrained_body",
     "default_reply_limit",
     "normalize_label",
@@ -133,7 +139,9 @@ class Protocol:
             (paper) or ``"turns"`` (one chat exchange per demo).
         constrained: Constrained decoding of the follower's answer: ``False``,
             ``"json_schema"`` (vLLM, OpenAI), ``"json_object"`` or ``"grammar"``
-            (llama.cpp); ``True`` means ``"json_schema"``.
+            (llama.cpp), or ``"choice"`` (the embedded server: the label read off the
+            follower's log-probabilities, no generation; the reply also gives each
+            label's probability); ``True`` means ``"json_schema"``.
         reply_limit: The follower's ``max_tokens``; ``None`` picks
             :func:`~dspy_promptmii.protocol.request.default_reply_limit` per label set.
         temperature: The follower's temperature (paper: 0); ``None`` leaves it to the LM.

@@ -7,7 +7,8 @@ reply.
 ...     stub.bodies                                                 # what was sent
 
 The function returns ``(status, content)``: a 200 gets a normal completion whose message
-is ``content``; any other status gets ``content`` as the JSON body (an error object).
+is ``content`` (or, when ``content`` is a dict, that dict as the whole body); any other
+status gets ``content`` as the JSON body (an error object).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class ChatStub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.bodies.append(body)
                 status, content = stub.reply(body, dict(self.headers))
-                payload = completion(content, body.get("model", "m")) if status == 200 else content
+                payload = (
+                    completion(content, body.get("model", "m")) if status == 200 and isinstance(content, str) else content
+                )
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

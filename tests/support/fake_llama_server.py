@@ -18,9 +18,11 @@ The behaviour comes from environment variables (the child inherits the test's):
   request answers with the first allowed label, as a constrained server would: a
   ``response_format`` schema whose ``label`` property is an enum gets
   ``{"label": <first enum value>}``; a ``grammar`` (GBNF) of quoted alternatives,
-  ``root ::= "A" | "B"``, gets ``A``.
+  ``root ::= "A" | "B"``, gets ``A``; a ``label_choice`` gets its first label between
+  its prefix and suffix.
 * ``FAKE_LLAMA_RECORD``: a file; the arguments and each request body are appended to
-  it as JSON lines (``{"argv": ...}``, then ``{"path": ..., "body": ...}``).
+  it as JSON lines (``{"argv": ..., "omp_wait_policy": ...}``, then ``{"path": ...,
+  "body": ...}``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def record(entry: dict) -> None:
 
 
 def reply_text(body: dict) -> str:
+    choice = body.get("label_choice")
+    if choice:
+        return choice.get("prefix", "") + choice["labels"][0] + choice.get("suffix", "")
     grammar = body.get("grammar")
     if grammar:
         first = re.search(r'"((?:[^"\\]|\\.)*)"', grammar)
@@ -121,8 +126,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--n_ctx", type=int, required=True)
     parser.add_argument("--n_threads", type=int, required=True)
+    parser.add_argument("--n_threads_batch", type=int, required=True)
     args = parser.parse_args()
-    record({"argv": sys.argv[1:], "pid": os.getpid()})
+    record({"argv": sys.argv[1:], "pid": os.getpid(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
     mode = os.environ.get("FAKE_LLAMA_MODE", "normal")
 
     if not os.path.isfile(args.model):
