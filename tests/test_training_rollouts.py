@@ -243,3 +243,41 @@ def test_plan_is_the_paper_mix_without_50_shot_by_default(datasets) -> None:
     counts = Counter(c.label["n_shot"] for c in contexts)
     assert counts == {5: 10, 10: 4, 20: 2}  # 5 tasks x 2 repeats; 30% and 20% of 5 tasks, x 2
     assert len({c.key for c in contexts}) == len(contexts)
+
+
+def test_a_follower_outage_stops_the_run_with_its_reason(datasets, tmp_path, fakes, monkeypatch) -> None:
+    import contextlib
+
+    from training.follower import FailureMonitor, Follower, FollowerConfig
+
+    @contextlib.contextmanager
+    def down(generator, follower, **kwargs):
+        client = Follower(FollowerConfig(base_url="http://follower.test/v1", max_retries=0),
+                          transport=httpx.MockTransport(lambda request: httpx.Response(503, text="overloaded")),
+                          monitor=FailureMonitor(0.05, window=20, min_calls=10))
+        yield rollouts.Endpoints(fakes.lm, client, "json_object")
+
+    monkeypatch.setattr(rollouts, "open_endpoints", down)
+    with pytest.raises(SystemExit, match="follower server is down or overloaded.*finished contexts are saved"):
+        _main(datasets, tmp_path / "run")
+    assert all(r["status"] == "error" for r in _records(tmp_path / "run"))
+
+
+def test_held_out_tasks_and_validation_contexts_stay_the_same_across_rounds(datasets) -> None:
+    tasks = load_local_tasks(resolve_task_paths(TRAIN_TASKS, datasets))
+
+    def plan(**kwargs):
+        contexts, summary = rollouts.plan_contexts(tasks, RolloutConfig(valid_fraction=0.2, **kwargs),
+                                                   ApproxCounter())
+        return contexts, summary["tasks"]["valid"]
+
+    round1, held1 = plan(seed=1)
+    round2, held2 = plan(seed=2)
+    assert held1 == held2 and len(held1) == 1  # the split seed decides, not the round's seed
+    assert {c.label["task"] for c in round1 + round2}.isdisjoint(held1)
+    assert {c.sha256 for c in round1} != {c.sha256 for c in round2}  # new contexts each round
+    valid1, _ = plan(seed=1, split="valid", samples=1, temperature=0.0)
+    valid2, _ = plan(seed=2, split="valid", samples=1, temperature=0.0)
+    assert {c.sha256 for c in valid1} == {c.sha256 for c in valid2} and {c.label["task"] for c in valid1} == set(held1)
+    _, other = plan(seed=1, split_seed=5)
+    assert other != held1 or len(TRAIN_TASKS) == 1  # (5 tasks: another seed holds out another one)

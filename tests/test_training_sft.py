@@ -265,3 +265,30 @@ def test_the_base_config_names_its_architecture(tiny: Path, tmp_path: Path) -> N
     report = json.loads((out / "report.json").read_text())
     assert report["valid_pairs"] == 0 and report["valid_loss_before"] is None
     assert report["pairs_paths"] == [str(pairs.resolve())]
+
+
+def test_merge_gives_a_model_folder_that_computes_what_base_plus_adapter_computes(tiny: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from training import merge
+
+    pairs = _pairs(tmp_path / "pairs.jsonl", tasks=2, per_task=3)
+    run = tmp_path / "run"
+    assert sft.main(["--pairs", str(pairs), "--out", str(run), "--base", str(tiny), "--epochs", "2",
+                     "--batch-size", "2", "--valid-fraction", "0", "--no-progress", "--lr", "0.01"]) == 0
+    out = tmp_path / "merged"
+    assert merge.main(["--run", str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+                                             str(run / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-4)  # the adapter did something
+    record = json.loads((out / "merge.json").read_text())
+    assert record["adapter"]["sha256"] and record["base"]["kind"] == "hf"
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    with pytest.raises(SystemExit, match="has not finished"):
+        merge.main(["--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m2")])

@@ -69,7 +69,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,15 @@ from dspy_promptmii.generation import (
 )
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, NAIVE_INSTRUCTION, TEMPLATES, Protocol, choose_template
 from training.build_data import BuildConfig, build
-from training.follower import Follower, FollowerConfig, HeldOutSet, ScoreResult, parse_payload, score_instruction
+from training.follower import (
+    Follower,
+    FollowerConfig,
+    FollowerOutage,
+    HeldOutSet,
+    ScoreResult,
+    parse_payload,
+    score_instruction,
+)
 from training.runlog import JsonlLog, check_settings, digest, folder_lock, sha256_file
 from training.sources import load_local_tasks, read_overlap_groups, read_splits, resolve_task_paths
 from training.tokens import TokenCounter, load_counter
@@ -136,7 +144,11 @@ class RolloutConfig:
     Args:
         split: ``train`` (k sampled rollouts per context) or ``valid`` (the held-out tasks'
             contexts: the validation reward, greedy by default).
-        seed: Run seed: contexts (as ``build_data --seed``), sample seeds, order.
+        seed: Run seed: the train contexts (as ``build_data --seed``), sample seeds, order.
+            Use a new one per round for new contexts.
+        split_seed: Which tasks are held out (``valid_fraction``), and the ``valid``
+            contexts: fixed across rounds (default 0), so that every round trains on the
+            same tasks and every validation run measures the same contexts.
         repeats, base_shots, extra_shots, m, sampling, valid_fraction, valid_tasks,
         valid_shots, max_prompt_tokens, drop_contaminated: as ``training.build_data``.
         samples: k, the replies per context (>= 1; GRPO's group size).
@@ -153,6 +165,7 @@ class RolloutConfig:
 
     split: str = "train"
     seed: int = 0
+    split_seed: int = 0
     repeats: int = 1
     base_shots: int = 5
     extra_shots: dict[int, float] = field(default_factory=lambda: dict(DEFAULT_EXTRA_SHOTS))
@@ -268,21 +281,31 @@ def plan_contexts(
 ) -> tuple[list[Context], dict[str, Any]]:
     """The contexts of ``config.split``, in a seeded order, and build_data's summary.
 
-    Drawn by :func:`training.build_data.build` over all ``tasks`` (so the validation split
-    and the 10-/20-shot draws are those build_data makes for the same tasks and seed).
+    Drawn by :func:`training.build_data.build` over all ``tasks``: the held-out tasks are
+    those build_data holds out with ``split_seed`` (unless ``valid_tasks`` names them), the
+    train contexts (10-/20-shot draws included) those it draws with ``seed``, the validation
+    contexts those it draws with ``split_seed``.
 
     Raises:
         ValueError: a task is also an evaluation task, every task was filtered out, two
             tasks share a name (build_data's checks).
     """
+    build_config = config.build_config()
+    valid_tasks = list(config.valid_tasks) or None
+    if valid_tasks is None and config.valid_fraction > 0:
+        probe = build(tasks, replace(build_config, seed=config.split_seed), counter, eval_tasks=eval_tasks,
+                      groups=groups or {}, valid_fraction=config.valid_fraction, progress=False)
+        valid_tasks = list(probe.summary["tasks"]["valid"]) or None
+    if config.split == "valid":
+        build_config = replace(build_config, seed=config.split_seed)
     result = build(
         tasks,
-        config.build_config(),
+        build_config,
         counter,
         eval_tasks=eval_tasks,
         groups=groups or {},
-        valid_tasks=list(config.valid_tasks) or None,
-        valid_fraction=config.valid_fraction,
+        valid_tasks=valid_tasks,
+        valid_fraction=0.0 if valid_tasks else config.valid_fraction,
         progress=False,
     )
     lines = result.train if config.split == "train" else result.valid
@@ -655,7 +678,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--tasks", nargs="*", default=None,
                      help="only the contexts of these tasks (the plan is still drawn over every train task)")
     src.add_argument("--limit", type=positive_int, default=None, help="run at most this many contexts now")
-    src.add_argument("--seed", type=int, default=0, help="contexts, sample seeds and order (use one per round)")
+    src.add_argument("--seed", type=int, default=0,
+                     help="train contexts, sample seeds and order (use a new one per round)")
+    src.add_argument("--split-seed", type=int, default=0,
+                     help="which tasks are held out, and the valid contexts (keep it across rounds; 0)")
     src.add_argument("--repeats", type=positive_int, default=1, help="independent draws of every planned context")
     src.add_argument("--m", type=positive_int, default=20, help="held-out rows scored per context (20)")
     src.add_argument("--base-shots", type=positive_int, default=5, help="shots of every task's context (5)")
@@ -797,6 +823,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         config = RolloutConfig(
             split=split,
             seed=args.seed,
+            split_seed=args.split_seed,
             repeats=args.repeats,
             base_shots=args.base_shots,
             extra_shots=args.extra_shots,
@@ -941,6 +968,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                log.path)
                 write_summary(out, log, settings_sha256, len(prepared.contexts))
                 return 130
+            except FollowerOutage as error:
+                write_summary(out, log, settings_sha256, len(prepared.contexts))
+                raise SystemExit(f"error: {error}; finished contexts are saved in {log.path}") from None
+            except Exception:
+                logger.error("the run stopped on an error (the generator or its server?); finished contexts are "
+                             "saved in %s, run the same command to resume", log.path)
+                write_summary(out, log, settings_sha256, len(prepared.contexts))
+                raise
             summary = write_summary(out, log, settings_sha256, len(prepared.contexts))
     except (RunLocked, SettingsMismatch, ValueError) as error:
         raise SystemExit(f"error: {error}") from None

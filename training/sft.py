@@ -864,6 +864,7 @@ def _train(args: argparse.Namespace, config: SFTConfig, spec: BaseSpec, init: di
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "python": platform.python_version()},
         "command": command,
+        "base_argument": args.base,
         "pairs_paths": [str((Path(p) / "pairs.jsonl" if Path(p).is_dir() else Path(p)).resolve()) for p in args.pairs],
     }
     if trainer.step < trainer.total_steps:
