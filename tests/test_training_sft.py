@@ -154,6 +154,14 @@ def test_validation_holds_out_whole_tasks(tmp_path: Path) -> None:
         split_pairs(pairs, SFTConfig(valid_tasks=("nope",)))
 
 
+def test_pairs_keep_unicode_line_separators_inside_texts(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    text = "first part\u2028second part\x85third"  # in subj_subjectivity, mr_movie_review_sentiment, ...
+    path.write_text(json.dumps({"prompt": text, "target": "t", "task": "x"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert [p["prompt"] for p in load_pairs([path])] == [text]
+
+
 @pytest.mark.parametrize("line, problem", [("{", "not JSON"), ('{"prompt": "p", "task": "t"}', "target")])
 def test_bad_pairs_are_named(tmp_path: Path, line: str, problem: str) -> None:
     path = tmp_path / "pairs.jsonl"

@@ -922,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.follower_timeout <= 0:
         raise SystemExit(f"error: --follower-timeout must be positive, got {args.follower_timeout}")
+    if args.n_ctx < 512:
+        raise SystemExit(f"error: --n-ctx must be at least 512, got {args.n_ctx}")
     prepared = prepare(args)
     out: Path = args.out
     from training.runlog import RunLocked, SettingsMismatch

@@ -198,7 +198,9 @@ def load_pairs(paths: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
             path = path / "pairs.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"no pairs file at {path} (python -m training.select writes pairs.jsonl)")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        # Lines end at "\n" only: str.splitlines() would also split at U+2028, U+0085 and the like,
+        # which JSON written with ensure_ascii=False keeps unescaped inside task texts.
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
