@@ -523,7 +523,8 @@ class Trainer:
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"checkpoint {path} has tensors the adapter does not: {unexpected[:3]}")
-        trainer = torch.load(path / "trainer.pt", map_location=self.device, weights_only=False)
+        # On the CPU: RNG states must stay CPU byte tensors; the optimizer moves its state to the parameters.
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
         torch.set_rng_state(trainer["torch_rng"])
