@@ -85,7 +85,8 @@ def tiny_datasets(tmp_path: Path) -> Path:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # "\n" only: splitlines() also splits at U+2028 and the like, which task texts hold unescaped.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _run_cli(datasets: Path, out: Path, *extra: str) -> dict[str, Any]:

@@ -14,6 +14,21 @@ Modules:
 * :mod:`training.agent` -- ``AgentExecutor`` for ``--train.agent_func_path /abs/path/agent.py``.
 * :mod:`training.openrlhf_compat` -- loading OpenRLHF pieces on machines without its
   GPU dependencies (the agent base class, the ``train_ppo_ray`` argument parser).
+* :mod:`training.build_library` -- ``python -m training.build_library``: the instruction library.
+
+Rejection-sampling fine-tuning on a CPU (expert iteration; ``training/README.md`` section 2c):
+
+* :mod:`training.rollouts` -- ``python -m training.rollouts``: k scored samples per context
+  from the current generator and the naive baseline (resumable JSONL).
+* :mod:`training.select` -- ``python -m training.select``: SFT pairs (best of the samples and
+  the naive instruction per context) and a report.
+* :mod:`training.sft` -- ``python -m training.sft``: LoRA on the generator's GGUF-dequantized
+  weights, loss on the reply tokens only, checkpoints and resume.
+* :mod:`training.export` -- ``python -m training.export``: the adapter as a GGUF LoRA for
+  llama.cpp, with its provenance.
+* :mod:`training.merge` -- ``python -m training.merge``: base + adapter as a Hugging Face folder
+  (the starting point of GRPO on GPUs).
+* :mod:`training.runlog` -- append-only run files and the resume rule they share.
 """
 
 import os as _os

@@ -233,7 +233,12 @@ def load_counter(spec: str | os.PathLike | None) -> TokenCounter:
     text = os.fspath(spec)
     if text.lower().endswith(".gguf"):
         return GGUFCounter(text)
-    if not Path(text).exists():
+    path = Path(text).expanduser()
+    # A hub id is "name" or "namespace/name"; anything else that does not exist is a missing folder
+    # (transformers, when installed, would otherwise answer with a hub validation error).
+    if not path.exists() and (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1):
+        raise FileNotFoundError(f"no tokenizer folder at {path}")
+    if not path.exists():
         try:
             import transformers  # noqa: F401
         except ImportError:

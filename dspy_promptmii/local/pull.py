@@ -47,6 +47,7 @@ __all__ = [
     "PullError",
     "cache_state",
     "cached_path",
+    "check_gguf_file",
     "marker_path",
     "pull",
     "resolve_model",
@@ -275,6 +276,26 @@ def pull(
     return final
 
 
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """``path`` (user home expanded) when it is a file that starts with the GGUF magic bytes.
+
+    Raises:
+        FileNotFoundError: no file at the path.
+        ModelFileError: the file is not a GGUF file.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    with path.open("rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(
+            f"{path} is not a GGUF model file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+            "check the path, or download the file again"
+        )
+    return path
+
+
 def resolve_model(model: str | os.PathLike, *, auto_pull: bool = False, progress: bool = True) -> Path:
     """The GGUF path of a registry name or a local file, checked before any use.
 
@@ -293,16 +314,7 @@ def resolve_model(model: str | os.PathLike, *, auto_pull: bool = False, progress
     text = os.fspath(model)
     path = Path(text).expanduser()
     if text.endswith(".gguf") or path.exists():
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file at {path}")
-        with path.open("rb") as handle:
-            magic = handle.read(len(GGUF_MAGIC))
-        if magic != GGUF_MAGIC:
-            raise ModelFileError(
-                f"{path} is not a GGUF model file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
-                "check the path, or download the file again"
-            )
-        return path
+        return check_gguf_file(path)
     spec = get_spec(text)
     state = cache_state(spec)
     if state == "cached":

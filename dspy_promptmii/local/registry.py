@@ -6,7 +6,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Part", "ModelSpec", "REGISTRY", "DEFAULT_MODEL", "home", "models_dir", "get_spec"]
+__all__ = [
+    "Part",
+    "ModelSpec",
+    "AdapterSpec",
+    "REGISTRY",
+    "ADAPTERS",
+    "DEFAULT_MODEL",
+    "home",
+    "models_dir",
+    "adapters_dir",
+    "get_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,26 @@ class ModelSpec:
     parts: tuple[Part, ...]
     description: str
     license: str
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A trained generator: a registry base model plus a LoRA adapter in GGUF form, which
+    llama.cpp applies on top of the base (``LocalServer(base, lora=...)``). The adapter ships
+    as package data (:func:`adapters_dir`) and is verified by size and sha256 before use,
+    as the base is (``dspy_promptmii.local.adapters.resolve_generator``).
+
+    ``source`` names the provenance file beside the adapter (``python -m training.export``
+    writes it: data, rounds, seed, command, date, machine, sha256s).
+    """
+
+    name: str
+    base: str  # a REGISTRY name
+    filename: str
+    size: int
+    sha256: str
+    description: str
+    source: str = ""
 
 
 def _split(prefix: str, module: str, count: int, version: str, member: str) -> tuple[Part, ...]:
@@ -81,6 +112,21 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+#: Trained generators (base + adapter) by name; filled when a trained adapter ships.
+ADAPTERS: dict[str, AdapterSpec] = {}
+
+
+def _check_adapters(adapters: dict[str, AdapterSpec]) -> None:
+    for name, spec in adapters.items():
+        if name in REGISTRY:
+            raise ValueError(f"adapter {name!r} has the name of a base model")
+        if spec.base not in REGISTRY:
+            raise ValueError(f"adapter {name!r} names an unknown base model {spec.base!r}")
+
+
+_check_adapters(ADAPTERS)
+
+
 def home() -> Path:
     """``$PROMPTMII_HOME``, by default ``~/.cache/dspy_promptmii``."""
     return Path(os.environ.get("PROMPTMII_HOME") or Path.home() / ".cache" / "dspy_promptmii").expanduser()
@@ -88,6 +134,11 @@ def home() -> Path:
 
 def models_dir() -> Path:
     return home() / "models"
+
+
+def adapters_dir() -> Path:
+    """Where shipped adapters live: the package's ``data/adapters`` folder."""
+    return Path(__file__).resolve().parents[1] / "data" / "adapters"
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -22,7 +22,7 @@ from typing import IO, Any
 import dspy
 
 from dspy_promptmii.local.lifetime import OwnedFolder, popen_for_process_lifetime, sweep
-from dspy_promptmii.local.pull import cache_state, cached_path, resolve_model
+from dspy_promptmii.local.pull import cache_state, cached_path, check_gguf_file, resolve_model
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -93,10 +93,13 @@ class LocalServer:
 
     Before launching, ``start()`` checks the model (see ``resolve_model``): a registry
     model must be cached and match its sha256, a ``.gguf`` path must exist and start
-    with the GGUF magic bytes.
+    with the GGUF magic bytes; so must a LoRA adapter file (``lora``).
 
     Args:
         model: A registry name (default ``qwen2.5-coder-0.5b-instruct``) or a ``.gguf`` path.
+        lora: A LoRA adapter in GGUF form (``python -m training.export``), applied to every
+            request at scale 1.0 (llama-cpp-python's ``--lora_path``; it has no per-request
+            scale, so base and base + adapter are two servers).
         n_ctx: Context size in tokens.
         n_threads: CPU threads for generation (default: all cores).
         n_threads_batch: CPU threads for prompt processing (default: ``n_threads``).
@@ -128,10 +131,13 @@ class LocalServer:
         lm_kwargs: dict[str, Any] | None = None,
         command: Sequence[str] | None = None,
         stop_grace: float = 5.0,
+        lora: str | os.PathLike | None = None,
     ):
         if n_ctx < 512:
             raise ValueError(f"n_ctx must be at least 512, got {n_ctx}")
         self.model = os.fspath(model)
+        self.lora = os.fspath(lora) if lora is not None else None
+        self.lora_path: Path | None = None
         self.n_ctx = n_ctx
         if wait_policy not in WAIT_POLICIES:
             raise ValueError(f"wait_policy must be one of {WAIT_POLICIES}, got {wait_policy!r}")
@@ -187,7 +193,8 @@ class LocalServer:
                 be launched, the server exits while starting (a model it cannot load
                 comes with a line of advice first) or does not answer in time.
             FileNotFoundError, ModelFileError, CorruptModelError, PullError: the model
-                cannot be used (see ``resolve_model``).
+                cannot be used (see ``resolve_model``), or the LoRA file is missing or
+                not GGUF.
         """
         if self.running:
             return self.lm()
@@ -202,6 +209,7 @@ class LocalServer:
                 ) from None
             command = [sys.executable, "-m", "dspy_promptmii.local.label_server"]
         self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
+        self.lora_path = check_gguf_file(self.lora) if self.lora is not None else None
         if self._auto_port:
             self.port = _free_port(self.host)
         elif _port_in_use(self.host, self.port):
@@ -215,6 +223,7 @@ class LocalServer:
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
             "--n_threads_batch", str(self.n_threads_batch),
+            *(["--lora_path", str(self.lora_path)] if self.lora_path is not None else []),
         ]
         env = dict(os.environ)
         env.pop("OMP_WAIT_POLICY", None)

@@ -127,12 +127,16 @@ def main() -> int:
     parser.add_argument("--n_ctx", type=int, required=True)
     parser.add_argument("--n_threads", type=int, required=True)
     parser.add_argument("--n_threads_batch", type=int, required=True)
+    parser.add_argument("--lora_path", default=None)  # llama-cpp-python's LoRA flag (optional)
     args = parser.parse_args()
     record({"argv": sys.argv[1:], "pid": os.getpid(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
     mode = os.environ.get("FAKE_LLAMA_MODE", "normal")
 
     if not os.path.isfile(args.model):
         print(f"fake llama: no model file at {args.model}", file=sys.stderr)
+        return 2
+    if args.lora_path is not None and not os.path.isfile(args.lora_path):
+        print(f"fake llama: no LoRA file at {args.lora_path}", file=sys.stderr)
         return 2
     if mode == "crash":
         print("fake llama: loading model", flush=True)

@@ -1,0 +1,114 @@
+"""A trained generator served by llama.cpp: ``LocalServer(..., lora=PATH)`` passes the
+adapter as ``--lora_path`` (llama-cpp-python 0.3.36's server flag), checked before launch;
+the registry's "base model + adapter" entries are verified by size and sha256. The fake
+server script (tests/support/fake_llama_server.py) stands in for llama.cpp."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from dspy_promptmii.local import adapters as adapters_module
+from dspy_promptmii.local import registry
+from dspy_promptmii.local.adapters import resolve_adapter, resolve_generator
+from dspy_promptmii.local.pull import CorruptModelError, ModelFileError
+from dspy_promptmii.local.registry import AdapterSpec
+from dspy_promptmii.local.server import LocalServer
+
+FAKE_COMMAND = [sys.executable, str(Path(__file__).resolve().parent / "support" / "fake_llama_server.py")]
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch) -> dict[str, Path]:
+    record = tmp_path / "record.jsonl"
+    monkeypatch.setenv("FAKE_LLAMA_RECORD", str(record))
+    monkeypatch.delenv("FAKE_LLAMA_MODE", raising=False)
+    logs = tmp_path / "tmp"
+    logs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(logs))
+    model = tmp_path / "base.gguf"
+    model.write_bytes(b"GGUF base")
+    adapter = tmp_path / "adapter.gguf"
+    adapter.write_bytes(b"GGUF adapter")
+    return {"record": record, "model": model, "adapter": adapter}
+
+
+def _argv(record: Path) -> list[str]:
+    return next(json.loads(line)["argv"] for line in record.read_text().splitlines() if '"argv"' in line)
+
+
+def test_the_adapter_reaches_the_server_as_lora_path(files) -> None:
+    server = LocalServer(files["model"], command=FAKE_COMMAND, startup_timeout=20, lora=files["adapter"])
+    try:
+        server.start()
+        argv = _argv(files["record"])
+        assert argv[argv.index("--lora_path") + 1] == str(files["adapter"])
+        assert server.lora_path == files["adapter"]
+    finally:
+        server.stop()
+
+
+def test_without_an_adapter_no_lora_flag_is_passed(files) -> None:
+    server = LocalServer(files["model"], command=FAKE_COMMAND, startup_timeout=20)
+    try:
+        server.start()
+        assert "--lora_path" not in _argv(files["record"])
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("content, error", [(None, FileNotFoundError), (b"PK not gguf", ModelFileError)])
+def test_a_missing_or_foreign_adapter_is_refused_before_launch(files, tmp_path, content, error) -> None:
+    adapter = tmp_path / "bad-adapter.gguf"
+    if content is not None:
+        adapter.write_bytes(content)
+    server = LocalServer(files["model"], command=FAKE_COMMAND, startup_timeout=20, lora=adapter)
+    with pytest.raises(error, match="bad-adapter.gguf"):
+        server.start()
+    assert not server.running and not files["record"].exists()  # nothing was launched
+
+
+def _spec(path: Path, name: str = "promptmii-test") -> AdapterSpec:
+    data = path.read_bytes()
+    return AdapterSpec(
+        name=name,
+        base=registry.DEFAULT_MODEL,
+        filename=path.name,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        description="a test adapter",
+    )
+
+
+def test_registry_adapters_are_verified_by_size_and_sha256(files, tmp_path, monkeypatch) -> None:
+    spec = _spec(files["adapter"])
+    monkeypatch.setitem(registry.ADAPTERS, spec.name, spec)
+    assert resolve_adapter(spec.name, tmp_path) == files["adapter"]
+    base = tmp_path / "models" / "base.gguf"
+    monkeypatch.setattr(adapters_module, "resolve_model", lambda name, auto_pull=False: base)
+    assert resolve_generator(spec.name, directory=tmp_path) == (base, files["adapter"])
+    assert resolve_generator(registry.DEFAULT_MODEL) == (base, None)
+
+    files["adapter"].write_bytes(b"GGUF adapteR")  # same size, other bytes
+    with pytest.raises(CorruptModelError, match="corrupt"):
+        resolve_adapter(spec.name, tmp_path)
+    files["adapter"].unlink()
+    with pytest.raises(FileNotFoundError, match="reinstall"):
+        resolve_adapter(spec.name, tmp_path)
+    with pytest.raises(KeyError, match="unknown trained generator"):
+        resolve_adapter("no-such-adapter", tmp_path)
+    with pytest.raises(KeyError, match="unknown generator"):
+        resolve_generator("no-such-generator")
+
+
+def test_adapter_names_must_not_shadow_base_models() -> None:
+    with pytest.raises(ValueError, match="name of a base model"):
+        registry._check_adapters({registry.DEFAULT_MODEL: AdapterSpec(registry.DEFAULT_MODEL, registry.DEFAULT_MODEL,
+                                                                      "a.gguf", 1, "0" * 64, "x")})
+    with pytest.raises(ValueError, match="unknown base model"):
+        registry._check_adapters({"x": AdapterSpec("x", "nope", "a.gguf", 1, "0" * 64, "x")})

@@ -1,0 +1,376 @@
+"""``python -m training.select``: SFT pairs from scored rollouts (the rejection step of
+rejection-sampling fine-tuning / expert iteration).
+
+Per context (one line of ``python -m training.rollouts``; lines of several rollout folders
+with the same context are merged, so samples of another generator, e.g. the 1.5B model,
+join as off-policy data and the reward decides), the candidates are the k samples and
+the naive instruction, and the target is the best of them by reward: GRPO's advantage
+against the naive baseline, with weight 0 or 1; what ``PromptMIIOptimizer(candidates=k)``
+with the naive reference keeps at compile time.
+
+* **A sample is the target** when it beats the naive instruction by at least ``--margin``
+  (default :data:`DEFAULT_MARGIN` = 0.05 macro-F1). Why 0.05: the reward is a macro-F1 on
+  m=20 held-out rows; one more row labelled right moves it by about 0.05 on a balanced
+  binary task (1/20 of accuracy) and less on tasks with more labels. A smaller win is
+  within what one row, or the follower's constrained decoding flipping on a borderline
+  input, gives either way; teaching it would fit the noise of 20 rows, not a better
+  instruction. Ties go to the shorter instruction, then the earlier sample.
+* **Where the naive instruction wins** by at least the margin (the generator's best
+  instruction made the follower worse, as Prompt-MII-Zero does on snli: 0.155 against
+  0.377), ``--naive-target keep`` (default) makes the naive text the target: it teaches the
+  generator to stay plain where its instructions hurt. ``--naive-target drop`` drops those
+  contexts. Naive targets are capped at ``--max-naive-share`` of the kept pairs (default
+  :data:`DEFAULT_MAX_NAIVE_SHARE` = 0.25; those with the largest naive lead are kept):
+  on a set dominated by one sentence the generator learns to write only it, and the
+  trained generator then scores the naive baseline, never above it. Read the report's
+  "naive won" counts per task to decide.
+* Contexts where neither wins by the margin are dropped (no clear signal). Samples whose
+  follower calls failed, or that cleaned to nothing, are never targets.
+
+Output (``--out``): ``pairs.jsonl`` (``{"prompt": <the meta-prompt exactly as compile
+sends it>, "target": <the instruction text>, "task", "n_shot", "key", "source":
+"sample"|"naive", "reward", "naive_reward", "advantage", ...}``), ``selection.json`` and
+``selection.txt`` (kept fraction, mean advantage, how often any sample beat naive, per-task
+and per-n counts).
+
+Example::
+
+    python -m training.select --rollouts runs/rft/round1/rollouts --out runs/rft/round1/select
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dspy_promptmii.files import check_writable, write_json, write_jsonl, write_text
+from dspy_promptmii.protocol import NAIVE_INSTRUCTION
+from training.rollouts import MANIFEST, ROLLOUTS, finished_records
+from training.runlog import JsonlLog, digest
+
+logger = logging.getLogger("training.select")
+
+__all__ = [
+    "DEFAULT_MARGIN",
+    "DEFAULT_MAX_NAIVE_SHARE",
+    "NAIVE_TARGETS",
+    "SelectionConfig",
+    "Decision",
+    "load_rollouts",
+    "decide",
+    "select",
+    "report_text",
+    "main",
+]
+
+#: A sample must beat the naive instruction by this much macro-F1 to become a target
+#: (about one more of the m=20 held-out rows right; see the module docstring).
+DEFAULT_MARGIN = 0.05
+#: Most naive targets as a share of the kept pairs (see the module docstring).
+DEFAULT_MAX_NAIVE_SHARE = 0.25
+NAIVE_TARGETS = ("keep", "drop")
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How targets are chosen (recorded in the report).
+
+    Raises:
+        ValueError: a margin outside [0, 1], an unknown ``naive_target``, or a
+            ``max_naive_share`` outside [0, 1].
+    """
+
+    margin: float = DEFAULT_MARGIN
+    naive_target: str = "keep"
+    max_naive_share: float = DEFAULT_MAX_NAIVE_SHARE
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and 0 <= self.margin <= 1):
+            raise ValueError(f"margin must be in [0, 1] (macro-F1), got {self.margin!r}")
+        if self.naive_target not in NAIVE_TARGETS:
+            raise ValueError(f"naive_target must be one of {NAIVE_TARGETS}, got {self.naive_target!r}")
+        if not 0 <= self.max_naive_share <= 1:
+            raise ValueError(f"max_naive_share must be in [0, 1], got {self.max_naive_share!r}")
+
+
+@dataclass
+class Decision:
+    """What one context gives: ``kind`` is ``sample``, ``naive`` or ``drop`` (with ``reason``)."""
+
+    context: dict[str, Any]
+    kind: str
+    reason: str
+    best: dict[str, Any] | None
+    advantage: float  # best usable sample's reward (0 without one) - naive reward
+
+    @property
+    def target(self) -> str:
+        if self.kind == "sample":
+            return str(self.best["instruction"])
+        if self.kind == "naive":
+            return NAIVE_INSTRUCTION
+        raise ValueError("a dropped context has no target")
+
+
+@dataclass
+class Loaded:
+    """Merged contexts (by content) and what each input held."""
+
+    contexts: list[dict[str, Any]]
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The finished records of one rollout folder (or its rollouts.jsonl) and its settings."""
+    folder = path if path.is_dir() else path.parent
+    file = folder / ROLLOUTS if path.is_dir() else path
+    manifest = folder / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"no {ROLLOUTS} in {folder}: pass a training.rollouts --out folder")
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} beside {file}: pass a training.rollouts --out folder")
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    settings, sha = data.get("settings", {}), data.get("settings_sha256") or digest(data.get("settings", {}))
+    return list(finished_records(JsonlLog(file).read(), sha).values()), settings
+
+
+def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
+    """Finished ``train`` contexts of one or more rollout folders, merged by content: the
+    samples of every folder (each tagged with its folder's generator), the naive reward of
+    the first.
+
+    Raises:
+        FileNotFoundError: a path is not a rollout folder.
+        ValueError: a folder holds ``valid`` rollouts (held-out tasks are never training
+            data), or the folders used different followers or protocols (their rewards are
+            not comparable).
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    inputs = []
+    reference: tuple[Any, Any, str] | None = None
+    for raw in paths:
+        path = Path(raw)
+        records, settings = _records_of(path)
+        split = settings.get("config", {}).get("split", "train")
+        if split != "train":
+            raise ValueError(f"{path} holds {split!r} rollouts: held-out validation contexts are never SFT data")
+        scorer = (settings.get("follower"), settings.get("protocol"))
+        if reference is None:
+            reference = (*scorer, str(path))
+        elif scorer != reference[:2]:
+            raise ValueError(
+                f"{path} was scored with another follower or protocol than {reference[2]}: their rewards are not "
+                "comparable; select them separately"
+            )
+        generator = settings.get("generator")
+        inputs.append({"path": str(path), "contexts": len(records), "generator": generator,
+                       "settings_sha256": digest(settings)})
+        for record in records:
+            samples = [{**s, "generator": generator} for s in record["samples"]]
+            key = record["context_sha256"]
+            if key in merged:
+                merged[key]["samples"].extend(samples)
+            else:
+                merged[key] = {**record, "samples": samples}
+    contexts = sorted(merged.values(), key=lambda r: r["key"])
+    return Loaded(contexts, inputs)
+
+
+def _wins(lead: float, margin: float) -> bool:
+    """A strictly positive lead of at least ``margin``."""
+    return lead > _EPS and lead >= margin - _EPS
+
+
+def decide(context: Mapping[str, Any], config: SelectionConfig) -> Decision:
+    """The target of one context before the naive cap (see the module docstring)."""
+    usable = [s for s in context["samples"] if not s.get("follower_error") and s.get("instruction", "").strip()]
+    naive = float(context["naive"]["reward"])
+    best = max(usable, key=lambda s: (s["reward"], -len(s["instruction"]), -s["index"]), default=None)
+    # Without a usable sample the best reward is what the reward gave them: 0.
+    advantage = (float(best["reward"]) if best is not None else 0.0) - naive
+    ctx = dict(context)
+    if best is not None and _wins(advantage, config.margin):
+        return Decision(ctx, "sample", "a sample beat naive by the margin", best, advantage)
+    if _wins(-advantage, config.margin):
+        if config.naive_target == "keep":
+            return Decision(ctx, "naive", "naive beat every sample by the margin", best, advantage)
+        return Decision(ctx, "drop", "naive won (--naive-target drop)", best, advantage)
+    return Decision(ctx, "drop", "within the margin", best, advantage)
+
+
+def select(contexts: Sequence[Mapping[str, Any]], config: SelectionConfig) -> list[Decision]:
+    """Decisions for every context, with naive targets capped at ``max_naive_share`` of the
+    kept pairs (those where naive leads most are kept; ties by context key)."""
+    decisions = [decide(c, config) for c in contexts]
+    samples = sum(d.kind == "sample" for d in decisions)
+    naive = sorted((d for d in decisions if d.kind == "naive"), key=lambda d: (d.advantage, d.context["key"]))
+    share = config.max_naive_share
+    allowed = len(naive) if share >= 1 else math.floor(share / (1 - share) * samples + _EPS)
+    for decision in naive[allowed:]:
+        decision.kind, decision.reason = "drop", "naive target over --max-naive-share"
+    return decisions
+
+
+def pair(decision: Decision) -> dict[str, Any]:
+    """The SFT pair of a kept decision."""
+    context = decision.context
+    naive = float(context["naive"]["reward"])
+    reward = float(decision.best["reward"]) if decision.kind == "sample" else naive
+    return {
+        "prompt": context["meta_prompt"],
+        "target": decision.target,
+        "task": context["task"],
+        "n_shot": context["n_shot"],
+        "key": context["key"],
+        "context_sha256": context["context_sha256"],
+        "source": decision.kind,
+        "reward": reward,
+        "naive_reward": naive,
+        "advantage": round(reward - naive, 6) if decision.kind == "sample" else round(-decision.advantage, 6),
+        "sample": (
+            {k: decision.best.get(k) for k in ("index", "seed", "temperature", "generator")}
+            if decision.kind == "sample"
+            else None
+        ),
+        "protocol": context.get("protocol"),
+    }
+
+
+def report(decisions: Sequence[Decision], config: SelectionConfig, inputs: Sequence[Mapping[str, Any]]) -> dict:
+    """Counts and rewards of a selection (see the module docstring)."""
+
+    def block(group: Sequence[Decision]) -> dict[str, Any]:
+        n = len(group)
+        kinds = Counter(d.kind for d in group)
+        naive = [float(d.context["naive"]["reward"]) for d in group]
+        best = [float(d.best["reward"]) if d.best else None for d in group]
+        advantages = [d.advantage for d in group]
+        kept_adv = [d.advantage for d in group if d.kind == "sample"]
+        return {
+            "contexts": n,
+            "kept": kinds["sample"] + kinds["naive"],
+            "kept_fraction": round((kinds["sample"] + kinds["naive"]) / n, 4) if n else None,
+            "sample_targets": kinds["sample"],
+            "naive_targets": kinds["naive"],
+            "dropped": kinds["drop"],
+            "mean_naive_reward": round(statistics.fmean(naive), 4) if n else None,
+            "mean_best_reward": round(statistics.fmean(b for b in best if b is not None), 4)
+            if any(b is not None for b in best) else None,
+            "mean_advantage": round(statistics.fmean(advantages), 4) if advantages else None,
+            "mean_advantage_of_sample_targets": round(statistics.fmean(kept_adv), 4) if kept_adv else None,
+            "any_sample_beat_naive": round(sum(a > _EPS for a in advantages) / n, 4) if n else None,
+            "sample_beat_naive_by_margin": round(sum(_wins(a, config.margin) for a in advantages) / n, 4)
+            if n else None,
+            "naive_won_by_margin": round(sum(_wins(-a, config.margin) for a in advantages) / n, 4) if n else None,
+        }
+
+    by_task: dict[str, list[Decision]] = defaultdict(list)
+    by_n: dict[int, list[Decision]] = defaultdict(list)
+    for d in decisions:
+        by_task[str(d.context["task"])].append(d)
+        by_n[int(d.context["n_shot"])].append(d)
+    samples = [s for d in decisions for s in d.context["samples"]]
+    return {
+        "config": asdict(config),
+        "inputs": list(inputs),
+        **block(decisions),
+        "samples": len(samples),
+        "mean_sample_reward": round(statistics.fmean(s["reward"] for s in samples), 4) if samples else None,
+        "unusable_samples": sum(bool(s.get("follower_error")) or not s.get("instruction", "").strip()
+                                for s in samples),
+        "dropped_by_reason": dict(Counter(d.reason for d in decisions if d.kind == "drop")),
+        "by_n_shot": {str(n): block(by_n[n]) for n in sorted(by_n)},
+        "by_task": {t: block(by_task[t]) for t in sorted(by_task)},
+    }
+
+
+def report_text(summary: Mapping[str, Any]) -> str:
+    """The report as readable text."""
+    c = summary["config"]
+
+    def f(value: Any) -> str:
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        f"Selection: margin {c['margin']}, naive target {c['naive_target']}, max naive share {c['max_naive_share']}",
+        "Inputs: " + "; ".join(f"{i['path']} ({i['contexts']} contexts)" for i in summary["inputs"]),
+        f"Contexts {summary['contexts']}, samples {summary['samples']} ({summary['unusable_samples']} unusable), "
+        f"mean sample reward {f(summary['mean_sample_reward'])}",
+        f"Kept {summary['kept']} ({f(summary['kept_fraction'])}): {summary['sample_targets']} sample targets, "
+        f"{summary['naive_targets']} naive targets; dropped {summary['dropped']} {summary['dropped_by_reason']}",
+        f"Mean naive {f(summary['mean_naive_reward'])}, mean best-of-k {f(summary['mean_best_reward'])}, "
+        f"mean advantage (best - naive) {f(summary['mean_advantage'])} "
+        f"(of sample targets {f(summary['mean_advantage_of_sample_targets'])})",
+        f"Any sample beat naive in {f(summary['any_sample_beat_naive'])} of contexts, by the margin in "
+        f"{f(summary['sample_beat_naive_by_margin'])}; naive beat every sample by the margin in "
+        f"{f(summary['naive_won_by_margin'])}",
+        "",
+        f"{'n':>4} {'contexts':>8} {'sample':>6} {'naive':>5} {'drop':>5} {'naive_F1':>8} {'best_F1':>7} {'adv':>6}",
+    ]
+    for n, b in summary["by_n_shot"].items():
+        lines.append(f"{n:>4} {b['contexts']:>8} {b['sample_targets']:>6} {b['naive_targets']:>5} {b['dropped']:>5} "
+                     f"{f(b['mean_naive_reward']):>8} {f(b['mean_best_reward']):>7} {f(b['mean_advantage']):>6}")
+    width = max([len("task"), *(len(t) for t in summary["by_task"])])
+    lines += ["", f"{'task':<{width}} {'contexts':>8} {'sample':>6} {'naive':>5} {'drop':>5} {'naive_F1':>8} "
+              f"{'best_F1':>7} {'adv':>6} {'any_beat':>8}"]
+    for task, b in summary["by_task"].items():
+        lines.append(f"{task:<{width}} {b['contexts']:>8} {b['sample_targets']:>6} {b['naive_targets']:>5} "
+                     f"{b['dropped']:>5} {f(b['mean_naive_reward']):>8} {f(b['mean_best_reward']):>7} "
+                     f"{f(b['mean_advantage']):>6} {f(b['any_sample_beat_naive']):>8}")
+    return "\n".join(lines) + "\n"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.select", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rollouts", nargs="+", type=Path, required=True,
+                   help="training.rollouts --out folders (several: their samples of the same context are merged)")
+    p.add_argument("--out", type=Path, required=True, help="folder for pairs.jsonl, selection.json, selection.txt")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"macro-F1 by which a sample must beat naive to be a target ({DEFAULT_MARGIN})")
+    p.add_argument("--naive-target", choices=NAIVE_TARGETS, default="keep",
+                   help="where naive beats every sample by the margin: keep the naive text as the target "
+                   "(default) or drop the context")
+    p.add_argument("--max-naive-share", type=float, default=DEFAULT_MAX_NAIVE_SHARE,
+                   help=f"most naive targets as a share of the kept pairs ({DEFAULT_MAX_NAIVE_SHARE}; 1: no cap)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = SelectionConfig(args.margin, args.naive_target, args.max_naive_share)
+        check_writable(args.out, folder=True)
+        loaded = load_rollouts(args.rollouts)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if not loaded.contexts:
+        raise SystemExit(f"error: no finished train contexts in {', '.join(map(str, args.rollouts))}")
+    decisions = select(loaded.contexts, config)
+    pairs = [pair(d) for d in decisions if d.kind != "drop"]
+    summary = report(decisions, config, loaded.inputs)
+    summary["pairs"] = len(pairs)
+    summary["command"] = "python -m training.select " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(pairs, args.out / "pairs.jsonl")
+    write_json(summary, args.out / "selection.json")
+    text = report_text(summary)
+    write_text(text, args.out / "selection.txt")
+    print(text, end="")
+    logger.info("wrote %d pairs to %s", len(pairs), args.out / "pairs.jsonl")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
