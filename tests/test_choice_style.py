@@ -86,7 +86,8 @@ def test_token_logprobs_of_generated_text_are_not_taken_for_label_probabilities(
     generated = {"content": [{"token": "pos", "logprob": -0.1, "top_logprobs": [{"token": "pos", "logprob": -0.1}]}]}
     assert label_probabilities(generated, LABELS) is None
     assert label_probabilities(None, LABELS) is None
-    partial = {"content": [{"token": "positive", "logprob": -0.1, "top_logprobs": [{"token": "positive", "logprob": 0.0}]}]}
+    top = [{"token": "positive", "logprob": 0.0}]
+    partial = {"content": [{"token": "positive", "logprob": -0.1, "top_logprobs": top}]}
     assert label_probabilities(partial, LABELS) == {"negative": 0.0, "positive": 1.0, "neutral": 0.0}
 
 

@@ -18,6 +18,7 @@ from support.rollout_fakes import GOOD, TRAIN_TASKS, Fakes, follower_reply, make
 
 from dspy_promptmii.generation import budget_limit
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
+from dspy_promptmii.local.server import FOLLOWER_STYLE
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION
 from training import build_data, rollouts
 from training.rollouts import RolloutConfig, sample_seed
@@ -60,7 +61,7 @@ def test_contexts_are_drawn_as_build_data_draws_them_and_scored_by_the_reward(da
     tasks = load_local_tasks(resolve_task_paths(
         TRAIN_TASKS, datasets.resolve()))
     dev = [t for t, _ in load_local_tasks(resolve_task_paths(["dev_weather"], datasets))]
-    config = RolloutConfig(samples=3, valid_tasks=("weather_west",), constrained="json_object")
+    config = RolloutConfig(samples=3, valid_tasks=("weather_west",), constrained=FOLLOWER_STYLE)
     built = build_data.build(tasks, config.build_config(), ApproxCounter(), eval_tasks=dev,
                              valid_tasks=["weather_west"], progress=False)
     expected = {f"train|{r['label']['task']}|{r['label']['n_shot']}|{r['label']['repeat']}": r for r in built.train}
@@ -73,7 +74,7 @@ def test_contexts_are_drawn_as_build_data_draws_them_and_scored_by_the_reward(da
         assert record["generator"] == {"kind": "local", "model": DEFAULT_MODEL,
                                        "base_sha256": REGISTRY[DEFAULT_MODEL].sha256, "adapter": None,
                                        "adapter_sha256": None}
-        assert record["protocol"]["constrained"] == "json_object"  # auto: the embedded follower's style
+        assert record["protocol"]["constrained"] == FOLLOWER_STYLE  # auto: the embedded follower's style
         assert [s["seed"] for s in record["samples"]] == [sample_seed(0, record["key"], i) for i in range(3)]
     assert "ids_task" in {r["task"] for r in records}  # opaque id labels are drawn too
     assert "dev_weather" not in {r["task"] for r in records}

@@ -49,9 +49,8 @@ class ChatStub:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.bodies.append(body)
                 status, content = stub.reply(body, dict(self.headers))
-                payload = (
-                    completion(content, body.get("model", "m")) if status == 200 and isinstance(content, str) else content
-                )
+                whole = status != 200 or not isinstance(content, str)
+                payload = content if whole else completion(content, body.get("model", "m"))
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

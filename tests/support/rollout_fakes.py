@@ -49,7 +49,10 @@ def follower_reply(request: httpx.Request) -> httpx.Response:
     """The follower: right when the instruction names the labels' meaning, else always the first label."""
     body = json.loads(request.content)
     content = body["messages"][-1]["content"]
-    labels = body["response_format"]["schema"]["properties"]["label"]["enum"] if "response_format" in body else None
+    if "response_format" in body:
+        labels = body["response_format"]["schema"]["properties"]["label"]["enum"]
+    else:
+        labels = (body.get("label_choice") or {}).get("labels")
     item = content.rsplit("Input:", 1)[-1]
     if labels == WEATHER or set(labels or ()) <= set(WEATHER):
         label = next((w for w in WEATHER if w in item), labels[0]) if "sunny is sunny" in content else labels[0]
@@ -80,4 +83,4 @@ class Fakes:
         self.opened.append({"generator": generator, "follower": follower, **kwargs})
         client = Follower(FollowerConfig(base_url="http://follower.test/v1", model="m", max_retries=0,
                                          max_failure_share=1.0), transport=httpx.MockTransport(self.handler))
-        yield rollouts.Endpoints(self.lm, client, "json_object")
+        yield rollouts.Endpoints(self.lm, client, "choice")

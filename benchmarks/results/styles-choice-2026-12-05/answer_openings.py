@@ -55,10 +55,13 @@ for record in map(json.loads, open(sys.argv[1])):
     for row in split.test:
         prompt = chat_prompt(llm, adapter.format(signature, [], {f: row[f] for f in fields}))
         logits = LlamaLogits(llm)
-        given = {w: choose_label(logits, label_sequences(tokenize, prompt + w, labels, CHOICE_SUFFIX)) for w in OPENINGS}
+        given = {
+            w: choose_label(logits, label_sequences(tokenize, prompt + w, labels, CHOICE_SUFFIX)) for w in OPENINGS
+        }
         opening = choose_label(logits, label_sequences(tokenize, prompt, OPENINGS, "")).probabilities
         marginal = {label: sum(opening[w] * given[w].probabilities[label] for w in OPENINGS) for label in labels}
-        joint = max(((w, l) for w in OPENINGS for l in labels), key=lambda p: opening[p[0]] * given[p[0]].probabilities[p[1]])
+        pairs = [(w, label) for w in OPENINGS for label in labels]
+        joint = max(pairs, key=lambda pair: opening[pair[0]] * given[pair[0]].probabilities[pair[1]])
         predicted["spaced"].append(given[OPENINGS[0]].label)
         predicted["compact"].append(given[OPENINGS[1]].label)
         predicted["marginal"].append(max(marginal, key=marginal.get))
@@ -67,4 +70,5 @@ for record in map(json.loads, open(sys.argv[1])):
     cell = {name: round(Protocol.score(gold, p)["macro_f1"], 4) for name, p in predicted.items()}
     scores[(record["task"], record["method"])] = cell
     print(record["task"], record["method"], json.dumps(cell), f"{time.time() - started:.0f} s", flush=True)
-print("mean macro-F1 over the cells:", {name: round(statistics.mean(c[name] for c in scores.values()), 4) for name in VARIANTS})
+means = {name: round(statistics.mean(cell[name] for cell in scores.values()), 4) for name in VARIANTS}
+print("mean macro-F1 over the cells:", means)
