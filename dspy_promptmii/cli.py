@@ -423,7 +423,9 @@ def _run_command(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    protect_output(*logging.getLogger().handlers)  # no credential nor control character reaches a log line
+    # No credential nor control character reaches a log line: the root's handlers, and
+    # DSPy's own (its logger does not propagate).
+    protect_output(*logging.getLogger().handlers, *logging.getLogger("dspy").handlers)
     logging.captureWarnings(True)  # Python warnings go through those handlers too
     if not args.verbose:
         logging.getLogger("dspy_promptmii").setLevel(logging.INFO)

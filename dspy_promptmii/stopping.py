@@ -10,9 +10,13 @@ run; ``benchmarks.runner.run_benchmark`` too):
   :class:`~dspy_promptmii.routes.LMPool` hands out, and every copy of it, carries a
   :class:`StopGate` callback that raises :class:`Stopped` before a request is sent (DSPy's
   worker threads would otherwise go on through their queue);
-* a request already in flight is abandoned: it ends within the LM's ``timeout`` at the
-  latest, and :func:`exit_process` does not wait for it;
+* a request already in flight ends within the LM's ``timeout`` at the latest; one that a
+  worker thread was sending is abandoned: :func:`exit_process` does not wait for it;
 * a second signal ends the process at once (``os._exit``), whatever it is waiting for.
+
+A signal that arrives while the main thread is inside a request sent through LiteLLM is
+handled when that request ends (measured with LiteLLM 1.x here: Python runs the handler
+only then), so there the stop takes up to the request's timeout.
 """
 
 from __future__ import annotations
