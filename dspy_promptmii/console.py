@@ -112,7 +112,7 @@ def error_line(error: BaseException) -> str:
     if not lines:
         return type(error).__name__
     # Errors of these kinds say what went wrong in their message; others are named.
-    plain = (ValueError, LookupError, OSError, RuntimeError) + _lm_errors()
+    plain = (ValueError, LookupError, OSError, RuntimeError, ImportError) + _lm_errors()
     return shown_error(lines[0] if isinstance(error, plain) else f"{type(error).__name__}: {lines[0]}")
 
 

@@ -66,22 +66,21 @@ def check_writable(
                 f"cannot write {path}: it is {what} {source}, an input of this run, which is never overwritten; "
                 "give another file"
             )
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))
-    if folder and path.exists() and not path.is_dir():
-        raise ValueError(f"cannot write results into {path}: it is a file, not a folder")
-    if not folder and path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder; give a file name")
-    existing = path if folder and path.is_dir() else path.parent
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path  # a link: where it points
+    if folder and target.exists() and not target.is_dir():
+        raise ValueError(f"cannot write results into {target}: it is a file, not a folder")
+    if not folder and target.is_dir():
+        raise ValueError(f"cannot write {target}: it is a folder; give a file name")
+    existing = target if folder and target.is_dir() else target.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"cannot write {path}: {existing} is a file, not a folder")
+        raise ValueError(f"cannot write {target}: {existing} is a file, not a folder")
     try:
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as error:
-        raise ValueError(f"cannot write {path}: {existing} is not writable ({error.strerror or error})") from None
+        raise ValueError(f"cannot write {target}: {existing} is not writable ({error.strerror or error})") from None
     return path
 
 

@@ -22,6 +22,7 @@ only then), so there the stop takes up to the request's timeout.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -122,8 +123,6 @@ def exit_process(code: int) -> int:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
-        import logging
-
         logging.shutdown()
         os._exit(code)
     return code
