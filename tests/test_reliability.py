@@ -402,6 +402,66 @@ def test_ctrl_c_ends_a_benchmark_waiting_on_a_server_that_never_answers(data_dir
     assert json.loads((out / "manifest.json").read_text())["runs"][-1]["status"] == "interrupted"
 
 
+STUBBORN = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    sys.path[:0] = [{root!r}, {tests!r}]
+    from fakes import fake_lm, word_count
+    from benchmarks import cli, methods
+    from benchmarks.methods import MethodSpec
+    from dspy_promptmii import routes
+    from dspy_promptmii.routes import Endpoint
+
+    class Pool:
+        def __init__(self, **kwargs):
+            pass
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc_info):
+            pass
+        def endpoint(self, route, **kwargs):
+            lm, _ = fake_lm("pos", model="fake/" + route)
+            return Endpoint(lm, "fake/" + route, word_count, 4096, "json_schema")
+
+    def stubborn(ctx):  # code that swallows Ctrl-C, as some libraries do
+        Path({marker!r}).write_text("compiling")
+        while True:
+            try:
+                time.sleep(60)
+            except KeyboardInterrupt:
+                Path({marker!r}).write_text("swallowed")
+
+    routes.LMPool = Pool
+    methods.METHODS["naive"] = MethodSpec("naive", stubborn, None)
+    sys.exit(cli.main(None))
+    """
+)
+
+
+def test_a_second_signal_ends_the_process_at_once(data_dir, tmp_path):
+    marker = tmp_path / "marker"
+    script = STUBBORN.format(root=str(ROOT), tests=str(TESTS), marker=str(marker))
+    argv = ["run", "--data-dir", str(data_dir), "--n", "4", "--test-rows", "4", "--methods", "naive",
+            "--no-constrained", "--no-progress", "--out", str(tmp_path / "out")]
+    process = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        while marker.read_text() != "swallowed":
+            time.sleep(0.05)
+        assert process.poll() is None  # the first signal was swallowed by the method
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 130 and "again: stopping at once" in stderr
+
+
 # The demo's pool, with the follower's constrained style a local llama.cpp server has
 # (``json_object`` with a schema, which DSPy sends through LiteLLM), at a fake server.
 DEMO = textwrap.dedent(
