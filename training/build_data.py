@@ -717,8 +717,7 @@ def _load_tasks(args: argparse.Namespace, datasets_dir: Path | None) -> list[tup
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line. An error is one line on stderr (exit 2; the traceback only with
-    ``--log-level DEBUG``); Ctrl-C and SIGTERM stop it (exit 130) and no LM request
-    starts after them (:mod:`dspy_promptmii.stopping`)."""
+    ``--log-level DEBUG``); Ctrl-C and SIGTERM stop it (exit 130)."""
     from dspy_promptmii.console import command
 
     args = parser().parse_args(argv)
