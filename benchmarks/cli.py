@@ -16,10 +16,12 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from benchmarks.methods import METHODS, Budgets, parse_method  # noqa: E402
 from benchmarks.tasks import DEFAULT_DATA_DIR, REPO_ROOT, resolve_tasks  # noqa: E402
-from dspy_promptmii.cli import positive_int  # noqa: E402
+from dspy_promptmii.cli import positive_float, positive_int  # noqa: E402
 from dspy_promptmii.protocol import CONSTRAINED_STYLES  # noqa: E402
+from dspy_promptmii.routes import LOCAL_TIMEOUT, REMOTE_TIMEOUT  # noqa: E402
+from dspy_promptmii.secrets import protected_logger  # noqa: E402
 
-logger = logging.getLogger("benchmarks")
+logger = protected_logger("benchmarks")
 
 __all__ = ["main", "build_parser", "QUICK", "DEFAULTS"]
 
@@ -76,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks",
         description="Side-by-side benchmark of Prompt-MII, naive, ICL, GEPA and MIPROv2 on classification tasks.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log DSPy's own progress messages too")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log DSPy's own progress messages too; tracebacks with errors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the benchmark (resumes an interrupted run in the same --out)")
@@ -95,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--generator-trained", default=None, help="route of a trained Prompt-MII generator (method promptmii)"
     )
     run.add_argument("--api-base", default=None, help="OpenAI-compatible base URL for non-local routes (e.g. vLLM)")
+    run.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=None,
+        help=f"seconds an LM request may wait for the server (default {LOCAL_TIMEOUT:g} for local models, "
+        f"{REMOTE_TIMEOUT:g} for others)",
+    )
     run.add_argument("--methods", default=None, help=f"comma list of {','.join(METHODS)} (default: all)")
     run.add_argument("--gepa-metric-calls", type=positive_int, default=None, help="GEPA max_metric_calls (default 150)")
     run.add_argument(
@@ -225,8 +236,9 @@ def _follower_max_tokens(args: argparse.Namespace) -> int | None:
 
 def _setup_logging(out: Path | None, verbose: bool) -> None:
     """Log to stderr and to ``run.log`` in ``out``; Python warnings go through logging too,
-    and every handler scrubs credentials (:class:`dspy_promptmii.secrets.SecretFilter`)."""
-    from dspy_promptmii.secrets import protect_handlers
+    and every handler scrubs credentials and escapes control characters
+    (:func:`dspy_promptmii.console.protect_output`)."""
+    from dspy_promptmii.console import protect_output
 
     root = logging.getLogger()
     root.setLevel(logging.INFO)
@@ -246,7 +258,7 @@ def _setup_logging(out: Path | None, verbose: bool) -> None:
         file = logging.FileHandler(out / "run.log", encoding="utf-8")
         file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(file)
-    protect_handlers(*root.handlers)
+    protect_output(*root.handlers)
     logging.captureWarnings(True)  # warnings.warn(...) texts reach the handlers' filters too
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "urllib3", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -260,21 +272,20 @@ def _setup_logging(out: Path | None, verbose: bool) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     """``run``. SIGTERM ends it as Ctrl-C does (exit 130; a run in progress records status
-    ``interrupted``). The results folder is checked and locked before any LM starts, and
-    stays locked until the end: a second run on it exits at once naming the folder."""
-    from benchmarks.runner import interrupt_on_sigterm
-
+    ``interrupted``; no LM request starts after the signal). The results folder is checked
+    and locked, and the tasks read, before any LM starts; the folder stays locked until
+    the end: a second run on it exits at once naming the folder. Exit 0 only when every
+    cell finished; 1 when some have no score (errors, retried by the next run)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(interrupt_on_sigterm())
         try:
             return _run_in(args, stack)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted", file=sys.stderr, flush=True)
             return 130
 
 
 def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
-    from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark
+    from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, load_splits, run_benchmark
     from dspy_promptmii.routes import LMPool
 
     values = _resolved(args)
@@ -328,8 +339,30 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 
     args.follower_max_tokens = _follower_max_tokens(args)
     recorded_args = {**vars(args), **values}
+    config = RunConfig(
+        out=out,
+        tasks=tasks,
+        n_values=n_values,
+        methods=methods,
+        test_rows=values["test_rows"],
+        seed=args.seed,
+        threads=args.threads,
+        adapter=args.adapter,
+        constrained=False if args.no_constrained or args.constrained == "none" else (
+            True if args.constrained == "auto" else args.constrained
+        ),
+        follower_max_tokens=args.follower_max_tokens,
+        template=args.template,
+        descriptions=descriptions,
+        budgets=budgets,
+        progress=not args.no_progress,
+        preset={"name": "quick", "description": QUICK_DESCRIPTION, "values": QUICK} if args.quick else None,
+        args=recorded_args,
+    )
+    # Every task file is read and split before a model is pulled or a server started.
+    splits = load_splits(config)
     pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
-    with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base) as pool:
+    with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base, timeout=args.timeout) as pool:
         endpoint = pool.endpoint
         logger.info("starting LMs: follower %s, generator %s", args.follower, args.generator)
         if args.adapter == "label":  # temperature and reply limit come from the run's protocol
@@ -341,29 +374,9 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         generator = endpoint(args.generator, cache=False)
         trained = endpoint(args.generator_trained, cache=False) if args.generator_trained else None
         extra = {route: endpoint(route, cache=False) for route in extra_generators}
-        config = RunConfig(
-            out=out,
-            tasks=tasks,
-            n_values=n_values,
-            methods=methods,
-            test_rows=values["test_rows"],
-            seed=args.seed,
-            threads=args.threads,
-            adapter=args.adapter,
-            constrained=False if args.no_constrained or args.constrained == "none" else (
-                True if args.constrained == "auto" else args.constrained
-            ),
-            follower_max_tokens=args.follower_max_tokens,
-            template=args.template,
-            descriptions=descriptions,
-            budgets=budgets,
-            progress=not args.no_progress,
-            preset={"name": "quick", "description": QUICK_DESCRIPTION, "values": QUICK} if args.quick else None,
-            args=recorded_args,
-        )
         try:
             summary = run_benchmark(
-                config, Endpoints(follower=follower, generator=generator, trained=trained, extra=extra)
+                config, Endpoints(follower=follower, generator=generator, trained=trained, extra=extra), splits
             )
         except ConfigMismatch as error:
             raise SystemExit(str(error)) from None
@@ -373,13 +386,24 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         f"Results in {out}; next: python -m benchmarks report {out}",
         flush=True,
     )
+    if summary.cells_unfinished and summary.status != "interrupted":
+        print(
+            f"{summary.cells_unfinished} cell(s) have no score (see results.jsonl and the report); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+            flush=True,
+        )
     return 0 if summary.status == "finished" else 130 if summary.status == "interrupted" else 1
 
 
 def _report(args: argparse.Namespace) -> int:
+    """``report``: report.md and pareto.png. Without scipy or matplotlib (the ``bench``
+    extra), one line saying what to install, and nothing written."""
     from benchmarks.report import write_report
+    from dspy_promptmii.console import protect_output
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    protect_output(*logging.getLogger().handlers)
     try:
         paths = write_report(args.results_dir)
     except FileNotFoundError as error:
@@ -391,12 +415,12 @@ def _report(args: argparse.Namespace) -> int:
 
 def _read_descriptions(path: str | None) -> dict[str, dict[str, str]]:
     """The --descriptions file's ``tasks`` mapping; SystemExit naming the problem."""
+    from dspy_promptmii.files import read_json
+
     if not path:
         return {}
-    import json
-
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path)
     except (OSError, ValueError) as error:
         raise SystemExit(f"--descriptions: {path} cannot be read as JSON: {error}") from None
     tasks = data.get("tasks") if isinstance(data, dict) else None
@@ -465,15 +489,34 @@ def _speed(args: argparse.Namespace) -> int:
         }
     print(format_speed(result), flush=True)
     if args.out:
-        write_json(report, args.out)
+        from dspy_promptmii.secrets import redact
+
+        write_json(redact(report), args.out)
         print(f"\nwritten to {args.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line. Ctrl-C and SIGTERM stop it (no LM request starts after them; see
+    :mod:`dspy_promptmii.stopping`); an error is one line on stderr (exit 2), with its
+    traceback only under ``-v``. Run as a program (``argv`` None), it does not wait for
+    requests left in flight by a stop."""
+    from dspy_promptmii.console import command
+
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return _run(args)
-    if args.command == "speed":
-        return _speed(args)
-    return _report(args)
+    return command("benchmarks", lambda: _dispatch(args), verbose=args.verbose, program=argv is None)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from dspy_promptmii.console import shown_error
+
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "speed":
+            return _speed(args)
+        return _report(args)
+    except SystemExit as stop:  # the option checks' one-line messages, shown like every error
+        if isinstance(stop.code, str):
+            raise SystemExit(shown_error(stop.code)) from None
+        raise

@@ -10,7 +10,6 @@ metered copy in :attr:`CompileContext.generator_lm`, so compile calls are counte
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,9 +22,10 @@ from dspy_promptmii.evaluation import program_task
 from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, meta_prompt_budget
 from dspy_promptmii.protocol import Protocol, label_list
 from dspy_promptmii.routes import Endpoint
+from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import ClassificationTask
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
     "METHODS",

@@ -3,14 +3,17 @@ ratios, win rates, paired Wilcoxon tests) and pareto.png from a results folder.
 
 Every figure is computed from the folder's ``results.jsonl`` (the last ``ok`` record of
 each (task, n, method, seed) cell); the manifest supplies the header (models, machine,
-settings).
+settings). Cells whose last record is an ``error`` (no score: e.g. follower calls that
+failed during the evaluation) are counted per method and n and listed with their error.
+Control characters in labels and instructions are written escaped. The report needs
+scipy and matplotlib (the ``bench`` extra); without them :class:`MissingDependency` is
+raised before anything is written.
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
-import json
-import logging
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -18,15 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scipy.stats import wilcoxon
-
 from benchmarks.methods import METHODS
-from benchmarks.store import MANIFEST, RESULTS, latest, read_records
+from benchmarks.store import RESULTS, latest, read_manifest, read_records
+from dspy_promptmii.console import escape_controls
 from dspy_promptmii.files import write_text
+from dspy_promptmii.secrets import protected_logger
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
+    "MissingDependency",
+    "require_dependencies",
     "Row",
     "MIN_WILCOXON_PAIRS",
     "method_order",
@@ -46,6 +51,24 @@ MIN_WILCOXON_PAIRS = 6
 REFERENCES = ("icl", "gepa", "miprov2")
 
 Cell = tuple[str, int, int]  # (task, n, seed)
+
+
+class MissingDependency(ImportError):
+    """A package the report needs is not installed."""
+
+
+def require_dependencies() -> None:
+    """Raise :class:`MissingDependency` naming the package and the install command when
+    scipy (the Wilcoxon tests) or matplotlib (the Pareto plot) is missing."""
+    for module, purpose in (("scipy.stats", "its Wilcoxon tests"), ("matplotlib", "its Pareto plot")):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            package = module.split(".")[0]
+            raise MissingDependency(
+                f"the report needs {package} for {purpose}, and it is not installed: "
+                "pip install 'dspy-promptmii[bench]' (or pip install -e '.[bench]' in a clone)"
+            ) from None
 
 
 def method_order(records: Iterable[dict[str, Any]]) -> list[str]:
@@ -78,13 +101,16 @@ class Row:
     compile_seconds: float | None
     eval_seconds: float | None
     n_used: float | None
+    errors: int = 0
 
 
-def summary_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
-    """One :class:`Row` per (method, n) present, methods in canonical order, n ascending."""
+def summary_rows(records: Sequence[dict[str, Any]], errors: Sequence[dict[str, Any]] = ()) -> list[Row]:
+    """One :class:`Row` per (method, n) present in ``records`` (scored cells) or
+    ``errors`` (cells in error, counted in :attr:`Row.errors`), methods in canonical order,
+    n ascending. Means are over the scored cells (None where there is none)."""
     rows = []
-    for method in method_order(records):
-        for n in sorted({r["n"] for r in records if r["method"] == method}):
+    for method in method_order([*records, *errors]):
+        for n in sorted({r["n"] for r in [*records, *errors] if r["method"] == method}):
             group = [r for r in records if r["method"] == method and r["n"] == n]
 
             def mean(key: str, group: list[dict[str, Any]] = group) -> float | None:
@@ -94,6 +120,7 @@ def summary_rows(records: Sequence[dict[str, Any]]) -> list[Row]:
                 Row(
                     method=method,
                     n=n,
+                    errors=sum(r["method"] == method and r["n"] == n for r in errors),
                     cells=len(group),
                     tasks=len({r["task"] for r in group}),
                     macro_f1=mean("macro_f1"),
@@ -176,6 +203,8 @@ def wilcoxon_test(records: Sequence[dict[str, Any]], a: str, b: str, key: str = 
     base = dict(a=a, b=b, pairs=len(pairs), nonzero=nonzero, mean_difference=mean_d, median_difference=median_d)
     if nonzero == 0 and pairs:
         return WilcoxonResult(**base, statistic=None, p_value=None, note="all paired differences are zero")
+    from scipy.stats import wilcoxon  # the bench extra (see require_dependencies)
+
     if nonzero < MIN_WILCOXON_PAIRS:
         return WilcoxonResult(
             **base,
@@ -250,8 +279,13 @@ def _header(
     machine = (runs[-1].get("machine") if runs else None) or {}
     versions = manifest.get("versions", {})
     adapter = manifest.get("adapter", {})
+    unscored = latest(all_records, ("ok", "failed", "error"))
+    errors = sum(r.get("status") == "error" for r in unscored)
+    failed = sum(r.get("status") == "failed" for r in unscored)
     lines += [
         f"- results: `{RESULTS}` ({len(all_records)} records, {len(records)} finished cells scored)",
+        f"- cells without a score: {errors} error(s) (the run could not finish them, e.g. LM calls that failed; "
+        f"the next run retries them) and {failed} failed (the method produced no program); listed below",
         f"- created {manifest.get('created')}, updated {manifest.get('updated')}",
         f"- follower: {model('follower')}; generator: {model('generator')}; "
         f"trained generator: {model('generator_trained')}",
@@ -281,18 +315,53 @@ def _header(
 
 
 def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> str:
-    """The markdown report of a results folder."""
-    folder = Path(folder)
+    """The markdown report of a results folder (control characters escaped).
+
+    Raises ``ValueError`` naming ``manifest.json`` when it is not a readable manifest."""
+    return escape_controls(_render(Path(folder), plot_name))
+
+
+def _problems(all_records: Sequence[dict[str, Any]]) -> list[str]:
+    """The 'Cells without a score' section: each cell whose last record is an error (with
+    how many test rows failed, when its evaluation was cut short) or a failure."""
+    problems = [r for r in latest(all_records, ("ok", "failed", "error")) if r.get("status") != "ok"]
+    if not problems:
+        return []
+    errors = sum(r.get("status") == "error" for r in problems)
+    lines = [
+        "## Cells without a score",
+        "",
+        f"{errors} error(s): the run could not finish these cells (no score is recorded; running the same command "
+        f"again retries them); {len(problems) - errors} failed: the method ran and produced no program.",
+        "",
+    ]
+    for r in problems:
+        failed_rows = r.get("eval_rows_failed")
+        rows = f" ({failed_rows} of {r.get('test_rows')} test rows failed)" if failed_rows else ""
+        lines.append(
+            f"- {r['task']} n={r['n']} {r['method']} seed={r['seed']}: {r['status']}{rows}: "
+            f"{str(r.get('error', ''))[:300]}"
+        )
+    lines.append("")
+    return lines
+
+
+def _error_cells(all_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells whose last record is an error."""
+    return [r for r in latest(all_records, ("ok", "failed", "error")) if r.get("status") == "error"]
+
+
+def _render(folder: Path, plot_name: str | None) -> str:
     all_records = read_records(folder / RESULTS)
     records = latest(all_records)
-    manifest_path = folder / MANIFEST
-    manifest_data = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
-    parts = [_header(manifest_data, records, all_records)]
+    parts = [_header(read_manifest(folder), records, all_records)]
+    errors = _error_cells(all_records)
     if not records:
         parts.append("No finished cell yet.\n")
+        parts += _problems(all_records)
         return "\n".join(parts)
     methods = method_order(records)
-    rows = summary_rows(records)
+    rows = summary_rows(records, errors)
 
     parts += [
         "## Mean over tasks, per method and n",
@@ -301,7 +370,8 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
         "label, not a class of its own; macro-F1 averages over the gold and the valid predicted labels); "
         "tokens/query: mean prompt tokens per test query reported by the follower; compile calls: LM calls "
         "to compile, generator + follower; n used: examples the method actually used (ICL: the largest "
-        "prefix that fits the follower's context; Prompt-MII: the optimizer's n_used; naive: none).",
+        "prefix that fits the follower's context; Prompt-MII: the optimizer's n_used; naive: none); errors: "
+        "cells without a score (see 'Cells without a score'), left out of every mean.",
         "",
         _table(
             [
@@ -317,6 +387,7 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
                 "compile s",
                 "eval s",
                 "n used",
+                "errors",
             ],
             (
                 [
@@ -332,6 +403,7 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
                     _f(r.compile_seconds, 1),
                     _f(r.eval_seconds, 1),
                     _num(r.n_used),
+                    str(r.errors),
                 ]
                 for r in rows
             ),
@@ -356,7 +428,7 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
         columns += [(ref, "compile_calls", f"compile calls vs {ref}") for ref in references if ref != "icl"]
         header += [title for _, _, title in columns]
         table = []
-        for r in rows:
+        for r in (r for r in rows if r.cells):  # rows of cells in error alone have nothing to compare
             table.append(
                 [r.method, str(r.n)] + [_x(ratio(records, r.method, ref, key, r.n)) for ref, key, _ in columns]
             )
@@ -424,18 +496,11 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
         )
     parts += [_table(["pair", "pairs", "mean diff", "median diff", "W", "p", "reading"], table, "lrrrrrl"), ""]
 
-    problems = [r for r in latest(all_records, ("ok", "failed", "error")) if r.get("status") != "ok"]
-    if problems:
-        parts += ["## Cells without a score", ""]
-        parts += [
-            f"- {r['task']} n={r['n']} {r['method']} seed={r['seed']}: {r['status']}: {str(r.get('error', ''))[:300]}"
-            for r in problems
-        ]
-        parts.append("")
+    parts += _problems(all_records)
 
     if plot_name:
         parts += ["## Pareto plot", ""]
-        if len({r.tasks for r in rows}) > 1:
+        if len({r.tasks for r in rows if r.cells}) > 1:
             parts += [
                 "Each point is a mean over the tasks that method ran on (the `tasks` column above), and "
                 "these differ between methods: compare points over the same tasks in the tables above.",
@@ -461,12 +526,19 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
 
 
 def write_report(folder: str | Path) -> list[Path]:
-    """Write report.md and pareto.png into ``folder``; return their paths."""
-    from benchmarks.plot import pareto_plot
+    """Write report.md and pareto.png into ``folder``; return their paths.
 
+    Raises:
+        FileNotFoundError: the folder has no results.
+        MissingDependency: scipy or matplotlib is not installed (nothing is written).
+        ValueError: its manifest is not readable (named).
+    """
     folder = Path(folder)
     if not (folder / RESULTS).is_file():
         raise FileNotFoundError(f"no {RESULTS} in {folder}: run `python -m benchmarks run --out {folder}` first")
+    require_dependencies()
+    from benchmarks.plot import pareto_plot
+
     records = latest(read_records(folder / RESULTS))
     written = []
     plot = folder / "pareto.png"

@@ -6,16 +6,19 @@ adapter=<the shared adapter>)`` and any generator call goes through a second met
 copy, so compile LM calls and tokens are counted per role; the compiled program is then
 scored with :func:`dspy_promptmii.evaluation.evaluate` (macro-F1, accuracy, invalid rate,
 prompt tokens per query from the LM's usage) on the same test rows for every method.
+
+A cell's score is complete or not recorded as a score: when an LM call fails during its
+evaluation (a server down for a while), the cell is an ``error`` (retried by the next
+run, listed in the report with how many rows failed), never ``ok`` with the failed rows
+counted as misses. A run ends ``finished`` only when every cell finished; with cells in
+error it ends ``incomplete``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -29,17 +32,18 @@ from tqdm import tqdm
 from benchmarks import methods as methods_module
 from benchmarks.manifest import RESULT_PACKAGES, config_id, local_model, machine, model_info, now, versions
 from benchmarks.methods import Budgets, CompileContext, MethodFailure
-from benchmarks.store import ResultStore
+from benchmarks.store import FINISHED, ResultStore
 from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import TaskData, load_task
-from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import Endpoint
-from dspy_promptmii.secrets import redact, remember, scrub
+from dspy_promptmii.secrets import protected_logger, redact, remember, scrub
+from dspy_promptmii.stopping import stop_on_signals
 from dspy_promptmii.usage import Usage, metered
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
     "RunConfig",
@@ -48,8 +52,10 @@ __all__ = [
     "ConfigMismatch",
     "make_protocol",
     "make_adapter",
+    "load_splits",
     "run_benchmark",
     "run_cell",
+    "interrupt_on_sigterm",
 ]
 
 #: Consecutive machinery errors after which the run stops (a dead server fails every cell).
@@ -97,13 +103,20 @@ class Endpoints:
 
 @dataclass
 class RunSummary:
-    status: str  # finished | interrupted | stopped
+    """How a run ended. ``status``: ``finished`` (every cell of the run is finished),
+    ``incomplete`` (it went through its cells but some are errors, to be retried),
+    ``stopped`` (too many errors in a row), ``interrupted`` (Ctrl-C or SIGTERM) or
+    ``error`` (the run itself failed, e.g. a results file could not be written).
+    ``cells_unfinished`` counts the cells of the run without a finished record."""
+
+    status: str
     cells_total: int
     cells_already_done: int
     cells_run: int
     by_status: dict[str, int]
     wall_seconds: float
     notes: list[str]
+    cells_unfinished: int = 0
 
 
 def _load() -> list[float] | None:
@@ -180,7 +193,8 @@ def _settings(
     the run's config_id hashes them, so a resume with any of them changed is refused.
 
     Per LM: route, model, every LM argument (temperature, reply limit, ``api_base``,
-    headers, ...; credentials redacted, so a new key does not count as a change), cache,
+    headers, ...; credentials redacted, so a new key does not count as a change; not the
+    request timeout, nor the cache scope, which neither change a figure), cache,
     the context size it is fitted to and, for a local server, the model file (name, size,
     sha256) and its n_ctx (not its port or threads). Also the test rows, adapter,
     protocol, budgets, split protocol and the versions of :data:`RESULT_PACKAGES`.
@@ -193,6 +207,10 @@ def _settings(
         if endpoint.server is not None:  # its URL (port) and key change at every start; its model does not
             kwargs.pop("api_base", None)
             kwargs.pop("api_key", None)
+        # Neither changes a figure: the request deadline, and the cache scope (made of the
+        # route, api_base and model file, which are recorded here).
+        kwargs.pop("timeout", None)
+        kwargs.pop("rollout_id", None)
         return {
             "route": endpoint.route,
             "model": getattr(endpoint.lm, "model", None),
@@ -354,6 +372,22 @@ def run_cell(
             threads=config.threads,
             progress=config.progress,
         )
+    except IncompleteEvaluation as error:
+        # Some test rows got no reply: the cell has no score (not misses), and runs again.
+        partial = error.evaluation
+        text = scrub(str(error))
+        logger.error("%s n=%d %s: %s", task.name, n, method, text)
+        return {
+            **record,
+            "status": "error",
+            "error": f"evaluate: {partial.errors} of {partial.n} test rows raised: {text}"[:2000],
+            "eval_rows_failed": partial.errors,
+            "eval_calls": partial.calls,
+            "eval_lm_errors": partial.lm_errors,
+            "eval_first_error": scrub(partial.first_error or "")[:1000] or None,
+            "eval_seconds": partial.seconds,
+            "finished_at": now(),
+        }
     except Exception as error:
         text = scrub(str(error))
         logger.error("%s n=%d %s: evaluation raised %s: %s", task.name, n, method, type(error).__name__, text)
@@ -373,8 +407,6 @@ def run_cell(
             "prompt_tokens_per_query": result.prompt_tokens_per_query,
             "eval_calls": result.calls,
             "eval_lm_errors": result.lm_errors,
-            "eval_errors": result.errors,
-            "eval_first_error": scrub(result.first_error) if result.first_error else result.first_error,
             "eval_seconds": result.seconds,
             "finished_at": now(),
             "load_average": _load(),
@@ -442,21 +474,10 @@ def _check_same_data(store: ResultStore, cells: list[tuple[Split, int, str]], se
 
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
-    """Within the block, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, so a run
-    stopped by ``kill`` (or a job scheduler) ends like an interrupted one. Does nothing
-    off the main thread, where Python cannot handle signals."""
-    if threading.current_thread() is not threading.main_thread():
+    """Within the block, SIGTERM ends a run as Ctrl-C does, and after either no LM request
+    starts (see :func:`dspy_promptmii.stopping.stop_on_signals`, which this is)."""
+    with stop_on_signals():
         yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _close_dead_runs(runs: list[dict[str, Any]]) -> None:
@@ -469,24 +490,53 @@ def _close_dead_runs(runs: list[dict[str, Any]]) -> None:
             entry["note"] = "ended without recording its end (killed, crashed or the machine restarted)"
 
 
-def run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
+def load_splits(config: RunConfig) -> tuple[list[Split], list[str]]:
+    """Every task of ``config`` loaded and split, and notes on them (n values larger than
+    a task's pool). The command line calls it before any model is pulled or started.
+
+    Raises:
+        ValueError: a method name or option that is unknown; a task file with a bad line
+            (naming ``file:line``), too few rows for the test rows.
+        FileNotFoundError: a task without its file.
+    """
+    for method in config.methods:
+        methods_module.parse_method(method)  # ValueError naming an unknown method or option
+    splits, notes = [], []
+    for path in config.tasks:
+        task = load_task(path)
+        split = make_split(task, config.test_rows, config.seed)
+        too_big = [n for n in config.n_values if n > split.n_available]
+        if too_big:
+            notes.append(f"{task.name}: n={too_big} exceed the {split.n_available} non-test rows; all of them are used")
+        splits.append(split)
+    return splits, notes
+
+
+def run_benchmark(
+    config: RunConfig, endpoints: Endpoints, splits: tuple[list[Split], list[str]] | None = None
+) -> RunSummary:
     """Run every unfinished cell of ``config`` and return a summary.
 
     Finished cells found in ``config.out`` are skipped; a Ctrl-C or SIGTERM stops after
-    writing the manifest (status ``interrupted``), losing only the cell in progress. The
-    folder is locked for the whole run.
+    writing the manifest (status ``interrupted``), losing only the cell in progress, and
+    no LM request starts after it. The folder is locked for the whole run. ``splits`` is
+    what :func:`load_splits` returned for ``config``, if it was called already.
 
     Raises:
         FolderLocked: another run writes ``config.out``.
         ConfigMismatch: ``config.out`` holds results made with other settings, or
             finished cells made with other data under the same task name.
         ValueError, FileNotFoundError: an unknown method, a bad task folder or file.
+        OSError: a results file cannot be written (named); the manifest then records the
+            run as ``error`` when it still can be written.
     """
     with interrupt_on_sigterm(), ResultStore(config.out).lock():
-        return _run_benchmark(config, endpoints)
+        return _run_benchmark(config, endpoints, splits)
 
 
-def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
+def _run_benchmark(
+    config: RunConfig, endpoints: Endpoints, loaded: tuple[list[Split], list[str]] | None
+) -> RunSummary:
     wall_started = time.perf_counter()
     store = ResultStore(config.out)
     protocol = make_protocol(config, endpoints.follower)
@@ -497,8 +547,8 @@ def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
     run_id = config_id(settings)
     existing = _check_compatible(store, settings, run_id)
 
-    for method in config.methods:
-        methods_module.parse_method(method)  # ValueError naming an unknown method or option
+    # Load and split every task up front: a bad folder fails before any LM call.
+    splits, task_notes = loaded if loaded is not None else load_splits(config)
     notes: list[str] = []
     methods = list(config.methods)
     if "promptmii" in methods and endpoints.trained is None:
@@ -509,16 +559,9 @@ def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
         )
         logger.warning(notes[-1])
 
-    # Load and split every task up front: a bad folder fails before any LM call.
-    splits = []
-    for path in config.tasks:
-        task = load_task(path)
-        split = make_split(task, config.test_rows, config.seed)
-        too_big = [n for n in config.n_values if n > split.n_available]
-        if too_big:
-            notes.append(f"{task.name}: n={too_big} exceed the {split.n_available} non-test rows; all of them are used")
-            logger.warning(notes[-1])
-        splits.append(split)
+    for note in task_notes:
+        notes.append(note)
+        logger.warning(note)
 
     cells = [(s, n, m) for s in splits for n in config.n_values for m in methods]
     finished = _check_same_data(store, cells, config.seed)
@@ -577,6 +620,7 @@ def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
 
     by_status: dict[str, int] = {}
     status = "finished"
+    failure: BaseException | None = None
     consecutive_errors = 0
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not config.progress)
     try:
@@ -619,20 +663,41 @@ def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
         logger.warning(
             "interrupted: finished cells are saved in %s; run the same command again to resume", store.results
         )
-    finally:
-        bar.close()
-        wall = time.perf_counter() - wall_started
-        run_entry.update(
-            {
-                "finished": now(),
-                "status": status,
-                "wall_seconds": round(wall, 1),
-                "cells_by_status": by_status,
-                "load_average_at_end": _load(),
-            }
+    except Exception as error:  # the run itself failed, e.g. a results file that cannot be written
+        status, failure = "error", error
+        logger.error("the run failed: %s: %s", type(error).__name__, error)
+    bar.close()
+    wall = time.perf_counter() - wall_started
+    unfinished = len(todo) - sum(by_status.get(kind, 0) for kind in FINISHED)
+    if status == "finished" and unfinished:
+        status = "incomplete"
+        logger.error(
+            "%d of %d cells have no score (errors, listed in results.jsonl and the report); "
+            "run the same command again to retry them", unfinished, len(cells),
         )
-        manifest["updated"] = now()
+    run_entry.update(
+        {
+            "finished": now(),
+            "status": status,
+            "wall_seconds": round(wall, 1),
+            "cells_by_status": by_status,
+            "cells_unfinished": unfinished,
+            "load_average_at_end": _load(),
+        }
+    )
+    if failure is not None:
+        run_entry["error"] = scrub(f"{type(failure).__name__}: {failure}")[:2000]
+    manifest["updated"] = now()
+    try:
         store.write_manifest(manifest)
+    except OSError as error:
+        if failure is None:
+            raise
+        # The disk that refused the results refuses the manifest too: say so, and raise
+        # the first error (the next run marks this one as died).
+        logger.error("the manifest could not record the failure either: %s", error)
+    if failure is not None:
+        raise failure
     return RunSummary(
         status=status,
         cells_total=len(cells),
@@ -641,4 +706,5 @@ def _run_benchmark(config: RunConfig, endpoints: Endpoints) -> RunSummary:
         by_status=by_status,
         wall_seconds=round(wall, 1),
         notes=notes,
+        cells_unfinished=unfinished,
     )

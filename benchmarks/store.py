@@ -9,8 +9,9 @@ character) is ignored on reading, with a warning, and never glued to the next re
 
 One run at a time writes a folder: :meth:`ResultStore.lock` holds an exclusive
 ``fcntl.flock`` on ``run.lock`` in it for the whole run; another process asking for it
-gets :class:`FolderLocked` at once. The manifest is written through
-:func:`dspy_promptmii.secrets.redact`: no credential reaches it.
+gets :class:`FolderLocked` at once. The manifest and every record are written through
+:func:`dspy_promptmii.secrets.redact`: no credential reaches them. A write that fails
+names its file (a full disk's ``[Errno 28]`` included).
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dspy_promptmii.files import write_json
-from dspy_promptmii.secrets import redact
+from dspy_promptmii.files import naming_path, read_json, write_json
+from dspy_promptmii.secrets import protected_logger, redact
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
     "RESULTS",
@@ -40,6 +40,7 @@ __all__ = [
     "latest",
     "ResultStore",
     "read_records",
+    "read_manifest",
     "write_json",
 ]
 
@@ -75,7 +76,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         torn = "the last line, a write cut short?" if number == len(lines) else "a write cut short?"
         try:
             record = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             logger.warning("%s:%d: unreadable line (%s); ignored", path, number, torn)
             continue
         if isinstance(record, dict) and {"task", "n", "method", "seed"} <= record.keys():
@@ -83,6 +84,24 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         else:
             logger.warning("%s:%d: not a result record; ignored", path, number)
     return records
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """A results folder's manifest (``path``: the folder or its ``manifest.json``), or
+    None when there is none. Raises ``ValueError`` naming the file when it is not a JSON
+    object (it is written atomically, so only by hand)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"not a readable manifest: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: not a readable manifest (not a JSON object)")
+    return manifest
 
 
 #: Folders this process holds the lock of: resolved lock path -> [fd, holding thread, depth].
@@ -150,9 +169,10 @@ class ResultStore:
                     os.close(held[0])  # closing the descriptor releases the flock
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record and force it to disk before returning."""
-        line = json.dumps(record, ensure_ascii=False, sort_keys=False) + "\n"
-        with self.results.open("a+b") as handle:
+        """Append one record (credentials redacted) and force it to disk before returning.
+        Raises ``OSError`` naming ``results.jsonl`` when it cannot be written."""
+        line = json.dumps(redact(record), ensure_ascii=False, sort_keys=False) + "\n"
+        with naming_path(self.results), self.results.open("a+b") as handle:
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:
                 handle.seek(-1, os.SEEK_END)
@@ -163,17 +183,8 @@ class ResultStore:
             os.fsync(handle.fileno())
 
     def read_manifest(self) -> dict[str, Any] | None:
-        """The manifest, or None when there is none. Raises ``ValueError`` naming the file
-        when it is not a JSON object (it is written atomically, so only by hand)."""
-        if not self.manifest_path.is_file():
-            return None
-        try:
-            manifest = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{self.manifest_path}: not a readable manifest ({error})") from None
-        if not isinstance(manifest, dict):
-            raise ValueError(f"{self.manifest_path}: not a readable manifest (not a JSON object)")
-        return manifest
+        """The manifest, or None when there is none (see :func:`read_manifest`)."""
+        return read_manifest(self.manifest_path)
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Replace the manifest atomically, with every credential redacted."""

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dspy
 
-from dspy_promptmii.data import TaskData, split_rows
+from dspy_promptmii.data import TaskData, read_splits, split_rows
 from dspy_promptmii.sampling import select_examples
+from dspy_promptmii.secrets import protected_logger
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = ["REPO_ROOT", "DEFAULT_DATA_DIR", "SPLIT_PROTOCOL", "Split", "resolve_tasks", "make_split"]
 
@@ -41,7 +41,9 @@ def resolve_tasks(data_dir: str | Path, names: list[str] | None = None) -> list[
     """The task folders to run: ``names`` if given, else the ``dev`` list of
     ``SPLITS.json`` when the folder has one, else every sub-folder holding ``data.jsonl``.
 
-    Raises ``FileNotFoundError`` naming the folder (or the missing tasks) when absent.
+    Raises ``FileNotFoundError`` naming the folder (or the missing tasks) when absent,
+    and ``ValueError`` naming ``SPLITS.json`` when it is not a JSON object whose ``dev`` is
+    a list of task names (see :func:`dspy_promptmii.data.read_splits`).
     """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
@@ -50,10 +52,10 @@ def resolve_tasks(data_dir: str | Path, names: list[str] | None = None) -> list[
             "(each with data.jsonl), or put the shared datasets there"
         )
     if not names:
-        splits = data_dir / "SPLITS.json"
-        if splits.is_file():
-            names = list(json.loads(splits.read_text(encoding="utf-8")).get("dev") or [])
-            logger.info("tasks: the %d 'dev' tasks of %s", len(names), splits)
+        splits = read_splits(data_dir)
+        if splits is not None:
+            names = list(splits.get("dev") or [])
+            logger.info("tasks: the %d 'dev' tasks of %s", len(names), data_dir / "SPLITS.json")
         if not names:
             names = sorted(p.name for p in data_dir.iterdir() if (p / "data.jsonl").is_file())
         if not names:

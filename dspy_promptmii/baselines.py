@@ -3,16 +3,16 @@ learning (ICL) with the same labelled examples as demos."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import dspy
 from dspy.teleprompt import LabeledFewShot
 
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, with_format_line
+from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import classification_tasks
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = ["naive_program", "icl_program", "fit_icl_demos"]
 

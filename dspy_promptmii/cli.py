@@ -1,21 +1,31 @@
-"""The ``promptmii`` command: ``demo``, ``induce``, ``models pull|list``, ``serve``."""
+"""The ``promptmii`` command: ``demo``, ``induce``, ``models pull|list``, ``serve``.
+
+Every option and input is checked before a model is pulled, a server started or an LM
+called; an error is one line (``promptmii: error: ...``, exit 2; the traceback only with
+``-v``), without credentials or raw control characters; what is printed is shown the same
+way (:mod:`dspy_promptmii.console`). Ctrl-C and SIGTERM stop it (exit 130): no LM request
+starts after them (:mod:`dspy_promptmii.stopping`). An ``--out`` file is never one of the
+run's inputs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
-import signal
 import sys
-import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
+
+from dspy_promptmii.secrets import protected_logger
 
 # LiteLLM otherwise tries to download its model-cost map at import time; offline that
 # costs seconds of retries. A user's own setting wins.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-logger = logging.getLogger("dspy_promptmii")
+logger = protected_logger("dspy_promptmii")
 
 
 def _int_at_least(text: str, lowest: int, wanted: str) -> int:
@@ -33,21 +43,41 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1, "a positive integer")
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0 (counts where 0 means none)."""
     return _int_at_least(text, 0, "an integer >= 0")
 
 
-def _check_out(path: str | None) -> None:
-    """``--out``: a file that can be written (checked before any download or LM call).
+def _check_out(path: str | None, inputs: list[tuple[str, str | Path]] | None = None) -> None:
+    """``--out``: a file that can be written and is none of ``inputs`` (``(option, path)``
+    pairs; links followed), checked before any download or LM call.
     Raises ``ValueError`` naming the option and the path."""
     from dspy_promptmii.files import check_writable
 
     if path:
         try:
-            check_writable(path)
+            check_writable(path, inputs=inputs or ())
         except ValueError as error:
             raise ValueError(f"--out: {error}") from None
+
+
+def _write_out(data: dict, path: str) -> None:
+    """Write a command's ``--out`` JSON, credentials redacted."""
+    from dspy_promptmii.files import write_json
+    from dspy_promptmii.secrets import redact
+
+    write_json(redact(data), path)
 
 
 def _check_context(route: str, n_ctx: int, max_tokens: int, max_prompt_tokens: int | None = None) -> None:
@@ -81,18 +111,17 @@ def _require_room(n_ctx: int | None, max_tokens: int, max_prompt_tokens: int | N
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from dspy_promptmii.console import echo
     from dspy_promptmii.demo import format_table, run_demo
-    from dspy_promptmii.files import write_json
     from dspy_promptmii.generation import budget_limit
 
     # Every option is checked before a model is pulled or a server started; the
     # generator's reply limit is the one run_demo sets (the budget plus a margin).
     _check_out(args.out)
     _check_context(args.generator or args.follower, args.n_ctx, budget_limit(args.max_instruction_tokens or None))
-    print(
+    echo(
         f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
-        f"{args.test_rows} held-out rows; follower {args.follower}, generator {args.generator or args.follower}.",
-        flush=True,
+        f"{args.test_rows} held-out rows; follower {args.follower}, generator {args.generator or args.follower}."
     )
     result = run_demo(
         follower=args.follower,
@@ -106,15 +135,16 @@ def _demo(args: argparse.Namespace) -> int:
         exemplars=args.exemplars,
         max_instruction_tokens=args.max_instruction_tokens or None,
         candidates=args.candidates,
+        timeout=args.timeout,
     )
     calls = "one call" if args.candidates == 1 else f"{args.candidates} calls, the follower's best"
-    print(f"\nInstruction written by the generator ({calls}):\n")
-    print(_indent(result["instruction"]))
-    print()
-    print(format_table(result["results"]))
+    echo(f"\nInstruction written by the generator ({calls}):\n")
+    echo(_indent(result["instruction"]))
+    echo()
+    echo(format_table(result["results"]))
     if args.out:
-        write_json(result, args.out)
-        print(f"\nresults written to {args.out}")
+        _write_out(result, args.out)
+        echo(f"\nresults written to {args.out}")
     return 0
 
 
@@ -128,8 +158,8 @@ def _indent(text: str) -> str:
 def _induce(args: argparse.Namespace) -> int:
     import dspy
 
+    from dspy_promptmii.console import echo
     from dspy_promptmii.data import load_task
-    from dspy_promptmii.files import write_json
     from dspy_promptmii.generation import budget_limit
     from dspy_promptmii.optimizer import PromptMIIOptimizer
     from dspy_promptmii.protocol import load_template
@@ -145,7 +175,11 @@ def _induce(args: argparse.Namespace) -> int:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"--api-base {args.api_base!r} is not an http:// or https:// URL")
     task = load_task(args.data)
-    _check_out(args.out)
+    data_file = Path(args.data) / "data.jsonl" if Path(args.data).is_dir() else Path(args.data)
+    inputs: list[tuple[str, str | Path]] = [("--data", data_file)]
+    if Path(args.template).is_file():
+        inputs.append(("--template", args.template))
+    _check_out(args.out, inputs)
     if args.max_tokens is None:  # the instruction budget's limit, or the default without one
         args.max_tokens = budget_limit(args.max_instruction_tokens)
     _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
@@ -162,17 +196,19 @@ def _induce(args: argparse.Namespace) -> int:
         exemplars=args.exemplars,
         max_instruction_tokens=args.max_instruction_tokens or None,
     )
-    with LMPool(n_ctx=args.n_ctx, api_base=args.api_base) as pool:
-        endpoint = pool.endpoint(args.generator, temperature=0.0, max_tokens=args.max_tokens)
+    with LMPool(n_ctx=args.n_ctx, api_base=args.api_base, timeout=args.timeout) as pool:
+        endpoint = pool.endpoint(
+            args.generator, temperature=0.0, max_tokens=args.max_tokens, cache=not args.no_cache
+        )
         if args.max_prompt_tokens is None:  # the context the endpoint reports (remote ones too)
             optimizer.max_prompt_tokens = _require_room(endpoint.context_tokens, args.max_tokens)
         optimizer.generator_lm = endpoint.lm
         optimizer.token_counter = endpoint.token_counter
         compiled = optimizer.compile(program, trainset=task.examples())
     instruction = compiled.predictors()[0].signature.instructions
-    print(instruction)
+    echo(instruction)
     if args.out:
-        write_json(
+        _write_out(
             {
                 "data": str(args.data),
                 "generator": endpoint.route,
@@ -181,7 +217,7 @@ def _induce(args: argparse.Namespace) -> int:
             },
             args.out,
         )
-        print(f"\ninstruction and report written to {args.out}", file=sys.stderr)
+        echo(f"\ninstruction and report written to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -262,6 +298,18 @@ def _quality_options(
     )
 
 
+def _timeout_option(parser: argparse.ArgumentParser) -> None:
+    from dspy_promptmii.routes import LOCAL_TIMEOUT, REMOTE_TIMEOUT
+
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=None,
+        help=f"seconds an LM request may wait for the server (default {LOCAL_TIMEOUT:g} for local models, "
+        f"{REMOTE_TIMEOUT:g} for others)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dspy_promptmii.demo import DEMO_CANDIDATES, DEMO_EXEMPLARS, DEMO_GENERATOR, DEMO_MAX_INSTRUCTION_TOKENS
     from dspy_promptmii.local.registry import DEFAULT_MODEL
@@ -270,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dspy_promptmii.protocol import CONSTRAINED_STYLES
 
     parser = argparse.ArgumentParser(prog="promptmii", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress at INFO level; tracebacks with errors"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     lm_help = "'local' (the embedded default), a registry model, a .gguf path, or a LiteLLM route"
@@ -301,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _quality_options(demo, DEMO_EXEMPLARS, DEMO_MAX_INSTRUCTION_TOKENS, DEMO_CANDIDATES)
     demo.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of the local server")
+    _timeout_option(demo)
     demo.add_argument("--out", help="also write the results as JSON here")
     demo.set_defaults(func=_demo)
 
@@ -338,7 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-prompt-tokens", type=positive_int, help="meta-prompt budget (local default: context - reply)"
     )
     induce.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of a local server")
-    induce.add_argument("--out", help="write the instruction and the report as JSON here")
+    _timeout_option(induce)
+    induce.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="ask the generator even when DSPy's cache holds its reply to the same request (see README, 'Caching')",
+    )
+    induce.add_argument("--out", help="write the instruction and the report as JSON here (never the --data file)")
     induce.set_defaults(func=_induce)
 
     models = commands.add_parser("models", help="the embedded models: pull, list")
@@ -358,54 +415,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # SystemExit unwinds the stack like Ctrl-C: `with` blocks stop local servers, and
-    # files are written whole or not at all.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
-    try:
-        return _main(argv)
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    """The command line (see the module docstring). Run as a program (``argv`` None), it
+    does not wait for LM requests left in flight by a stop: the process ends at once."""
+    from dspy_promptmii.console import command
+
+    args = build_parser().parse_args(argv)
+    return command("promptmii", lambda: _run_command(args), verbose=args.verbose, program=argv is None)
 
 
-def _main(argv: list[str] | None) -> int:
-    from dspy.utils.exceptions import LMError
+def _run_command(args: argparse.Namespace) -> int:
+    from dspy_promptmii.console import protect_output
 
-    from dspy_promptmii.secrets import protect_handlers, scrub
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    protect_handlers(*logging.getLogger().handlers)  # no credential reaches a log line
+    # No credential nor control character reaches a log line: the root's handlers, and
+    # DSPy's own (its logger does not propagate).
+    protect_output(*logging.getLogger().handlers, *logging.getLogger("dspy").handlers)
+    logging.captureWarnings(True)  # Python warnings go through those handlers too
     if not args.verbose:
         logging.getLogger("dspy_promptmii").setLevel(logging.INFO)
         for noisy in ("LiteLLM", "httpx", "dspy"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        # DSPy's LM errors (a route no provider knows, a server that refused) name the model
+        # and the problem on their first line; an OSError, e.g. an output that became
+        # unwritable after the up-front check, names the file.
         return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, KeyError, OSError, RuntimeError) as error:
-        # OSError: e.g. an output that became unwritable after the up-front check.
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"promptmii: error: {scrub(str(message))}", file=sys.stderr)
-        return 2
-    except LMError as error:
-        # An LM route that cannot be called (e.g. a model name no provider knows):
-        # DSPy's error, whose first line names the problem, not a traceback.
-        lines = str(error).strip().splitlines()
-        print(f"promptmii: error: {scrub(lines[0]) if lines else type(error).__name__}", file=sys.stderr)
-        return 2
+    finally:
+        logging.captureWarnings(False)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ __all__ = [
     "label_text",
     "load_jsonl",
     "load_task",
+    "read_splits",
     "classifier_signature",
     "split_rows",
 ]
@@ -118,7 +119,7 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: naming ``path:line``: bytes that are not UTF-8, a line that is not
-            JSON or not an object, a missing or empty ``text`` or ``text_pair``, a label
+            JSON (or nested too deeply to read) or not an object, a missing or empty ``text`` or ``text_pair``, a label
             the rule refuses or that collides with another spelling (both lines named),
             ``text_pair`` in some rows only; or a file with no rows.
     """
@@ -142,6 +143,8 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: JSON nested too deeply to read") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
             if not isinstance(row.get("text"), str) or not row["text"].strip():
@@ -242,6 +245,37 @@ def load_task(path: str | Path) -> TaskData:
     file = path / "data.jsonl" if path.is_dir() else path
     name = path.name if path.is_dir() else path.stem
     return TaskData(name=name, rows=load_jsonl(file))
+
+
+#: The lists of ``SPLITS.json`` that name tasks.
+SPLIT_LISTS = ("train", "dev")
+
+
+def read_splits(datasets_dir: str | Path) -> dict[str, list[str]] | None:
+    """``SPLITS.json`` of a datasets folder (``{"train": [...], "dev": [...]}``, other keys
+    ignored), or None if it has none.
+
+    Raises ``ValueError`` naming the file: not JSON (with line and column), not a JSON
+    object, or a ``train`` or ``dev`` that is not a list of task names (``{"dev": "t1"}``
+    is refused, not read as the tasks ``t`` and ``1``).
+    """
+    from dspy_promptmii.files import read_json
+
+    file = Path(datasets_dir) / "SPLITS.json"
+    if not file.is_file():
+        return None
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object with 'train' and 'dev' lists, got {type(data).__name__}")
+    splits: dict[str, list[str]] = {}
+    for key in SPLIT_LISTS:
+        if key not in data:
+            continue
+        names = data[key]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError(f"{file}: {key!r} must be a list of task names, got {_shown(names)}")
+        splits[key] = [n.strip() for n in names]
+    return splits
 
 
 def split_rows(

@@ -8,7 +8,6 @@ same labelled examples, all followed by the local model through ``LabelAdapter``
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -30,9 +29,10 @@ from dspy_promptmii.optimizer import (
 from dspy_promptmii.protocol import Protocol
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
+from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.usage import metered
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = ["demo_task", "run_demo", "format_table"]
 
@@ -79,6 +79,7 @@ def run_demo(
     exemplars: int = 0,
     max_instruction_tokens: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS,
     candidates: int = 1,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its results (instruction, per-method rows, settings).
 
@@ -87,7 +88,15 @@ def run_demo(
     :class:`~dspy_promptmii.protocol.Protocol`), ``False`` for none. ``exemplars``,
     ``max_instruction_tokens`` and ``candidates`` are PromptMIIOptimizer's; with
     ``candidates`` > 1 they are scored on labelled rows the generator did not see (never
-    a test row). Raises ``ValueError`` for a bad adapter or row count."""
+    a test row). ``timeout`` is each LM request's limit in seconds (default: the
+    route's, see :func:`dspy_promptmii.routes.default_timeout`).
+
+    Raises:
+        ValueError: a bad adapter or row count.
+        IncompleteEvaluation: follower calls failed while a method was evaluated (no
+            score is made up from the rows that got a reply).
+        KeyboardInterrupt: Ctrl-C or SIGTERM under :func:`dspy_promptmii.stopping.stop_on_signals`.
+    """
     if adapter not in ("label", "chat"):
         raise ValueError(f"adapter must be 'label' or 'chat', got {adapter!r}")
     task = demo_task()
@@ -104,7 +113,7 @@ def run_demo(
     test = task.examples(test_rows_)
     student = dspy.Predict(task.signature())
 
-    with LMPool(n_ctx=n_ctx) as pool:
+    with LMPool(n_ctx=n_ctx, timeout=timeout) as pool:
         # With LabelAdapter the follower's temperature and reply limit are the protocol's.
         limit = FOLLOWER_REPLY_LIMIT[adapter]
         follow = pool.endpoint(follower, cache=False, **({"temperature": 0.0, "max_tokens": limit} if limit else {}))

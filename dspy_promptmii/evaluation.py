@@ -1,10 +1,11 @@
 """Evaluate a classification program on labelled examples through DSPy's ``Evaluate``:
-the protocol's metrics (macro-F1, accuracy, invalid-reply rate), errors, and prompt
-tokens per query."""
+the protocol's metrics (macro-F1, accuracy, invalid-reply rate) and prompt tokens per
+query. A score is complete or there is none: an example whose program raised (an LM call
+that failed, a bug) is never scored as a miss; :func:`evaluate` raises
+:class:`IncompleteEvaluation` instead, carrying what was counted."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,23 +15,26 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from dspy_promptmii.protocol import score
+from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import ClassificationTask, signature_task
 from dspy_promptmii.usage import metered
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
-__all__ = ["Evaluation", "evaluate", "program_task", "check_examples"]
+__all__ = ["Evaluation", "IncompleteEvaluation", "evaluate", "program_task", "check_examples"]
 
 
 @dataclass
 class Evaluation:
     """Scores of one program on one test set.
 
-    ``invalid_rate`` is the share of examples whose follower reply named no label;
-    ``errors`` counts examples whose program raised anything else (an LM call that
-    failed, a bug), described by ``first_error``; ``lm_errors`` counts the LM calls that
-    raised. Both kinds score as misses in ``macro_f1`` and ``accuracy``.
-    ``prompt_tokens_per_query`` is the LM-reported prompt tokens divided by ``n``.
+    ``invalid_rate`` is the share of examples whose follower reply named no label (a
+    miss for its gold label). ``errors`` counts examples whose program raised anything
+    else (an LM call that failed, a bug), described by ``first_error``; ``lm_errors``
+    counts the LM calls that raised. :func:`evaluate` returns an evaluation only when
+    ``errors`` is 0; the scores of one with errors (in :class:`IncompleteEvaluation`)
+    are not a result. ``prompt_tokens_per_query`` is the LM-reported prompt tokens
+    divided by ``n``.
     """
 
     macro_f1: float
@@ -47,6 +51,17 @@ class Evaluation:
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "predictions"}
+
+
+class IncompleteEvaluation(RuntimeError):
+    """Some examples raised (an LM call failed, a bug): the evaluation has no score.
+    ``evaluation`` holds what was counted (``errors``, ``lm_errors``, ``calls``,
+    ``first_error``); its ``macro_f1`` and ``accuracy`` count the failed examples as
+    misses and must not be reported as a result."""
+
+    def __init__(self, message: str, evaluation: Evaluation):
+        super().__init__(message)
+        self.evaluation = evaluation
 
 
 def program_task(program: dspy.Module) -> ClassificationTask:
@@ -116,10 +131,11 @@ def evaluate(
     the protocol's :func:`~dspy_promptmii.protocol.score`.
 
     An unparseable reply is invalid: a miss for its gold label. An example whose program
-    raised (an LM call that failed, a bug) is an error, also scored as a miss, counted
-    in ``errors`` and logged once as a warning. Prompt tokens per query come from the
-    LM's reported usage; they are ``None`` when some calls reported none (e.g. cache
-    hits: pass an LM with ``cache=False`` to measure).
+    raised (an LM call that failed, a bug) leaves the evaluation without a score: it is
+    never counted as a miss; :class:`IncompleteEvaluation` is raised, naming how many
+    examples raised and the first error. Prompt tokens per query come from the LM's
+    reported usage; they are ``None`` when some calls reported none (e.g. cache hits:
+    pass an LM with ``cache=False`` to measure).
 
     Args:
         program: A DSPy program whose last predictor is a classifier.
@@ -130,12 +146,14 @@ def evaluate(
         progress: Show DSPy's progress bar.
 
     Returns:
-        An :class:`Evaluation`.
+        An :class:`Evaluation` of every example (``errors`` is 0).
 
     Raises:
         ValueError: no examples, an example without declared inputs or a valid label
             (named by index), or a program whose last predictor is not a classifier.
-        RuntimeError: every example raised (the first error is in the message).
+        IncompleteEvaluation: some examples raised (a ``RuntimeError``; the message
+            counts them and quotes the first error; ``.evaluation`` has the counts).
+        KeyboardInterrupt: a stop (:mod:`dspy_promptmii.stopping`) or Ctrl-C.
     """
     if not examples:
         raise ValueError("no examples to evaluate on")
@@ -161,17 +179,10 @@ def evaluate(
     failures = [_error(prediction) for _, prediction, _ in result.results]
     failures = [text for text in failures if text]
     usage = meter.snapshot()
-    if failures and len(failures) == len(examples):
-        raise RuntimeError(f"every one of the {len(examples)} examples raised; the first: {failures[0]}")
     invalid = sum(p is None for p in predicted) - len(failures)
     scores = score(gold, predicted)
     tokens = None if usage.calls_without_usage or not usage.calls else usage.prompt_tokens / len(examples)
-    if failures:
-        logger.warning(
-            "%d of %d examples raised during evaluation and were scored as misses (%d LM call errors); first: %s",
-            len(failures), len(examples), usage.errors, failures[0],
-        )
-    return Evaluation(
+    evaluation = Evaluation(
         macro_f1=scores["macro_f1"],
         accuracy=scores["accuracy"],
         invalid_rate=invalid / len(examples),
@@ -184,6 +195,17 @@ def evaluate(
         first_error=failures[0] if failures else None,
         predictions=predicted,
     )
+    if failures:
+        if len(failures) == len(examples):
+            message = f"every one of the {len(examples)} examples raised; the first: {failures[0]}"
+        else:
+            message = (
+                f"{len(failures)} of {len(examples)} examples raised ({usage.errors} LM call errors), so the "
+                f"evaluation has no score; the first: {failures[0]}"
+            )
+        logger.warning("evaluation incomplete: %s", message)
+        raise IncompleteEvaluation(message, evaluation)
+    return evaluation
 
 
 def _error(prediction: Any) -> str | None:

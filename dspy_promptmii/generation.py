@@ -6,19 +6,22 @@ one, the paper's temperature 0 is used (unless the model takes no temperature, l
 OpenAI's reasoning models) and a default reply limit. A setting that was filled in here
 and that the model refuses (its error names the setting) is dropped and the call made
 again. Whether the reply was cut off comes from its finish reason (``length``), never
-from token counts.
+from token counts. A reply's text is always valid Unicode: a lone surrogate (a server
+may send one as a JSON escape, ``"\\udc80"``) becomes U+FFFD, so that printing or
+writing the instruction cannot fail.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import dspy
 
-logger = logging.getLogger(__name__)
+from dspy_promptmii.secrets import protected_logger
+
+logger = protected_logger(__name__)
 
 __all__ = [
     "Reply",
@@ -31,6 +34,7 @@ __all__ = [
     "generate",
     "finish_reason",
     "refuses_temperature_0",
+    "valid_text",
 ]
 
 #: Tokens a reply may run past an instruction budget (headers, the answer line) before the
@@ -127,12 +131,18 @@ def finish_reason(response: Any) -> str | None:
     return None if reason is None else str(getattr(reason, "value", reason))
 
 
+def valid_text(text: str) -> str:
+    """``text`` with each lone surrogate (half of a UTF-16 pair, which no UTF-8 output can
+    encode) replaced by U+FFFD; paired surrogates become the character they encode."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _call(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     with dspy.track_usage() as tracker:
         outputs = lm(prompt, **settings)
     first = outputs[0] if outputs else None
     text = first.get("text") if isinstance(first, dict) else first
-    return text or "", tracker.get_total_tokens().get(lm.model, {})
+    return valid_text(text or ""), tracker.get_total_tokens().get(lm.model, {})
 
 
 def _last_finish_reason(lm: dspy.BaseLM, prompt: str) -> str | None:

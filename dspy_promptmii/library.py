@@ -17,15 +17,16 @@ gain over the naive instruction, then to the task name.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from dspy_promptmii.files import read_json
+from dspy_promptmii.secrets import protected_logger
+
+logger = protected_logger(__name__)
 
 __all__ = ["LIBRARY_FILE", "load_library", "check_entries", "select_exemplars", "entry_text"]
 
@@ -67,7 +68,7 @@ def _load(path: str | None) -> tuple[dict[str, Any], ...]:
         source = f"the packaged {LIBRARY_FILE}"
     else:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            data = read_json(path)
         except (OSError, ValueError) as error:
             raise ValueError(f"instruction library {path} cannot be read: {error}") from None
         source = path

@@ -3,7 +3,6 @@ predictor's instruction with ONE call to an instruction-generator LM (Prompt-MII
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,10 +35,11 @@ from dspy_promptmii.protocol import (
     unknown_labels,
 )
 from dspy_promptmii.sampling import SAMPLING, Sampling, select_examples
+from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.selection import Candidate, as_examples, best_candidate, score_candidate, validation_rows
 from dspy_promptmii.task import ClassificationTask, LabelledExample, classification_tasks
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
     "PromptMIIOptimizer",
@@ -364,7 +364,9 @@ class PromptMIIOptimizer(Teleprompter):
         instructions (and ``demos`` demos); the student is never modified.
 
         ``teacher`` is accepted for API compatibility and not used; ``valset`` is used
-        only to choose among ``candidates`` > 1.
+        only to choose among ``candidates`` > 1. :attr:`report` describes this compile
+        once it succeeded; it is empty from the start of the call, so a failed compile
+        never leaves the previous one's.
 
         Raises:
             TypeError: ``student`` is not a ``dspy.Module``, ``trainset`` (or ``valset``)
@@ -380,6 +382,8 @@ class PromptMIIOptimizer(Teleprompter):
                 candidates: every one of them).
             Any error the generator or follower LM raises (e.g. ``dspy.utils.exceptions.LMError``).
         """
+        # A failed compile leaves no report: never the previous compile's.
+        self.report = []
         if kwargs:
             raise TypeError(f"compile() got unexpected keyword arguments: {sorted(kwargs)}")
         if not isinstance(student, dspy.Module):

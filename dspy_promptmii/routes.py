@@ -1,22 +1,62 @@
 """Turn what a user types (``local``, a registry model, a ``.gguf`` path, or a LiteLLM
 route such as ``hosted_vllm/milli19/promptmii-llama-3.1-8b-instruct``) into ``dspy.LM``
-objects, starting local llama.cpp servers as needed and stopping them at the end."""
+objects, starting local llama.cpp servers as needed and stopping them at the end.
+
+Every LM handed out here:
+
+* has a per-request ``timeout`` (:func:`default_timeout`: :data:`LOCAL_TIMEOUT` for a
+  local server, which answers one request at a time on a CPU, :data:`REMOTE_TIMEOUT`
+  otherwise; ``LMPool(timeout=...)`` sets another), so that no call waits for ever;
+* carries a :class:`~dspy_promptmii.stopping.StopGate`: after Ctrl-C or SIGTERM it sends
+  nothing more;
+* keys DSPy's response cache by everything that changes a reply: DSPy's own key holds
+  the route, the messages and the settings but leaves out ``api_base``, so two servers
+  behind one model name would share entries. A :class:`ServerLM` adds a scope made of
+  the route, the ``api_base`` (for a local server: the model file, not its port) to the
+  key, through DSPy's ``rollout_id`` (part of the key, never sent);
+* has its credentials remembered by :mod:`dspy_promptmii.secrets` (the password of an
+  ``api_base`` such as ``http://user:password@host/v1`` included), so that no error
+  text or log line shows them.
+"""
 
 from __future__ import annotations
 
-import logging
+import hashlib
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dspy
 
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
 from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LocalServer
+from dspy_promptmii.secrets import protected_logger, remember
+from dspy_promptmii.stopping import StopGate
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
-__all__ = ["Endpoint", "LMPool", "is_local", "litellm_route"]
+__all__ = [
+    "Endpoint",
+    "LMPool",
+    "ServerLM",
+    "is_local",
+    "litellm_route",
+    "default_timeout",
+    "cache_scope",
+    "LOCAL_TIMEOUT",
+    "REMOTE_TIMEOUT",
+]
+
+#: Seconds a request to a local llama.cpp server may wait for its next byte: it serves
+#: one request at a time on the CPU, and a long meta-prompt (7,000 tokens) takes about
+#: two minutes on 2 cores before the first token.
+LOCAL_TIMEOUT = 600.0
+#: Seconds a request to any other server may wait for its next byte (a GPU server
+#: writes a 1,024-token instruction in well under a minute).
+REMOTE_TIMEOUT = 120.0
 
 _OPENAI_COMPATIBLE = ("hosted_vllm/", "openai/", "litellm_proxy/")
 
@@ -32,6 +72,54 @@ def litellm_route(route: str, api_base: str | None) -> str:
     if api_base and not route.startswith(_OPENAI_COMPATIBLE):
         return f"hosted_vllm/{route}"
     return route
+
+
+def default_timeout(route: str) -> float:
+    """The per-request timeout of a route when none is given: :data:`LOCAL_TIMEOUT` for
+    a local one, :data:`REMOTE_TIMEOUT` otherwise."""
+    return LOCAL_TIMEOUT if is_local(route) else REMOTE_TIMEOUT
+
+
+def _model_file(server: LocalServer) -> dict[str, Any]:
+    """What identifies the file a local server serves: a registry model's sha256, else
+    the file's resolved path, size and modification time."""
+    spec = REGISTRY.get(server.model)
+    if spec is not None:
+        return {"sha256": spec.sha256}
+    path = Path(server.model_path or server.model).expanduser()
+    try:
+        stat = path.stat()
+    except OSError:
+        return {"path": os.path.realpath(path)}
+    return {"path": os.path.realpath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def cache_scope(route: str, api_base: str | None, model_file: dict[str, Any] | None = None) -> int:
+    """An integer naming where replies come from: the LiteLLM route, the ``api_base``
+    (None for a local server) and the model file (a local server's). Equal scopes mean
+    the same server and model; it is the ``rollout_id`` of a :class:`ServerLM`."""
+    text = json.dumps({"route": route, "api_base": api_base, "model_file": model_file}, sort_keys=True)
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:15], 16)
+
+
+class ServerLM(dspy.LM):
+    """A ``dspy.LM`` whose ``rollout_id`` is a :func:`cache_scope`: DSPy puts it in the
+    response cache's key and strips it from the request, so a cached reply of one server
+    or model file is never served for another. DSPy warns that a rollout id does nothing
+    at temperature 0; this one is not a sampling rollout, so the warning is left out."""
+
+    def _warn_zero_temp_rollout(self, temperature: float | None, rollout_id: Any) -> None:
+        return None
+
+
+def _scoped(lm: dspy.LM, *, scope: int, timeout: float) -> ServerLM:
+    """``lm`` as a :class:`ServerLM` (a copy: same route, engine and settings) with the
+    cache scope, the per-request timeout and the stop gate; its credentials remembered."""
+    scoped = lm.copy(rollout_id=scope, timeout=timeout)
+    scoped.__class__ = ServerLM  # adds no state: only the rollout warning differs
+    scoped.callbacks = [StopGate(), *scoped.callbacks]
+    remember(scoped.kwargs)  # the key and any credentials in api_base, for every later error text
+    return scoped
 
 
 @dataclass
@@ -52,6 +140,8 @@ class LMPool:
     ``n_threads`` sets the CPU threads of local servers (default: all cores). llama.cpp's
     threads spin at every step, so when two local servers share a small machine (e.g.
     a generator and a follower of different sizes), one thread each is much faster.
+    ``timeout`` is every request's limit in seconds (default: :func:`default_timeout`
+    of each route). See the module docstring for what every LM carries.
 
     >>> with LMPool() as pool:                                   # doctest: +SKIP
     ...     follower = pool.endpoint("local", max_tokens=16)
@@ -64,7 +154,11 @@ class LMPool:
         n_threads: int | None = None,
         auto_pull: bool = True,
         api_base: str | None = None,
+        timeout: float | None = None,
     ):
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout < float("inf")):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.timeout = timeout
         self.n_ctx = n_ctx
         self.n_threads = n_threads
         self.auto_pull = auto_pull
@@ -83,6 +177,7 @@ class LMPool:
                 cannot be used (see ``dspy_promptmii.local.resolve_model``).
             ValueError: ``dspy.LM`` refuses the route or its arguments.
         """
+        timeout = self.timeout or default_timeout(route)
         if is_local(route):
             model = DEFAULT_MODEL if route == "local" else route
             server = self._servers.get(model)
@@ -90,8 +185,10 @@ class LMPool:
                 server = LocalServer(model, n_ctx=self.n_ctx, n_threads=self.n_threads, auto_pull=self.auto_pull)
                 server.start()
                 self._servers[model] = server
+            base = server.lm(**lm_kwargs)
+            lm = _scoped(base, scope=cache_scope(base.model, None, _model_file(server)), timeout=timeout)
             return Endpoint(
-                lm=server.lm(**lm_kwargs),
+                lm=lm,
                 route=route,
                 token_counter=server.count_tokens,
                 context_tokens=server.n_ctx,
@@ -101,8 +198,9 @@ class LMPool:
         base = api_base or self.api_base
         full = litellm_route(route, base)
         extra = {"api_base": base} if base else {}
+        lm = _scoped(dspy.LM(full, **extra, **lm_kwargs), scope=cache_scope(full, base), timeout=timeout)
         return Endpoint(
-            lm=dspy.LM(full, **extra, **lm_kwargs),
+            lm=lm,
             route=full,
             token_counter=None,
             context_tokens=None,

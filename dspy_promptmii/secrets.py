@@ -5,9 +5,10 @@ secret values:
 
 * :func:`redact` copies a structure (dicts, lists, tuples) with the value of every
   credential-named key replaced by :data:`REDACTED`, and known secret values and
-  credential-shaped substrings (``Bearer ...`` tokens, ``user:password@`` and
-  ``?api_key=...`` in URLs) removed from every string. Use it on LM arguments and on
-  anything written as JSON (a benchmark's manifest and settings).
+  credential-shaped substrings (``Bearer ...`` tokens, ``user:password@`` with or without
+  a ``scheme://`` before it, and ``?api_key=...`` in URLs) removed from every string. Use
+  it on LM arguments and on anything written as JSON (a benchmark's manifest, settings
+  and result records, the command lines' ``--out`` files).
 * :func:`scrub` removes the same from free text, and also the value of ``name: value`` or
   ``name=value`` pairs whose name ends in a credential word (``Authorization: Bearer x``,
   ``'api_key': 'x'``). Use it on error texts and log messages. :class:`SecretFilter` is a
@@ -22,18 +23,22 @@ space and camelCase) is ``key``/``keys``/``apikey``, ``token`` or a word ending 
 
 Known secret values (at least :data:`MIN_SECRET_LENGTH` characters, so that ``"local"``
 or ``"none"`` are not erased everywhere) are those :func:`remember` and :func:`redact`
-met under credential-named keys, and the values of environment variables with
+met under credential-named keys, the credentials of URLs they met anywhere (the password
+of ``http://user:password@host``, percent-decoded too, ``user:password`` and its HTTP
+Basic form, which a server may echo), and the values of environment variables with
 credential-named names (``OPENAI_API_KEY``, ``HF_TOKEN``, ...), read at each call.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import re
 import threading
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 __all__ = [
     "REDACTED",
@@ -44,6 +49,7 @@ __all__ = [
     "scrub",
     "SecretFilter",
     "protect_handlers",
+    "protected_logger",
 ]
 
 REDACTED = "[redacted]"
@@ -56,6 +62,10 @@ _CREDENTIAL_WORD = re.compile(
 )
 _BEARER = re.compile(r"\b(Bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
 _URL_USERINFO = re.compile(r"(?<=://)[^/\s@'\"]+@")
+# ``user:password@host`` without a scheme before it, as connection errors print it
+# ("failed to connect to user:password@host:8000"); an e-mail address has no colon.
+_BARE_USERINFO = re.compile(r"(?<![\w.%+~:/-])[\w.%+~-]+:[^\s/@'\"]+@(?=[\w\[])")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _URL_QUERY = re.compile(r"(?P<head>[?&](?P<name>[A-Za-z0-9_.-]+)=)(?P<value>[^&#\s'\"]+)")
 _PAIR = re.compile(
     r"(?P<name>[A-Za-z][A-Za-z0-9_.-]*)(?P<sep>[\"']?\s*[:=]\s*[\"']?)"
@@ -97,9 +107,33 @@ def _remember_value(value: Any) -> None:
             _remember_value(item)
 
 
+def _remember_url_credentials(text: str) -> None:
+    """Remember the credentials of every URL in ``text``: a password (as written and
+    percent-decoded), ``user:password`` and its HTTP Basic form, or a lone user name that
+    is long enough to be a token (``https://TOKEN@host``)."""
+    if "@" not in text:
+        return
+    for url in _URL.findall(text):
+        try:
+            parts = urlsplit(url)
+            user, password = parts.username, parts.password
+        except ValueError:  # a malformed port or netloc: nothing to learn from it
+            continue
+        found: list[str] = []
+        if password:
+            for form_user, form_password in ((user or "", password), (unquote(user or ""), unquote(password))):
+                pair = f"{form_user}:{form_password}"
+                found += [form_password, pair, base64.b64encode(pair.encode("utf-8")).decode("ascii")]
+        elif user:
+            found += [user, unquote(user)]
+        with _lock:
+            _known.update(value for value in found if len(value) >= MIN_SECRET_LENGTH and value != REDACTED)
+
+
 def remember(obj: Any) -> None:
     """Remember the values under credential-named keys of ``obj`` (nested dicts and lists
-    searched), so that :func:`scrub` and :func:`redact` erase them from any text later."""
+    searched) and the credentials of URLs in any of its strings (``api_base``), so that
+    :func:`scrub` and :func:`redact` erase them from any text later."""
     if isinstance(obj, Mapping):
         for key, value in obj.items():
             if is_credential_name(key):
@@ -109,6 +143,8 @@ def remember(obj: Any) -> None:
     elif isinstance(obj, (list, tuple)):
         for item in obj:
             remember(item)
+    elif isinstance(obj, str):
+        _remember_url_credentials(obj)
 
 
 #: Environment variables the shell defines whose names read like credentials but hold
@@ -133,7 +169,8 @@ def _scrub_values(text: str) -> str:
             text = text.replace(value, REDACTED)
     text = _BEARER.sub(rf"\1 {REDACTED}", text)
     text = _URL_QUERY.sub(lambda m: m["head"] + REDACTED if is_credential_name(m["name"]) else m[0], text)
-    return _URL_USERINFO.sub(f"{REDACTED}@", text)
+    text = _URL_USERINFO.sub(f"{REDACTED}@", text)
+    return _BARE_USERINFO.sub(f"{REDACTED}@", text)
 
 
 def _pair(match: re.Match[str]) -> str:
@@ -170,6 +207,7 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(redact(item) for item in obj)
     if isinstance(obj, str):
+        _remember_url_credentials(obj)
         return _scrub_values(obj)
     return obj
 
@@ -199,3 +237,13 @@ def protect_handlers(*handlers: logging.Handler) -> None:
     for handler in handlers:
         if not any(isinstance(f, SecretFilter) for f in handler.filters):
             handler.addFilter(SecretFilter())
+
+
+def protected_logger(name: str) -> logging.Logger:
+    """``logging.getLogger(name)`` with a :class:`SecretFilter` (once): whatever handlers
+    its records reach (the command lines', a user's, OpenRLHF's), they carry no known
+    secret. Every module of the package, the benchmarks and training logs through one."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, SecretFilter) for f in logger.filters):
+        logger.addFilter(SecretFilter())
+    return logger

@@ -4,7 +4,6 @@ the best is kept (ties: the shorter instruction)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,9 +12,10 @@ import dspy
 
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.sampling import select_examples
+from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import ClassificationTask, LabelledExample
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = ["Candidate", "validation_rows", "score_candidate", "best_candidate", "as_examples"]
 

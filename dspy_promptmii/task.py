@@ -4,7 +4,6 @@ input fields and labels, and the labelled examples a trainset gives each of them
 from __future__ import annotations
 
 import enum
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
@@ -13,8 +12,9 @@ import dspy
 from dspy.signatures.signature import _default_instructions
 
 from dspy_promptmii.protocol import LABEL_MARKER, format_line
+from dspy_promptmii.secrets import protected_logger
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = ["ClassificationTask", "signature_task", "classification_tasks", "LabelledExample"]
 

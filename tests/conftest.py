@@ -3,6 +3,7 @@ shared datasets folder."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -50,3 +51,18 @@ def shared_datasets() -> Path:
     if not (SHARED_DATASETS / "SPLITS.json").is_file():
         pytest.skip(f"shared datasets not found at {SHARED_DATASETS} (set PROMPTMII_SHARED_DATASETS)")
     return SHARED_DATASETS
+
+
+@pytest.fixture
+def restore_logging():
+    """Undo what a command line's logging setup adds to the root logger (handlers, level,
+    Python warnings sent through logging)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    logging.captureWarnings(False)

@@ -10,7 +10,7 @@ from fakes import fake_lm, message_texts, word_count
 
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.baselines import MESSAGE_OVERHEAD, fit_icl_demos, icl_program, naive_program
-from dspy_promptmii.evaluation import evaluate, program_task
+from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate, program_task
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, format_line
 from dspy_promptmii.usage import metered
 
@@ -63,12 +63,15 @@ def test_evaluate_counts_lm_errors_as_errors_not_invalid_replies_and_says_so(cap
     lm, _ = fake_lm(flaky, model="fake/follower")
     lm.num_retries = 0
     with caplog.at_level("WARNING", logger="dspy_promptmii.evaluation"):
-        result = evaluate(dspy.Predict(Mood), TEST, lm=lm, adapter=LabelAdapter(), progress=False)
+        # An LM error leaves the evaluation without a score (issue 21): never a miss.
+        with pytest.raises(IncompleteEvaluation, match="1 of 4 examples raised") as raised:
+            evaluate(dspy.Predict(Mood), TEST, lm=lm, adapter=LabelAdapter(), progress=False)
+    result = raised.value.evaluation
     assert result.lm_errors == 1 and result.errors == 1
     assert result.invalid_rate == 0.0  # no reply came back: an error, not an invalid reply
-    assert result.predictions[2] is None  # scored as a miss
+    assert result.predictions[2] is None
     assert "server went away" in result.first_error
-    assert "raised during evaluation" in caplog.text and "server went away" in caplog.text
+    assert "evaluation incomplete" in caplog.text and "server went away" in caplog.text
 
 
 def test_evaluate_rejects_an_empty_test_set_and_a_non_classifier():

@@ -16,7 +16,7 @@ from dspy.utils.exceptions import AdapterParseError
 from fakes import fake_lm
 
 from dspy_promptmii import LabelAdapter, PromptMIIOptimizer
-from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
 from dspy_promptmii.protocol import (
     LABEL_MARKER,
     Protocol,
@@ -371,7 +371,9 @@ def test_a_bug_in_the_program_is_an_error_not_an_invalid_reply(caplog) -> None:
 
     lm, _ = fake_lm("pos")
     test = [dspy.Example(text=t, label=y).with_inputs("text") for t, y in [("good", "pos"), ("bad", "neg")]]
-    result = evaluate(Buggy(), test, lm=lm, adapter=LabelAdapter(), progress=False)
+    with pytest.raises(IncompleteEvaluation) as raised:  # no score with a failed row (issue 21)
+        evaluate(Buggy(), test, lm=lm, adapter=LabelAdapter(), progress=False)
+    result = raised.value.evaluation
     assert result.errors == 1 and result.invalid_rate == 0.0 and result.lm_errors == 0
     assert "a bug in user code" in result.first_error
     with pytest.raises(RuntimeError, match="every one of the 1 examples raised"):

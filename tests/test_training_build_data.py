@@ -172,20 +172,22 @@ def test_drop_contaminated_keeps_overlapping_rows_out(tiny_datasets: Path, tmp_p
             assert not {0, 1, 2} & set(line["label"]["context_ids"] + line["label"]["test_ids"])
 
 
-def test_evaluation_task_in_training_is_refused(tiny_datasets: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="also evaluation tasks"):
-        build_data.main(
-            [
-                "--datasets",
-                str(tiny_datasets),
-                "--out",
-                str(tmp_path / "o"),
-                "--no-progress",
-                "--tasks",
-                "weather",
-                "eval_task",
-            ]
-        )
+def test_evaluation_task_in_training_is_refused(tiny_datasets: Path, tmp_path: Path, capsys) -> None:
+    code = build_data.main(
+        [
+            "--datasets",
+            str(tiny_datasets),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-progress",
+            "--tasks",
+            "weather",
+            "eval_task",
+        ]
+    )
+    # One line, no traceback (issue 21: every user-facing error is one line).
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith("python -m training.build_data: error: ") and "also evaluation tasks" in err
 
 
 def test_validation_split_keeps_overlap_groups_together() -> None:

@@ -24,7 +24,6 @@ reward 0 with a logged warning and never raise into OpenRLHF. Configuration: the
 
 from __future__ import annotations
 
-import logging
 import sys
 from copy import deepcopy
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # loaded by file path (OpenRLHF): make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dspy_promptmii.secrets import protected_logger, scrub
 from training.follower import (
     Follower,
     FollowerConfig,
@@ -44,7 +44,7 @@ from training.follower import (
 )
 from training.openrlhf_compat import agent_module
 
-logger = logging.getLogger("training.agent")
+logger = protected_logger("training.agent")
 
 AgentExecutorBase = agent_module().AgentExecutorBase
 
@@ -156,4 +156,4 @@ class AgentExecutor(AgentExecutorBase):
             raise
         except Exception as error:  # noqa: BLE001 - exceptions must not reach OpenRLHF
             logger.warning("reward 0: scoring failed (%s: %s)", type(error).__name__, error)
-            return ScoreResult(reward=0.0, follower_error=str(error)), 0
+            return ScoreResult(reward=0.0, follower_error=scrub(str(error))), 0

@@ -44,11 +44,13 @@ from typing import Any
 from tqdm import tqdm
 
 from dspy_promptmii.cli import non_negative_int
+from dspy_promptmii.console import protect_output
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json, write_jsonl
 from dspy_promptmii.generation import DEFAULT_MAX_INSTRUCTION_TOKENS, budget_words
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, TEMPLATES, Protocol, choose_template
 from dspy_promptmii.sampling import SAMPLING, example_order
+from dspy_promptmii.secrets import protected_logger
 from training.contamination import eval_hashes, overlapping_rows
 from training.sources import (
     load_hub_task,
@@ -59,7 +61,7 @@ from training.sources import (
 )
 from training.tokens import TokenCounter, load_counter
 
-logger = logging.getLogger("training.build_data")
+logger = protected_logger("training.build_data")
 
 __all__ = [
     "BuildConfig",
@@ -715,8 +717,18 @@ def _load_tasks(args: argparse.Namespace, datasets_dir: Path | None) -> list[tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. An error is one line on stderr (exit 2; the traceback only with
+    ``--log-level DEBUG``); Ctrl-C and SIGTERM stop it (exit 130)."""
+    from dspy_promptmii.console import command
+
     args = parser().parse_args(argv)
+    debug = args.log_level == "DEBUG"
+    return command("python -m training.build_data", lambda: _main(args), verbose=debug, program=argv is None)
+
+
+def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    protect_output(*logging.getLogger().handlers)  # no credential nor control character in a log line
     started = time.perf_counter()
     try:
         template, why = choose_template(Protocol(template=args.template).template, args.generator_model)

@@ -37,16 +37,18 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from dspy_promptmii.console import protect_output
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import check_writable, write_json
 from dspy_promptmii.generation import budget_limit, budget_words, generate, generator_settings
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, NAIVE_INSTRUCTION, TEMPLATES, Protocol
+from dspy_promptmii.secrets import protected_logger
 from training.build_data import BuildConfig, ContextSpec, context_seed, filter_reason, make_record, sample_context
 from training.contamination import eval_hashes, overlapping_rows
 from training.follower import Follower, FollowerConfig, HeldOutSet, parse_payload, score_instruction
 from training.sources import load_local_tasks, read_splits, resolve_task_paths
 
-logger = logging.getLogger("training.build_library")
+logger = protected_logger("training.build_library")
 
 __all__ = ["LibraryConfig", "build_library", "redistributable", "main", "DEFAULT_OUT"]
 
@@ -307,8 +309,19 @@ def _datasets_dir(given: Path | None) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. An error is one line on stderr (exit 2; the traceback only with
+    ``--log-level DEBUG``); Ctrl-C and SIGTERM stop it (exit 130) and no LM request
+    starts after them (:mod:`dspy_promptmii.stopping`)."""
+    from dspy_promptmii.console import command
+
     args = parser().parse_args(argv)
+    debug = args.log_level == "DEBUG"
+    return command("python -m training.build_library", lambda: _main(args, argv), verbose=debug, program=argv is None)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    protect_output(*logging.getLogger().handlers)  # no credential nor control character in a log line
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     datasets_dir = _datasets_dir(args.datasets)

@@ -43,7 +43,6 @@ import asyncio
 import collections
 import itertools
 import json
-import logging
 import os
 import re
 import threading
@@ -55,8 +54,9 @@ from typing import Any
 import httpx
 
 from dspy_promptmii.protocol import Protocol, strip_reasoning
+from dspy_promptmii.secrets import protected_logger, remember, scrub
 
-logger = logging.getLogger("training.follower")
+logger = protected_logger("training.follower")
 
 __all__ = [
     "ENV",
@@ -377,6 +377,9 @@ class Follower:
         monitor: FailureMonitor | None = None,
     ):
         self.config = config or FollowerConfig.from_env()
+        # Its key and any credentials in its URLs are erased from every text the reward
+        # logs or returns, however a server echoes them (a 401 body, a connection error).
+        remember({"api_key": self.config.api_key, "base_url": self.config.base_url})
         self._transport = transport
         self._per_loop: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient, asyncio.Semaphore]] = {}
         self._urls = itertools.cycle(self.config.urls)
@@ -418,15 +421,17 @@ class Follower:
         except (httpx.TimeoutException, asyncio.TimeoutError) as error:
             raise _Retryable(f"timeout after {self.config.timeout:g} s ({type(error).__name__})") from None
         except httpx.TransportError as error:
-            raise _Retryable(f"connection error: {type(error).__name__}: {error}") from None
+            raise _Retryable(scrub(f"connection error: {type(error).__name__}: {error}")) from None
+        # Error texts quote the server's body, which may echo the key: scrubbed here, so
+        # that no warning, log or ScoreResult.follower_error carries it.
         if response.status_code == 429 or response.status_code >= 500:
-            raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
+            raise _Retryable(scrub(f"HTTP {response.status_code}: {response.text[:200]}"))
         if response.status_code >= 400:
-            raise FollowerError(f"HTTP {response.status_code} from {url}: {response.text[:300]}")
+            raise FollowerError(scrub(f"HTTP {response.status_code} from {url}: {response.text[:300]}"))
         try:
             content = response.json()["choices"][0]["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise _Retryable(f"malformed reply body: {response.text[:200]!r}") from None
+            raise _Retryable(scrub(f"malformed reply body: {response.text[:200]!r}")) from None
         if not isinstance(content, str):
             logger.warning("the follower's reply content is %r, not text: scored as no label", content)
             return None
@@ -529,7 +534,7 @@ async def score_instruction(follower: Follower, instruction: str, tests: HeldOut
         )
         follower.monitor.check()
         return ScoreResult(
-            reward=0.0, n=len(bodies), follower_calls=len(bodies), follower_error=str(errors[0]), seconds=seconds
+            reward=0.0, n=len(bodies), follower_calls=len(bodies), follower_error=scrub(str(errors[0])), seconds=seconds
         )
     follower.monitor.check()
     predicted = [tests.protocol.parse(r, tests.labels) for r in replies]

@@ -28,14 +28,15 @@ import importlib
 import importlib.metadata
 import importlib.util
 import io
-import logging
 import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("training.openrlhf_compat")
+from dspy_promptmii.secrets import protected_logger
+
+logger = protected_logger("training.openrlhf_compat")
 
 __all__ = ["OpenRLHFUnavailable", "openrlhf_dir", "openrlhf_version", "agent_module", "parse_train_args", "main"]
 

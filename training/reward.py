@@ -27,7 +27,6 @@ message, so that training stops instead of learning from zeros.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sys
 import threading
@@ -38,6 +37,7 @@ from typing import Any
 if __package__ in (None, ""):  # loaded by file path (OpenRLHF): make `training` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dspy_promptmii.secrets import protected_logger, scrub
 from training.follower import (
     Follower,
     FollowerConfig,
@@ -49,7 +49,7 @@ from training.follower import (
 )
 from training.tokens import TokenCounter, load_counter
 
-logger = logging.getLogger("training.reward")
+logger = protected_logger("training.reward")
 
 __all__ = ["reward_func", "score_queries", "configure"]
 
@@ -109,7 +109,7 @@ async def _score_one(follower: Follower, query: str, prompt: str | None, label: 
         tests = parse_payload(label)
     except ValueError as error:
         logger.warning("reward 0: the sample's label is unusable (%s)", error)
-        return ScoreResult(reward=0.0, follower_error=str(error)), 0
+        return ScoreResult(reward=0.0, follower_error=scrub(str(error))), 0
     instruction = extract_instruction(query, tests, prompt=prompt)
     if not instruction:
         logger.info("reward 0: no instruction left in the response of task %s", tests.task)
@@ -154,7 +154,7 @@ def reward_func(queries: Sequence[str], prompts: Sequence[str], labels: Sequence
     except Exception as error:  # noqa: BLE001 - exceptions must not reach OpenRLHF
         logger.warning("reward 0 for %d sample(s): %s: %s", n, type(error).__name__, error)
         rewards = [0.0] * n
-        logs = [ScoreResult(reward=0.0, follower_error=str(error)).extra_logs(0) for _ in range(n)]
+        logs = [ScoreResult(reward=0.0, follower_error=scrub(str(error))).extra_logs(0) for _ in range(n)]
     if n == 1:
         return {"rewards": rewards[0], "scores": rewards[0], "extra_logs": logs[0]}
     keys = sorted({k for log in logs for k in log})

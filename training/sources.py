@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import itertools
 import json
-import logging
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dspy_promptmii.data import LabelReader, TaskData, load_task
+from dspy_promptmii.data import LabelReader, TaskData, load_task, read_splits
+from dspy_promptmii.secrets import protected_logger
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
     "ColumnChoice",
@@ -88,17 +88,6 @@ class ColumnDetectionError(ValueError):
 
 
 # --- local folders ------------------------------------------------------------------
-
-
-def read_splits(datasets_dir: str | Path) -> dict[str, list[str]] | None:
-    """``SPLITS.json`` of a datasets folder (``{"train": [...], "dev": [...]}``), or None if absent."""
-    file = Path(datasets_dir) / "SPLITS.json"
-    if not file.is_file():
-        return None
-    data = json.loads(file.read_text(encoding="utf-8"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object with 'train' and 'dev' lists")
-    return {key: [str(name) for name in value] for key, value in data.items() if isinstance(value, list)}
 
 
 def read_overlap_groups(datasets_dir: str | Path) -> dict[str, str]:

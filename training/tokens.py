@@ -16,7 +16,6 @@ filters them out beforehand and needs the policy's token counts. Three counters:
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from dspy_promptmii.secrets import protected_logger
+
+logger = protected_logger(__name__)
 
 __all__ = ["TokenCounter", "ApproxCounter", "GGUFCounter", "HFCounter", "load_counter"]
 

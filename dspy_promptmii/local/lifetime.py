@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import queue
 import re
@@ -33,12 +32,14 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from dspy_promptmii.secrets import protected_logger
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock, so no folder is judged dead
     fcntl = None  # type: ignore[assignment]
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = ["OwnedFolder", "death_signal", "popen_for_process_lifetime", "sweep"]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import subprocess
@@ -38,8 +37,9 @@ from tqdm.auto import tqdm
 
 from dspy_promptmii.local.lifetime import OwnedFolder, death_signal, sweep
 from dspy_promptmii.local.registry import ModelSpec, get_spec, models_dir
+from dspy_promptmii.secrets import protected_logger
 
-logger = logging.getLogger(__name__)
+logger = protected_logger(__name__)
 
 __all__ = [
     "CorruptModelError",
