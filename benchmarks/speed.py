@@ -15,9 +15,10 @@ instructions and order every run):
    processing of the same prompts (a plain request with a one-token reply, which the
    server answers after processing the prompt and sampling once), both in the steady
    state where the server holds the previous query's prompt (the shared instruction).
-5. **Load** (a local follower): the default style's latency with one core kept busy by
-   another process, over the idle latency, for several server thread settings (threads,
-   prompt-processing threads, OpenMP wait policy), each in a server of its own.
+5. **Load** (a local follower): the default style's latency with one core, then both
+   cores, kept busy by other processes, over the idle latency, for several server thread
+   settings (threads, prompt-processing threads, OpenMP wait policy), each in a server of
+   its own.
 6. **Scoring 20 rows**: rows per second when one instruction is scored on 20 held-out
    rows through ``evaluate`` (what compile-time selection does), per style and number of
    parallel calls.
@@ -77,7 +78,7 @@ __all__ = [
     "measure_scoring",
     "ServerSetting",
     "LOAD_SETTINGS",
-    "busy_core",
+    "busy_cores",
     "run_speed",
     "format_speed",
 ]
@@ -382,15 +383,17 @@ LOAD_SETTINGS: tuple[ServerSetting, ...] = (
 
 
 @contextlib.contextmanager
-def busy_core() -> Iterator[subprocess.Popen]:
-    """Another process that keeps one core busy (a Python busy loop) while the block runs."""
-    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+def busy_cores(count: int = 1) -> Iterator[list[subprocess.Popen]]:
+    """``count`` other processes, each keeping one core busy (a Python busy loop), while
+    the block runs."""
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
     try:
-        time.sleep(0.5)  # let the scheduler see it
-        yield process
+        time.sleep(0.5)  # let the scheduler see them
+        yield processes
     finally:
-        process.kill()
-        process.wait()
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def measure_load(
@@ -400,11 +403,13 @@ def measure_load(
     settings: Sequence[ServerSetting] = LOAD_SETTINGS,
     n_ctx: int = 2048,
     start_server: Callable[..., Any] | None = None,
+    busy: Sequence[int] = (1, 2),
 ) -> list[dict[str, Any]]:
     """Per server setting, in a server of its own: the latency of ``style`` on the binary
-    queries when idle, and with one core kept busy by :func:`busy_core`; ``ratio`` is
-    loaded over idle (1: unaffected). ``start_server(setting)`` returns a started
-    :class:`LocalServer`-like object (tests pass a stub)."""
+    queries when idle, and with ``b`` cores kept busy by :func:`busy_cores` for each ``b``
+    in ``busy`` (``loaded``: the first; ``loaded_<b>``: each); ``ratio`` (and
+    ``ratio_<b>``) is loaded over idle (1: unaffected). ``start_server(setting)`` returns a
+    started :class:`LocalServer`-like object (tests pass a stub)."""
     from dspy_promptmii.local.server import LocalServer
 
     def default_start(setting: ServerSetting) -> LocalServer:
@@ -433,18 +438,23 @@ def measure_load(
             with httpx.Client(timeout=600) as client:
                 _series(client, url, [warm])
                 idle = Latency.of(_series(client, url, bodies))
-                with busy_core():
-                    _series(client, url, [warm])
-                    loaded = Latency.of(_series(client, url, bodies))
+                loaded = {}
+                for count in busy:
+                    with busy_cores(count):
+                        _series(client, url, [warm])
+                        loaded[count] = Latency.of(_series(client, url, bodies))
         finally:
             server.stop()
+        first = loaded[busy[0]]
         rows.append(
             {
                 "setting": asdict(setting),
                 "name": setting.name,
                 "idle": asdict(idle),
-                "loaded": asdict(loaded),
-                "ratio": round(loaded.median_ms / idle.median_ms, 3),
+                "loaded": asdict(first),
+                "ratio": round(first.median_ms / idle.median_ms, 3),
+                **{f"loaded_{count}": asdict(latency) for count, latency in loaded.items()},
+                **{f"ratio_{count}": round(latency.median_ms / idle.median_ms, 3) for count, latency in loaded.items()},
             }
         )
         logger.info("load, %s: %s", setting.name, rows[-1])
@@ -613,14 +623,19 @@ def format_speed(result: dict[str, Any]) -> str:
                 f"{row['rows_per_second'] / base['rows_per_second']:>16.2f}"
             )
     if result.get("load"):
-        lines += ["", f"One core busy beside the server (style {result.get('load_style')}; ms, median / p90)", ""]
-        lines.append(f"{'server setting':<34} {'idle':>16} {'loaded':>16} {'ratio':>6}")
+        counts = sorted(int(key.split("_")[1]) for key in result["load"][0] if key.startswith("loaded_"))
+        lines += ["", f"Cores kept busy beside the server (style {result.get('load_style')}; ms, median / p90)", ""]
+        header = f"{'server setting':<34} {'idle':>16}"
+        for count in counts:
+            header += f" {f'{count} busy':>16} {'ratio':>6}"
+        lines.append(header)
         for row in result["load"]:
-            idle, loaded = row["idle"], row["loaded"]
-            lines.append(
-                f"{row['name']:<34} {idle['median_ms']:>7.0f} / {idle['p90_ms']:<6.0f} {loaded['median_ms']:>7.0f} / "
-                f"{loaded['p90_ms']:<6.0f} {row['ratio']:>6.2f}"
-            )
+            idle = row["idle"]
+            line = f"{row['name']:<34} {idle['median_ms']:>7.0f} / {idle['p90_ms']:<6.0f}"
+            for count in counts:
+                loaded = row[f"loaded_{count}"]
+                line += f" {loaded['median_ms']:>7.0f} / {loaded['p90_ms']:<6.0f} {row[f'ratio_{count}']:>6.2f}"
+            lines.append(line)
     if result.get("compile"):
         lines += ["", "Compile (one generator call)", ""]
         lines.append(

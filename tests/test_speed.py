@@ -100,7 +100,7 @@ def test_load_series_starts_one_server_per_setting_and_busies_a_core() -> None:
     busy_seen = []
 
     def reply_checking_busy(body: dict, headers: dict) -> tuple[int, object]:
-        busy_seen.append(_busy_loop_running())
+        busy_seen.append(_busy_loops_running())
         return 200, "GetWeather"
 
     with ChatStub(reply_checking_busy) as stub:
@@ -112,22 +112,25 @@ def test_load_series_starts_one_server_per_setting_and_busies_a_core() -> None:
         rows = measure_load("model.gguf", binary_queries(demo_task(), 3), "choice", settings, start_server=start)
     assert started == list(settings) and all(server.stopped for server in servers)
     assert [row["name"] for row in rows] == ["threads 2/2, wait default", "threads 1/1, wait passive"]
-    assert all(row["idle"]["n"] == row["loaded"]["n"] == 3 and row["ratio"] > 0 for row in rows)
-    # Per setting: warm-up + 3 idle queries without the busy loop, warm-up + 3 with it.
-    assert busy_seen == ([False] * 4 + [True] * 4) * 2
-    assert not _busy_loop_running()
+    assert all(row["idle"]["n"] == row["loaded"]["n"] == row["loaded_2"]["n"] == 3 for row in rows)
+    assert all(row["ratio"] == row["ratio_1"] > 0 and row["ratio_2"] > 0 for row in rows)
+    # Per setting: warm-up + 3 idle queries with no busy loop, then with one, then with two.
+    assert busy_seen == ([0] * 4 + [1] * 4 + [2] * 4) * 2
+    assert "1 busy" in format_speed({"queries": 3, "labels": [], "styles": [], "load": rows, "load_style": "choice"})
+    assert not _busy_loops_running()
 
 
-def _busy_loop_running() -> bool:
+def _busy_loops_running() -> int:
+    running = 0
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if b"while True: pass" in cmdline:
-                return True
-    return False
+            running += b"while True: pass" in cmdline and state != "Z"
+    return running
 
 
 def test_speed_command_line_checks_its_styles() -> None:
@@ -163,4 +166,4 @@ def test_load_series_on_the_embedded_model(local_server) -> None:
         str(local_server.model_path), binary_queries(demo_task(), 2), "choice", (ServerSetting(1, 2, "passive"),)
     )
     assert row["idle"]["n"] == row["loaded"]["n"] == 2 and row["ratio"] > 0
-    assert not _busy_loop_running()
+    assert not _busy_loops_running()
