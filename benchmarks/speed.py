@@ -34,13 +34,13 @@ while it measures (the load series makes its own load).
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ __all__ = [
     "measure_scoring",
     "ServerSetting",
     "LOAD_SETTINGS",
-    "busy_cores",
+    "BusyCores",
     "run_speed",
     "format_speed",
 ]
@@ -321,27 +321,32 @@ def measure_prompt_processing(
 ) -> list[dict[str, Any]]:
     """Per style: the follower's latency over the raw prompt processing of the same
     prompts (naive instruction, binary queries, raw HTTP). ``ratio`` 1 would mean the
-    answer costs nothing beyond reading the prompt."""
+    answer costs nothing beyond reading the prompt.
+
+    The two are interleaved query by query (prompt only, then answered), each after an
+    untimed one-token request for another text, so both find the shared instruction and
+    nothing else of their prompt in the server's cache, and a change in the machine's load
+    during the run touches both series alike."""
     labels = list(BINARY_LABELS)
     instruction = with_format_line(SHORT_INSTRUCTION, labels)
     url, model = _base_url(endpoint), _served_model(endpoint)
     raw = Protocol(constrained=False, reply_limit=1)
 
-    def bodies(protocol: Protocol, texts: Sequence[str]) -> list[dict[str, Any]]:
-        return [protocol.request_body(model, instruction, labels, {"text": t}, ["text"]) for t in texts]
+    def body(protocol: Protocol, text: str) -> dict[str, Any]:
+        return protocol.request_body(model, instruction, labels, {"text": text}, ["text"])
 
-    texts = [query["text"] for query in queries]
+    reset = body(raw, WARM_UP_TEXT)
     rows = []
     with httpx.Client(timeout=300) as client:
         for style in styles:
             protocol = Protocol(constrained=style)
+            prompt_only, answered = [], []
             try:
-                # Untimed: the instruction enters the server's cache; each timed query then
-                # finds the previous query's prompt there, as in a benchmark or a reward.
-                _series(client, url, bodies(raw, [WARM_UP_TEXT]))
-                prompt_only = _series(client, url, bodies(raw, texts))
-                _series(client, url, bodies(protocol, [WARM_UP_TEXT]))
-                answered = _series(client, url, bodies(protocol, texts))
+                _post(client, url, body(protocol, WARM_UP_TEXT))  # untimed: the style's first request
+                for query in queries:
+                    for series, chosen in ((prompt_only, raw), (answered, protocol)):
+                        _post(client, url, reset)
+                        series.append(_post(client, url, body(chosen, query["text"]))[0])
             except httpx.HTTPStatusError as error:
                 rows.append({"style": style or "none", "refused": str(error).splitlines()[0][:200]})
                 continue
@@ -382,16 +387,27 @@ LOAD_SETTINGS: tuple[ServerSetting, ...] = (
 )
 
 
-@contextlib.contextmanager
-def busy_cores(count: int = 1) -> Iterator[list[subprocess.Popen]]:
-    """``count`` other processes, each keeping one core busy (a Python busy loop), while
-    the block runs."""
-    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
-    try:
-        time.sleep(0.5)  # let the scheduler see them
-        yield processes
-    finally:
-        for process in processes:
+class BusyCores:
+    """``count`` other processes, each able to keep one core busy (a Python busy loop),
+    paused until :meth:`run` lets some of them go. Use as a context manager: they are
+    killed at the end."""
+
+    def __init__(self, count: int):
+        self.processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+        self.run(0)
+
+    def run(self, count: int) -> None:
+        """Let ``count`` of the processes run (SIGCONT) and pause the rest (SIGSTOP)."""
+        for index, process in enumerate(self.processes):
+            process.send_signal(signal.SIGCONT if index < count else signal.SIGSTOP)
+        if count:
+            time.sleep(0.05)  # on the run queue before the request
+
+    def __enter__(self) -> BusyCores:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for process in self.processes:
             process.kill()
             process.wait()
 
@@ -406,9 +422,11 @@ def measure_load(
     busy: Sequence[int] = (1, 2),
 ) -> list[dict[str, Any]]:
     """Per server setting, in a server of its own: the latency of ``style`` on the binary
-    queries when idle, and with ``b`` cores kept busy by :func:`busy_cores` for each ``b``
-    in ``busy`` (``loaded``: the first; ``loaded_<b>``: each); ``ratio`` (and
-    ``ratio_<b>``) is loaded over idle (1: unaffected). ``start_server(setting)`` returns a
+    queries when idle, and with ``b`` cores kept busy by other processes for each ``b`` in
+    ``busy`` (``loaded``: the first; ``loaded_<b>``: each); ``ratio`` (and ``ratio_<b>``) is
+    loaded over idle (1: unaffected). Idle and loaded requests alternate query by query
+    (the busy processes paused and resumed, see :class:`BusyCores`), so a change in the
+    machine's own load touches every series alike. ``start_server(setting)`` returns a
     started :class:`LocalServer`-like object (tests pass a stub)."""
     from dspy_promptmii.local.server import LocalServer
 
@@ -427,24 +445,27 @@ def measure_load(
     instruction = with_format_line(SHORT_INSTRUCTION, labels)
     protocol = Protocol(constrained=style)
     rows = []
+    levels = (0, *busy)
     for setting in settings:
         server = (start_server or default_start)(setting)
         try:
             url, model_name = server.base_url, server.alias
-            bodies = [
-                protocol.request_body(model_name, instruction, labels, {"text": q["text"]}, ["text"]) for q in queries
-            ]
             warm = protocol.request_body(model_name, instruction, labels, {"text": WARM_UP_TEXT}, ["text"])
-            with httpx.Client(timeout=600) as client:
-                _series(client, url, [warm])
-                idle = Latency.of(_series(client, url, bodies))
-                loaded = {}
-                for count in busy:
-                    with busy_cores(count):
-                        _series(client, url, [warm])
-                        loaded[count] = Latency.of(_series(client, url, bodies))
+            seconds: dict[int, list[float]] = {level: [] for level in levels}
+            with httpx.Client(timeout=600) as client, BusyCores(max(busy, default=0)) as cores:
+                _post(client, url, warm)  # untimed
+                for query in queries:
+                    body = protocol.request_body(model_name, instruction, labels, {"text": query["text"]}, ["text"])
+                    for level in levels:  # the same query at every level, the cache reset in between
+                        cores.run(0)
+                        _post(client, url, warm)
+                        cores.run(level)
+                        seconds[level].append(_post(client, url, body)[0])
+                    cores.run(0)
         finally:
             server.stop()
+        idle = Latency.of(seconds[0])
+        loaded = {level: Latency.of(seconds[level]) for level in busy}
         first = loaded[busy[0]]
         rows.append(
             {

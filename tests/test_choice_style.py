@@ -102,7 +102,9 @@ TEMPLATE = (
 class CharLlama:
     """A llama_cpp.Llama stand-in: one token per character, logits favouring one letter."""
 
-    def __init__(self, favourite: str = "p", chat_format: str = "chat_template.default", n_ctx: int = 4096):
+    def __init__(
+        self, favourite: str = "p", chat_format: str = "chat_template.default", n_ctx: int = 4096, also: str = ""
+    ):
         self.chat_format = chat_format
         self.chat_handler = None
         self.metadata = {"tokenizer.chat_template": TEMPLATE}
@@ -112,6 +114,8 @@ class CharLlama:
         self._requires_eval = False
         self._logits = np.zeros(0x110000 // 64, dtype=np.single)
         self._logits[ord(favourite)] = 5.0
+        for char in also:  # liked less than the favourite, more than the rest
+            self._logits[ord(char)] = 3.0
         outer = self
 
         class Model:
@@ -171,6 +175,9 @@ def test_the_server_answers_with_the_likeliest_label_in_json_and_its_logprobs():
         (lambda b: b["label_choice"].update(suffix=3), "strings"),
         (lambda b: b.update(label_choice="yes"), "must be an object"),
         (lambda b: b.update(messages=[]), "messages"),
+        (lambda b: b["label_choice"].update(tolerance=2), "tolerance must be a number from 0 to 1"),
+        (lambda b: b["label_choice"].update(tolerance="all"), "tolerance must be a number from 0 to 1"),
+        (lambda b: b.update(stream=True), "without stream=true"),
     ],
 )
 def test_bad_choice_requests_are_refused_by_name(change, message):
@@ -190,3 +197,22 @@ def test_a_prompt_longer_than_the_context_is_refused():
     body = Protocol(constrained="choice").request_body("m", "Classify.", LABELS, {"text": "x" * 600}, ["text"])
     with pytest.raises(LabelChoiceError, match="more than the context"):
         answer(CharLlama(n_ctx=512), body, "m")
+
+
+def test_tolerance_zero_explores_every_branch_and_the_default_stops_at_the_best_label():
+    labels = ["alarm_set", "alarm_query", "weather"]  # one shared prefix: a branch point below the first
+    body = Protocol(constrained="choice").request_body("m", "Classify.", labels, {"text": "fine"}, ["text"])
+
+    def probabilities(reply):
+        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        return {item["token"]: math.exp(item["logprob"]) for item in top}
+
+    fast = probabilities(answer(CharLlama(favourite="w", also="q"), body, "m"))  # "weather" certain at once
+    body["label_choice"]["tolerance"] = 0
+    exact = probabilities(answer(CharLlama(favourite="w", also="q"), body, "m"))
+    assert max(fast, key=fast.get) == max(exact, key=exact.get) == "weather"
+    assert fast["weather"] == pytest.approx(exact["weather"])  # the chosen label's probability is exact
+    assert fast["alarm_set"] == fast["alarm_query"]  # its unexplored branch shared evenly
+    assert exact["alarm_query"] > 10 * exact["alarm_set"]  # explored: "q" is liked, "s" is not
+    assert fast["alarm_set"] + fast["alarm_query"] == pytest.approx(exact["alarm_set"] + exact["alarm_query"])
+    assert sum(fast.values()) == pytest.approx(1.0) and sum(exact.values()) == pytest.approx(1.0)

@@ -20,8 +20,11 @@ Run it as llama-cpp-python's server is run (the same options)::
 
     python -m dspy_promptmii.local.label_server --model M.gguf --n_ctx 8192 --n_threads 2
 
-Errors in a label-choice request (no labels, labels the tokenizer cannot tell apart, a
-model without a chat template) are HTTP 400 with a message naming the problem.
+``label_choice.tolerance`` (0 to 1, default :data:`DEFAULT_TOLERANCE`) sets how much
+probability may stay in unexplored branches once the best label is certain (see
+:func:`~dspy_promptmii.local.label_choice.choose_label`). Errors in a label-choice request
+(no labels, labels the tokenizer cannot tell apart, a model without a chat template) are
+HTTP 400 with a message naming the problem.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route handler's annotations.
@@ -45,15 +48,20 @@ __all__ = ["LABEL_CHOICE_FIELD", "LabelChoiceError", "chat_prompt", "LlamaLogits
 
 #: The request field that asks for label choice.
 LABEL_CHOICE_FIELD = "label_choice"
+#: Unless a request sets ``label_choice.tolerance``: stop as soon as the most probable label
+#: is certain. Its probability, and every explored branch's, is exact; labels inside a
+#: branch never explored share that branch's (exact) probability evenly. 0 explores every
+#: branch point (exact probabilities for all labels, one short decode per branch point).
+DEFAULT_TOLERANCE = 1.0
 
 
 class LabelChoiceError(ValueError):
     """A label-choice request this server cannot answer (HTTP 400)."""
 
 
-def _request(body: Any) -> tuple[list[dict[str, Any]], list[str], str, str]:
-    """(messages, labels, prefix, suffix) of a label-choice request body. Raises
-    :class:`LabelChoiceError` naming what is wrong."""
+def _request(body: Any) -> tuple[list[dict[str, Any]], list[str], str, str, float]:
+    """(messages, labels, prefix, suffix, tolerance) of a label-choice request body.
+    Raises :class:`LabelChoiceError` naming what is wrong."""
     choice = body.get(LABEL_CHOICE_FIELD)
     if not isinstance(choice, dict):
         raise LabelChoiceError(f"{LABEL_CHOICE_FIELD} must be an object with 'labels', got {type(choice).__name__}")
@@ -65,10 +73,15 @@ def _request(body: Any) -> tuple[list[dict[str, Any]], list[str], str, str]:
     prefix, suffix = choice.get("prefix", ""), choice.get("suffix", "")
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise LabelChoiceError(f"{LABEL_CHOICE_FIELD}.prefix and .suffix must be strings")
+    tolerance = choice.get("tolerance", DEFAULT_TOLERANCE)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
+        raise LabelChoiceError(f"{LABEL_CHOICE_FIELD}.tolerance must be a number from 0 to 1, got {tolerance!r}")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise LabelChoiceError("messages must be a non-empty list")
-    return messages, labels, prefix, suffix
+    if body.get("stream"):
+        raise LabelChoiceError(f"{LABEL_CHOICE_FIELD} answers in one piece: send it without stream=true")
+    return messages, labels, prefix, suffix, float(tolerance)
 
 
 def chat_prompt(llama: Any, messages: Sequence[dict[str, Any]]) -> str:
@@ -86,13 +99,17 @@ def chat_prompt(llama: Any, messages: Sequence[dict[str, Any]]) -> str:
             f"label choice needs the model's own chat template (a GGUF with tokenizer.chat_template); this model is "
             f"served with chat format {name!r}"
         )
-    eos, bos = llama.token_eos(), llama.token_bos()
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template=template,
-        eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
-        bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
-    )
-    return formatter(messages=list(messages)).prompt
+    cached = getattr(llama, "_promptmii_formatter", None)
+    if cached is None or cached[0] != template:  # compiling the template takes milliseconds: once per model
+        eos, bos = llama.token_eos(), llama.token_bos()
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+            bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+        )
+        cached = (template, formatter)
+        llama._promptmii_formatter = cached
+    return cached[1](messages=list(messages)).prompt
 
 
 class LlamaLogits:
@@ -130,7 +147,7 @@ def _tokenizer(llama: Any):
 
 def score(llama: Any, body: dict[str, Any]) -> tuple[LabelChoice, int]:
     """The label choice for a request body, and the prompt's token count."""
-    messages, labels, prefix, suffix = _request(body)
+    messages, labels, prefix, suffix, tolerance = _request(body)
     context = chat_prompt(llama, messages) + prefix
     try:
         sequences = label_sequences(_tokenizer(llama), context, labels, suffix)
@@ -139,14 +156,14 @@ def score(llama: Any, body: dict[str, Any]) -> tuple[LabelChoice, int]:
     longest = max(len(s) for s in sequences.values())
     if longest > llama.n_ctx():
         raise LabelChoiceError(f"the prompt and a label take {longest} tokens, more than the context ({llama.n_ctx()})")
-    choice = choose_label(LlamaLogits(llama), sequences)
+    choice = choose_label(LlamaLogits(llama), sequences, tolerance=tolerance)
     return choice, len(_tokenizer(llama)(context))
 
 
 def answer(llama: Any, body: dict[str, Any], model: str) -> dict[str, Any]:
     """The chat-completion reply to a label-choice request (see the module docstring)."""
     choice, prompt_tokens = score(llama, body)
-    _, _, prefix, suffix = _request(body)
+    _, _, prefix, suffix, _ = _request(body)
     content = prefix + choice.label + suffix
     completion_tokens = len(_tokenizer(llama)(choice.label + suffix))
     reply: dict[str, Any] = {
@@ -219,6 +236,10 @@ def create_app(server_settings: Any, model_settings: list[Any]) -> Any:
                 reply = await run_in_threadpool(answer, llama, body, body.get("model") or "")
             except LabelChoiceError as error:
                 return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error"}}, 400)
+            except Exception as error:  # noqa: BLE001 - a JSON error body, not a bare 500 page
+                logger.exception("label choice failed")
+                message = f"label choice failed: {type(error).__name__}: {error}"
+                return JSONResponse({"error": {"message": message, "type": "server_error"}}, 500)
         return JSONResponse(reply)
 
     app.add_api_route(
