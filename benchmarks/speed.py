@@ -21,7 +21,7 @@ instructions and order every run):
    its own.
 6. **Scoring 20 rows**: rows per second when one instruction is scored on 20 held-out
    rows through ``evaluate`` (what compile-time selection does), per style and number of
-   parallel calls.
+   parallel calls; the median of 3 interleaved rounds.
 7. **Compile**: one generator call split into meta-prompt processing (the call with a
    one-token reply) and generation (the same call again, its prompt now cached), per
    generator given.
@@ -483,33 +483,49 @@ def measure_load(
 
 
 def measure_scoring(
-    endpoint: Endpoint, task: TaskData, styles: Sequence[str | bool], threads: Sequence[int] = (1, 4), rows: int = 20
+    endpoint: Endpoint,
+    task: TaskData,
+    styles: Sequence[str | bool],
+    threads: Sequence[int] = (1, 4),
+    rows: int = 20,
+    repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """Rows per second when the naive instruction is scored on ``rows`` held-out rows of
     ``task`` through :func:`~dspy_promptmii.evaluation.evaluate` (compile-time selection's
-    path), per style and number of parallel calls."""
+    path), per style and number of parallel calls: the median of ``repeats`` rounds, each
+    round running every (style, calls) pair once, so that a change in the machine's load
+    touches every pair alike."""
     _, test = split_rows(task.rows, train=0, test=rows, seed=0)
     examples = task.examples(test)
     program = naive_program(dspy.Predict(task.signature()))
     lm = endpoint.lm.copy(cache=False)
-    out = []
-    for style in styles:
-        adapter = LabelAdapter(protocol=Protocol(constrained=style))
+    adapters = {style: LabelAdapter(protocol=Protocol(constrained=style)) for style in styles}
+    for adapter in adapters.values():
         evaluate(program, examples[:2], lm=lm, adapter=adapter, progress=False)  # untimed warm-up
-        for count in threads:
-            result = evaluate(program, examples, lm=lm, adapter=adapter, threads=count, progress=False)
-            out.append(
-                {
-                    "style": style or "none",
-                    "threads": count,
-                    "rows": len(examples),
-                    "seconds": round(result.seconds, 3),
-                    "rows_per_second": round(len(examples) / result.seconds, 3),
-                    "macro_f1": round(result.macro_f1, 4),
-                    "errors": result.errors + result.lm_errors,
-                }
-            )
-            logger.info("scoring %d rows, style %s, %d thread(s): %s", len(examples), style or "none", count, out[-1])
+    seconds: dict[tuple[str | bool, int], list[float]] = {(style, n): [] for style in styles for n in threads}
+    results = {}
+    for _ in range(repeats):
+        for style, count in seconds:
+            result = evaluate(program, examples, lm=lm, adapter=adapters[style], threads=count, progress=False)
+            seconds[(style, count)].append(result.seconds)
+            results[(style, count)] = result
+    out = []
+    for (style, count), taken in seconds.items():
+        median = statistics.median(taken)
+        result = results[(style, count)]
+        out.append(
+            {
+                "style": style or "none",
+                "threads": count,
+                "rows": len(examples),
+                "seconds": round(median, 3),
+                "rounds": [round(x, 3) for x in taken],
+                "rows_per_second": round(len(examples) / median, 3),
+                "macro_f1": round(result.macro_f1, 4),
+                "errors": result.errors + result.lm_errors,
+            }
+        )
+        logger.info("scoring %d rows, style %s, %d thread(s): %s", len(examples), style or "none", count, out[-1])
     return out
 
 
