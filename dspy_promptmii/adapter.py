@@ -137,6 +137,11 @@ class LabelAdapter(Adapter):
     def demos(self) -> str:
         return self.protocol.demo_style
 
+    def task(self, signature: type[Signature]) -> ClassificationTask | None:
+        """The classification task of ``signature`` when this adapter renders it itself,
+        else None (it goes to the fallback; the reason is logged once)."""
+        return self._task(signature)
+
     def _task(self, signature: type[Signature]) -> ClassificationTask | None:
         """The task of a signature this adapter renders itself, else None (with a log line once)."""
         task = signature_task(signature) if len(signature.output_fields) == 1 else None

@@ -1,4 +1,4 @@
-"""The ``promptmii`` command: ``demo``, ``induce``, ``models pull|list``, ``serve``.
+"""The ``promptmii`` command: ``demo``, ``induce``, ``export``, ``models pull|list``, ``serve``.
 
 Every option and input is checked before a model is pulled, a server started or an LM
 called; an error is one line (``promptmii: error: ...``, exit 2; the traceback only with
@@ -221,6 +221,21 @@ def _induce(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export ----------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``export``: the follower prompt of every classifier of a saved program (no LM call)."""
+    from dspy_promptmii.console import echo
+    from dspy_promptmii.export import export_prompts, load_program, render_export
+    from dspy_promptmii.protocol import Protocol
+
+    protocol = Protocol(constrained=args.constrained or False, demo_style=args.demos)
+    program = load_program(args.program_file, args.program)
+    echo(render_export(export_prompts(program, protocol), args.format, protocol))
+    return 0
+
+
 # -- models ----------------------------------------------------------------------------
 
 
@@ -397,6 +412,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     induce.add_argument("--out", help="write the instruction and the report as JSON here (never the --data file)")
     induce.set_defaults(func=_induce)
+
+    export = commands.add_parser(
+        "export",
+        help="print the follower prompt of a saved program's classifiers, as LabelAdapter sends it (no LM call)",
+    )
+    export.add_argument("program_file", metavar="PROGRAM.json", help="a program saved with DSPy's program.save()")
+    export.add_argument(
+        "--format",
+        choices=("text", "messages", "json"),
+        default="text",
+        help="text (default): readable; messages: the chat messages as JSON; json: messages, slots, labels, "
+        "request settings and the protocol",
+    )
+    export.add_argument(
+        "--program",
+        metavar="MODULE:ATTR",
+        default=None,
+        help="the program (a dspy.Module, a Signature or a factory) to load the file into; default: rebuilt from "
+        "the file alone (needs the protocol's format line at the end of each instruction)",
+    )
+    export.add_argument(
+        "--constrained",
+        choices=CONSTRAINED_STYLES,
+        default=None,
+        help="the follower's constrained decoding (the request settings; default none, LabelAdapter()'s)",
+    )
+    export.add_argument(
+        "--demos", choices=("inline", "turns"), default="inline", help="how demos are shown (default inline)"
+    )
+    export.set_defaults(func=_export)
 
     models = commands.add_parser("models", help="the embedded models: pull, list")
     model_commands = models.add_subparsers(dest="models_command", required=True)
