@@ -1,11 +1,13 @@
 """The benchmark loop: every (task, n, method) cell compiled, evaluated on the task's
 held-out rows, and appended to ``results.jsonl`` as soon as it finishes.
 
-Per cell: the method compiles inside ``dspy.context(lm=<metered follower copy>,
-adapter=<the shared adapter>)`` and any generator call goes through a second metered
-copy, so compile LM calls and tokens are counted per role; the compiled program is then
-scored with :func:`dspy_promptmii.evaluation.evaluate` (macro-F1, accuracy, invalid rate,
-prompt tokens per query from the LM's usage) on the same test rows for every method.
+Per cell: what the compile will cost is estimated first (``record["estimate"]``: calls,
+tokens and price, from the optimizer's own estimate or budget rule; no LM call); the
+method compiles inside ``dspy.context(lm=<metered follower copy>, adapter=<the shared
+adapter>)`` and any generator call goes through a second metered copy, so compile LM
+calls and tokens are counted per role; the compiled program is then scored with
+:func:`dspy_promptmii.evaluation.evaluate` (macro-F1, accuracy, invalid rate, prompt
+tokens per query from the LM's usage) on the same test rows for every method.
 
 A cell's score is complete or not recorded as a score: when an LM call fails during its
 evaluation (a server down for a while), the cell is an ``error`` (retried by the next
@@ -326,6 +328,13 @@ def run_cell(
         protocol=protocol,
         options=options,
     )
+    # What the compile will cost, said before it spends anything (no LM call).
+    try:
+        with dspy.context(lm=follower_lm, adapter=adapter):
+            record["estimate"] = methods_module.estimate_record(spec.estimate(ctx))
+    except Exception as error:  # noqa: BLE001 - a cell without an estimate still runs
+        logger.warning("%s n=%d %s: no estimate: %s", task.name, n, method, scrub(str(error)))
+        record["estimate"] = {"error": scrub(f"{type(error).__name__}: {error}")[:500]}
     started = time.perf_counter()
     try:
         with dspy.context(lm=follower_lm, adapter=adapter):

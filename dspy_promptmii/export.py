@@ -57,7 +57,9 @@ SINGLE_SLOT = "{input}"
 #: What the ``json`` format calls itself (its ``format`` key).
 JSON_FORMAT = "promptmii-export/1"
 
-_FORMAT_LINE = re.compile(r'Only return one of these options: (?P<labels>.+)\. Do not output "Label:" or any extra text\.\Z')
+_FORMAT_LINE = re.compile(
+    r'Only return one of these options: (?P<labels>.+)\. Do not output "Label:" or any extra text\.\Z'
+)
 
 
 def slots(field_names: Sequence[str]) -> dict[str, str]:
