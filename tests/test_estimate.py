@@ -12,6 +12,7 @@ import dspy
 import pytest
 from fakes import fake_lm, word_count
 from test_benchmarks import config, data_dir, endpoint, lms  # noqa: F401 - fixtures and helpers
+from test_cli import fake_pool  # noqa: F401 - a fixture
 
 from benchmarks.methods import Budgets, CompileContext, estimate_promptmii, parse_method
 from benchmarks.report import estimate_rows, render_report
@@ -323,3 +324,20 @@ def test_induce_dry_run_prints_the_estimate_and_calls_nothing(capsys, tmp_path, 
     assert cli.main(["induce", "--data", str(task_file), "--generator", "local", "--n", "6", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "unknown" in printed and "hosted_vllm/qwen2.5-coder-0.5b-instruct" in printed
+
+
+def test_the_demo_prints_the_estimate_beside_the_measured_compile(capsys, tmp_path, fake_pool) -> None:  # noqa: F811
+    fake_pool()
+    out_file = tmp_path / "demo.json"
+    assert cli.main(["demo", "--test-rows", "10", "--n", "7", "--no-constrained", "--out", str(out_file)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out_file.read_text())
+    estimate, measured = result["estimate"]["total"], result["measured"]
+    assert estimate["generator_calls"] == measured["generator_calls"] == 1
+    assert estimate["follower_calls"] == measured["follower_calls"] == 0
+    # The fake generator reports words as tokens, and the demo counts with the same words
+    # (plus the chat framing allowance): the meta-prompt is what was sent.
+    assert estimate["prompt_tokens"] == measured["prompt_tokens"] + CHAT_FRAMING
+    assert measured["completion_tokens"] <= estimate["completion_tokens"] == 224
+    assert "compile, estimated before it: 1 generator + 0 follower calls" in printed
+    assert "compile, measured:" in printed and "price unknown" in printed
