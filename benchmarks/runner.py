@@ -522,14 +522,19 @@ def load_splits(config: RunConfig) -> tuple[list[Split], list[str]]:
 
 
 def run_benchmark(
-    config: RunConfig, endpoints: Endpoints, splits: tuple[list[Split], list[str]] | None = None
+    config: RunConfig,
+    endpoints: Endpoints,
+    splits: tuple[list[Split], list[str]] | None = None,
+    sink: Any | None = None,
 ) -> RunSummary:
     """Run every unfinished cell of ``config`` and return a summary.
 
     Finished cells found in ``config.out`` are skipped; a Ctrl-C or SIGTERM stops after
     writing the manifest (status ``interrupted``), losing only the cell in progress, and
     no LM request starts after it. The folder is locked for the whole run. ``splits`` is
-    what :func:`load_splits` returned for ``config``, if it was called already.
+    what :func:`load_splits` returned for ``config``, if it was called already. ``sink``
+    (e.g. :class:`benchmarks.tracking.MlflowSink`) gets ``sync(records)`` with the finished
+    records already in the folder, then ``log(record)`` for each new one.
 
     Raises:
         FolderLocked: another run writes ``config.out``.
@@ -540,11 +545,11 @@ def run_benchmark(
             run as ``error`` when it still can be written.
     """
     with interrupt_on_sigterm(), ResultStore(config.out).lock():
-        return _run_benchmark(config, endpoints, splits)
+        return _run_benchmark(config, endpoints, splits, sink)
 
 
 def _run_benchmark(
-    config: RunConfig, endpoints: Endpoints, loaded: tuple[list[Split], list[str]] | None
+    config: RunConfig, endpoints: Endpoints, loaded: tuple[list[Split], list[str]] | None, sink: Any | None = None
 ) -> RunSummary:
     wall_started = time.perf_counter()
     store = ResultStore(config.out)
@@ -627,6 +632,10 @@ def _run_benchmark(
         config.out,
     )
 
+    if sink is not None:  # cells finished before (resumed, or run without a sink)
+        logged = sink.sync(store.finished_records().values())
+        if logged:
+            logger.info("%d finished cell(s) of earlier runs logged to %s", logged, type(sink).__name__)
     by_status: dict[str, int] = {}
     status = "finished"
     failure: BaseException | None = None
@@ -646,6 +655,8 @@ def _run_benchmark(
                 protocol=protocol,
             )
             store.append(record)
+            if sink is not None:
+                sink.log(record)
             run_entry["cells_run"] += 1
             by_status[record["status"]] = by_status.get(record["status"], 0) + 1
             bar.update(1)

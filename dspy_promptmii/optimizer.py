@@ -39,6 +39,7 @@ from dspy_promptmii.sampling import SAMPLING, Sampling, select_examples
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.selection import Candidate, as_examples, best_candidate, score_candidate, validation_rows
 from dspy_promptmii.task import ClassificationTask, LabelledExample, classification_tasks
+from dspy_promptmii.tracking import log_compile
 
 logger = protected_logger(__name__)
 
@@ -421,6 +422,8 @@ class PromptMIIOptimizer(Teleprompter):
         self.report = [asdict(report) for _, _, report in results]
         program.promptmii_report = self.report
         program._compiled = True
+        # Under mlflow.dspy.autolog(log_compiles=True): the report, instructions, calls, tokens.
+        log_compile(self, self.report)
         return program
 
     # -- the cost, before any call ----------------------------------------------------
