@@ -27,7 +27,7 @@ from dspy_promptmii.optimizer import (
     PromptMIIOptimizer,
     meta_prompt_budget,
 )
-from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, label_list
+from dspy_promptmii.protocol import Protocol, label_list, naive_instruction
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import ClassificationTask
@@ -357,7 +357,7 @@ def _follower_prompt_tokens(ctx: CompileContext) -> float | None:
     when they cannot be counted."""
     task = program_task(ctx.student)
     protocol = ctx.protocol
-    instruction = protocol.instruction(NAIVE_INSTRUCTION, task.labels)
+    instruction = protocol.instruction(naive_instruction(task.labels), task.labels)
     counter = ctx.follower.token_counter
     try:
         counts = [

@@ -531,6 +531,36 @@ def _render(folder: Path, plot_name: str | None) -> str:
             "",
         ]
 
+    multi = [r for r in records if r.get("example_f1") is not None]
+    if multi:
+        parts += [
+            "## Multi-label tasks",
+            "",
+            "Cells of multi-label tasks (`list[Literal[...]]`), by scikit-learn's multilabel metrics: example-F1 "
+            "(each example's label set, averaged), micro-F1 (over all label decisions), macro-F1 (per label, over "
+            "the labels used; the macro-F1 of the tables above) and exact match (the set exactly right; the "
+            "accuracy above). An invalid reply counts as no label.",
+            "",
+            _table(
+                ["method", "n", "tasks", "example-F1", "micro-F1", "macro-F1", "exact match"],
+                (
+                    [
+                        method,
+                        str(n),
+                        str(len({r["task"] for r in group})),
+                        _f(_mean(r["example_f1"] for r in group)),
+                        _f(_mean(r.get("micro_f1") for r in group)),
+                        _f(_mean(r["macro_f1"] for r in group)),
+                        _f(_mean(r["accuracy"] for r in group)),
+                    ]
+                    for method in method_order(multi)
+                    for n in sorted({r["n"] for r in multi if r["method"] == method})
+                    for group in [[r for r in multi if r["method"] == method and r["n"] == n]]
+                ),
+            ),
+            "",
+        ]
+
     parts += [
         "## Win rates (macro-F1)",
         "",

@@ -407,6 +407,8 @@ def run_cell(
             "traceback": scrub(traceback.format_exc())[-4000:],
             "finished_at": now(),
         }
+    if result.example_f1 is not None:  # a multi-label task: accuracy is the exact-match rate
+        record.update({"example_f1": result.example_f1, "micro_f1": result.micro_f1, "multilabel": True})
     record.update(
         {
             "status": "ok",

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import dspy
 
 from dspy_promptmii.adapter import LabelAdapter
-from dspy_promptmii.protocol import Protocol, format_line
+from dspy_promptmii.protocol import MultiLabels, Protocol, format_line, is_multilabel
 from dspy_promptmii.secrets import protected_logger
 
 logger = protected_logger(__name__)
@@ -57,8 +57,13 @@ SINGLE_SLOT = "{input}"
 #: What the ``json`` format calls itself (its ``format`` key).
 JSON_FORMAT = "promptmii-export/1"
 
-_FORMAT_LINE = re.compile(
-    r'Only return one of these options: (?P<labels>.+)\. Do not output "Label:" or any extra text\.\Z'
+_FORMAT_LINES = (
+    (re.compile(r'Only return one of these options: (?P<labels>.+)\. Do not output "Label:" or any extra text\.\Z'),
+     False),
+    (re.compile(
+        r"Return a JSON array of the options that apply, from: (?P<labels>.+)\. Several may apply, or none "
+        r'\(\[\]\)\. Do not output "Label:" or any extra text\.\Z'
+    ), True),
 )
 
 
@@ -77,7 +82,8 @@ class ExportedPrompt:
     value of each input field goes; ``settings`` are the request body's other fields the
     protocol sets for an LM without settings of its own (temperature, ``max_tokens``,
     constrained decoding), as they reach the server (``grammar`` and ``label_choice`` at
-    the top level of the body). ``labels`` are the answers the follower may give.
+    the top level of the body). ``labels`` are the answers the follower may give (with
+    ``multilabel``, a JSON array of any of them).
     """
 
     predictor: str
@@ -87,6 +93,7 @@ class ExportedPrompt:
     slots: dict[str, str]
     messages: list[dict[str, str]]
     settings: dict[str, Any] = field(default_factory=dict)
+    multilabel: bool = False
 
     def fill(self, inputs: Mapping[str, Any]) -> list[dict[str, str]]:
         """The messages for one input: in the last message, each slot's last occurrence
@@ -150,6 +157,7 @@ def export_prompts(program: dspy.Module, protocol: Protocol | None = None) -> li
                 slots=slot_of,
                 messages=[{"role": m["role"], "content": m["content"]} for m in messages],
                 settings=adapter.protocol.settings(task.labels),
+                multilabel=task.multilabel,
             )
         )
     if not prompts:
@@ -161,15 +169,17 @@ def export_prompts(program: dspy.Module, protocol: Protocol | None = None) -> li
 # -- programs from files ----------------------------------------------------------------
 
 
-def labels_from_instruction(instruction: str) -> list[str] | None:
-    """The labels the protocol's format line at the end of ``instruction`` lists, or None
+def labels_from_instruction(instruction: str) -> Sequence[str] | None:
+    """The labels the protocol's format line at the end of ``instruction`` lists (a
+    :class:`~dspy_promptmii.protocol.MultiLabels` for the multi-label line), or None
     when it does not end with one. The line is written again from the labels read and
     must come out the same (labels holding a comma are JSON-quoted, see
     :func:`~dspy_promptmii.protocol.label_list`)."""
     last = (instruction or "").rstrip().rsplit("\n", 1)[-1]
-    match = _FORMAT_LINE.match(last)
-    if not match:
+    found = next(((m, multi) for pattern, multi in _FORMAT_LINES if (m := pattern.match(last))), None)
+    if found is None:
         return None
+    match, multilabel = found
     text = match.group("labels")
     labels: list[str] | None
     if text.startswith('"'):
@@ -179,9 +189,10 @@ def labels_from_instruction(instruction: str) -> list[str] | None:
             labels = None
     else:
         labels = text.split(", ")
-    if not labels or not all(isinstance(label, str) for label in labels) or format_line(labels) != last:
+    if not labels or not all(isinstance(label, str) for label in labels):
         return None
-    return labels
+    labels = MultiLabels(labels) if multilabel else labels
+    return labels if format_line(labels) == last else None
 
 
 def _placeholder_name(description: str | None) -> str | None:
@@ -241,7 +252,9 @@ def _predictor_from_state(state: Mapping[str, Any], where: str) -> tuple[dspy.Pr
         own = description if description and _placeholder_name(description) != name else None
         fields[name] = (str, dspy.InputField(desc=own) if own else dspy.InputField())
     own = descriptions[-1] if descriptions[-1] and _placeholder_name(descriptions[-1]) != label_field else None
-    label_type = Literal[tuple(labels)]  # type: ignore[valid-type]
+    label_type: Any = Literal[tuple(labels)]  # type: ignore[valid-type]
+    if is_multilabel(labels):
+        label_type = list[label_type]
     fields[label_field] = (label_type, dspy.OutputField(desc=own) if own else dspy.OutputField())
     predictor = dspy.Predict(dspy.Signature(fields, instruction))
     predictor.load_state({**state, "lm": None})

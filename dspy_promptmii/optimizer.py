@@ -26,12 +26,12 @@ from dspy_promptmii.generation import (
 )
 from dspy_promptmii.library import check_entries, load_library, select_exemplars
 from dspy_promptmii.protocol import (
-    NAIVE_INSTRUCTION,
     TEMPLATES,
     Cleaned,
     Protocol,
     choose_template,
     format_line,
+    naive_instruction,
     template_text,
     unknown_labels,
 )
@@ -584,7 +584,7 @@ class PromptMIIOptimizer(Teleprompter):
         reply = LabelAdapter(protocol=protocol)._lm_kwargs(follower, {}, task).get("max_tokens")
         reply = reply or (getattr(follower, "kwargs", {}) or {}).get("max_tokens")
         generated = self.candidates
-        naive = NAIVE_INSTRUCTION if self.include_naive else None
+        naive = naive_instruction(task.labels) if self.include_naive else None
         prompt: int | None = 0
         def count(instruction: str, inputs: Mapping[str, Any]) -> int:
             messages = protocol.messages(
@@ -713,7 +713,7 @@ class PromptMIIOptimizer(Teleprompter):
         ]
         validation, follower_calls = None, 0
         if follower is not None and self.include_naive:
-            naive = self.protocol.instruction(NAIVE_INSTRUCTION, task.labels)
+            naive = self.protocol.instruction(naive_instruction(task.labels), task.labels)
             candidates.append(Candidate(index=len(written), kind="naive", instruction=naive))
         # Replies that cleaned to nothing are reported, never scored.
         empty = [
@@ -805,7 +805,11 @@ class PromptMIIOptimizer(Teleprompter):
     ) -> PredictorReport:
         task = plan.task
         naive_won = best.kind == "naive"
-        text = best.instruction.removesuffix(format_line(task.labels)).rstrip() if not naive_won else NAIVE_INSTRUCTION
+        text = (
+            best.instruction.removesuffix(format_line(task.labels)).rstrip()
+            if not naive_won
+            else naive_instruction(task.labels)
+        )
         tokens = self._tokens(text, generator.model)
         # The budget's generation limit allows a margin over it; only an instruction past
         # that (the LM or max_tokens set a larger limit, so the budget was only asked for
