@@ -72,7 +72,8 @@ def label_probabilities(logprobs: Any, labels: Sequence[str]) -> dict[str, float
 
 
 class LabelAdapter(Adapter):
-    """Paper-style follower prompts for single-label classification predictors.
+    """Paper-style follower prompts for classification predictors: single-label ones, and
+    multi-label ones (``list[Literal[...]]``), whose answer is a JSON array of labels.
 
     Prompts, the reply limit, constrained decoding and parsing all come from one
     :class:`~dspy_promptmii.protocol.Protocol` (:attr:`protocol`), the same value the

@@ -123,7 +123,10 @@ def _describe_refusal(name: str, predictor: dspy.Predict) -> str:
     if len(signature.output_fields) != 1:
         outputs = list(signature.output_fields)
         return f"{name}: {len(outputs)} output fields {outputs} (LabelAdapter renders one label field)"
-    return f"{name}: not a classifier LabelAdapter renders (its label field is not a Literal, an Enum or a bool)"
+    return (
+        f"{name}: not a classifier LabelAdapter renders (its label field is not a Literal, an Enum, a bool, "
+        "or a list of a Literal or an Enum)"
+    )
 
 
 def export_prompts(program: dspy.Module, protocol: Protocol | None = None) -> list[ExportedPrompt]:

@@ -196,10 +196,11 @@ class PromptMIIOptimizer(Teleprompter):
     labelled examples, with one generator call per predictor (by default).
 
     For each predictor whose last output field is a ``Literal``, an ``Enum`` or a
-    ``bool``, ``compile`` renders ``n`` labelled examples from the trainset into a
-    meta-prompt (with ``exemplars`` instructions of other tasks from the instruction
-    library, if asked), asks the generator LM once for an instruction, cleans the reply,
-    appends the answer-format line, and sets it with ``signature.with_instructions`` on
+    ``bool`` (or a ``list`` of a ``Literal`` or an ``Enum``: multi-label), ``compile``
+    renders ``n`` labelled examples from the trainset into a meta-prompt (with
+    ``exemplars`` instructions of other tasks from the instruction library, if asked),
+    asks the generator LM once for an instruction, cleans the reply, appends the
+    answer-format line, and sets it with ``signature.with_instructions`` on
     a deep copy of the student. The student is never modified. Meta-prompt, cleaning and
     format line are the :class:`~dspy_promptmii.protocol.Protocol`'s.
 
@@ -650,7 +651,7 @@ class PromptMIIOptimizer(Teleprompter):
         if not plans:
             raise ValueError(
                 "the program has no classification predictor: PromptMIIOptimizer needs a predictor whose last "
-                "output field is a Literal[...], an Enum or a bool"
+                "output field is a Literal[...], an Enum or a bool, or a list of a Literal or an Enum (multi-label)"
             )
         return plans
 
