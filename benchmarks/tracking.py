@@ -77,8 +77,14 @@ class MlflowSink:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.experiment_name = f"{EXPERIMENT_PREFIX}{self.folder.resolve().name}"
         found = self.client.get_experiment_by_name(self.experiment_name)
+        # Its artifacts (none are logged here; a user's may be) live beside the results, not in
+        # MLflow's default ./mlruns of whatever folder the run started in.
         self.experiment_id = (
-            found.experiment_id if found is not None else self.client.create_experiment(self.experiment_name)
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(
+                self.experiment_name, artifact_location=(self.folder.resolve() / "mlflow-artifacts").as_uri()
+            )
         )
         self.logged: set[tuple[str, str]] = set()
         for run in self._runs():

@@ -44,6 +44,8 @@ def autolog(tmp_path: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     track_usage = dspy.settings.track_usage
     mlflow.set_tracking_uri(uri)
+    # Artifacts go under tmp_path too (MLflow's default is ./mlruns in the current folder).
+    mlflow.create_experiment("compiles", artifact_location=(tmp_path / "artifacts").as_uri())
     mlflow.set_experiment("compiles")
     mlflow.dspy.autolog(log_compiles=True)
     try:
