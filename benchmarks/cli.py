@@ -173,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", default=None, help="results folder (default benchmarks/results/run-<date>, quick-<date> with --quick)"
     )
+    run.add_argument(
+        "--mlflow",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="URI",
+        help="log each finished cell (method, task, macro-F1, tokens/query, calls, seconds) as an MLflow run; URI: "
+        "sqlite:///PATH.db, a PATH.db, http(s)://HOST:PORT (default: sqlite:///<out>/mlflow.db); needs the mlflow "
+        "extra",
+    )
     run.add_argument("--quick", action="store_true", help=QUICK_DESCRIPTION)
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -260,7 +270,7 @@ def _setup_logging(out: Path | None, verbose: bool) -> None:
         root.addHandler(file)
     protect_output(*root.handlers)
     logging.captureWarnings(True)  # warnings.warn(...) texts reach the handlers' filters too
-    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "urllib3", "optuna"):
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "urllib3", "optuna", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # DSPy logs through its own stderr handler and does not propagate: send its records
     # through ours instead, so that the optimizers' step-by-step messages reach run.log.
@@ -337,6 +347,14 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     except FileNotFoundError as error:
         raise SystemExit(str(error)) from None
 
+    sink = None
+    if args.mlflow is not None:  # checked before any model is pulled or started
+        from benchmarks.tracking import MlflowSink
+
+        try:
+            sink = MlflowSink(args.mlflow or None, out)
+        except (ImportError, ValueError) as error:
+            raise SystemExit(f"--mlflow: {error}") from None
     args.follower_max_tokens = _follower_max_tokens(args)
     recorded_args = {**vars(args), **values}
     config = RunConfig(
@@ -376,10 +394,12 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         extra = {route: endpoint(route, cache=False) for route in extra_generators}
         try:
             summary = run_benchmark(
-                config, Endpoints(follower=follower, generator=generator, trained=trained, extra=extra), splits
+                config, Endpoints(follower=follower, generator=generator, trained=trained, extra=extra), splits, sink
             )
         except ConfigMismatch as error:
             raise SystemExit(str(error)) from None
+    if sink is not None:
+        print(f"MLflow: experiment {sink.experiment_name!r} at {sink.uri} (mlflow ui --backend-store-uri {sink.uri})")
     print(
         f"{summary.status}: {summary.cells_run} cells run ({summary.by_status}), "
         f"{summary.cells_already_done} already done, {summary.cells_total} in all; {summary.wall_seconds:.0f} s. "

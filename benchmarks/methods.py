@@ -18,9 +18,16 @@ import dspy
 
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.baselines import fit_icl_demos, icl_program, naive_program
+from dspy_promptmii.estimate import CompileEstimate, count_messages, gepa_estimate, miprov2_estimate
 from dspy_promptmii.evaluation import program_task
-from dspy_promptmii.optimizer import GenerationError, PromptBudgetError, PromptMIIOptimizer, meta_prompt_budget
-from dspy_promptmii.protocol import Protocol, label_list
+from dspy_promptmii.optimizer import (
+    CHAT_FRAMING,
+    GenerationError,
+    PromptBudgetError,
+    PromptMIIOptimizer,
+    meta_prompt_budget,
+)
+from dspy_promptmii.protocol import Protocol, label_list, naive_instruction
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import ClassificationTask
@@ -40,6 +47,7 @@ __all__ = [
     "feedback_metric",
     "train_val_split",
     "REPLY_ROOM",
+    "estimate_record",
 ]
 
 #: Tokens kept free in the follower's context for its reply and the chat template's framing.
@@ -213,11 +221,8 @@ def compile_icl(ctx: CompileContext) -> Compiled:
     return Compiled(program, n_used=k, details=details)
 
 
-def compile_promptmii(ctx: CompileContext) -> Compiled:
-    """PromptMIIOptimizer on the n examples, with the method's options (exemplars,
-    max_instruction_tokens, candidates, val_size, demos, template). With candidates > 1
-    the candidates are scored on up to val_size of the same n examples (a benchmark cell
-    has no other labelled rows; every method gets exactly these n)."""
+def _promptmii_optimizer(ctx: CompileContext) -> PromptMIIOptimizer:
+    """The optimizer a Prompt-MII cell compiles (and estimates) with."""
     if ctx.generator_lm is None or ctx.generator is None:
         raise ValueError("Prompt-MII needs a generator LM")
     options = dict(ctx.options)
@@ -232,7 +237,7 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
     budget = None
     if ctx.generator.token_counter is not None:
         budget = meta_prompt_budget(ctx.generator.context_tokens, limit or ctx.budgets.generator_max_tokens)
-    optimizer = PromptMIIOptimizer(
+    return PromptMIIOptimizer(
         generator_lm=ctx.generator_lm,
         n=len(ctx.examples),
         protocol=protocol,
@@ -243,6 +248,14 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
         follower_lm=ctx.follower_lm,
         **options,
     )
+
+
+def compile_promptmii(ctx: CompileContext) -> Compiled:
+    """PromptMIIOptimizer on the n examples, with the method's options (exemplars,
+    max_instruction_tokens, candidates, val_size, demos, template). With candidates > 1
+    the candidates are scored on up to val_size of the same n examples (a benchmark cell
+    has no other labelled rows; every method gets exactly these n)."""
+    optimizer = _promptmii_optimizer(ctx)
     try:
         program = optimizer.compile(ctx.student, trainset=ctx.examples)
     except (GenerationError, PromptBudgetError) as error:
@@ -335,6 +348,92 @@ def compile_miprov2(ctx: CompileContext) -> Compiled:
     return Compiled(program, n_used=len(ctx.examples), details=details)
 
 
+# --- what each method will cost, before it runs (no LM call) -----------------------------
+
+
+def _follower_prompt_tokens(ctx: CompileContext) -> float | None:
+    """Mean prompt tokens of one follower call with the naive instruction over the n
+    examples (the follower's own tokenizer when it has one, else LiteLLM's counter); None
+    when they cannot be counted."""
+    task = program_task(ctx.student)
+    protocol = ctx.protocol
+    instruction = protocol.instruction(naive_instruction(task.labels), task.labels)
+    counter = ctx.follower.token_counter
+    try:
+        counts = [
+            count_messages(
+                protocol.messages(
+                    instruction, task.labels, {f: ex[f] for f in task.input_fields}, task.input_fields, (),
+                    task.descriptions,
+                ),
+                ctx.follower.lm.model,
+                counter,
+                CHAT_FRAMING if counter is not None else 0,
+            )
+            for ex in ctx.examples
+        ]
+    except Exception as error:  # noqa: BLE001 - an estimate says "unknown" rather than fail
+        logger.warning("cannot count the follower's prompt tokens: %s", error)
+        return None
+    return sum(counts) / len(counts) if counts else None
+
+
+def estimate_nothing(ctx: CompileContext) -> CompileEstimate:
+    """Methods that make no compile call."""
+    return CompileEstimate([], counted_by="no compile call")
+
+
+def estimate_promptmii(ctx: CompileContext) -> CompileEstimate:
+    """PromptMIIOptimizer.estimate with the cell's optimizer (its meta-prompts counted)."""
+    return _promptmii_optimizer(ctx).estimate(
+        ctx.student, ctx.examples, follower_token_counter=ctx.follower.token_counter
+    )
+
+
+def estimate_gepa(ctx: CompileContext) -> CompileEstimate:
+    """GEPA's budget rule for the cell: every example as trainset and valset."""
+    task = program_task(ctx.student)
+    return gepa_estimate(
+        valset_size=len(ctx.examples),
+        trainset_size=len(ctx.examples),
+        max_metric_calls=ctx.budgets.gepa_metric_calls,
+        reflection_model=getattr(ctx.generator_lm, "model", None),
+        reflection_reply_limit=ctx.budgets.generator_max_tokens,
+        follower_model=ctx.follower.lm.model,
+        follower_prompt_tokens_per_call=_follower_prompt_tokens(ctx),
+        follower_reply_limit=ctx.protocol.max_tokens(task.labels),
+    )
+
+
+def estimate_miprov2(ctx: CompileContext) -> CompileEstimate:
+    """MIPROv2's rule for the cell: the 1:2 train/val split, the run's budget."""
+    task = program_task(ctx.student)
+    train, val = train_val_split(ctx.examples)
+    b = ctx.budgets
+    common = dict(
+        trainset_size=len(train),
+        valset_size=len(val),
+        zeroshot=True,
+        prompt_model=getattr(ctx.generator_lm, "model", None),
+        prompt_reply_limit=b.generator_max_tokens,
+        follower_model=ctx.follower.lm.model,
+        follower_prompt_tokens_per_call=_follower_prompt_tokens(ctx),
+        follower_reply_limit=ctx.protocol.max_tokens(task.labels),
+    )
+    if b.miprov2_auto:
+        return miprov2_estimate(auto=b.miprov2_auto, **common)
+    return miprov2_estimate(
+        auto=None, num_candidates=b.miprov2_candidates, num_trials=b.miprov2_trials, minibatch=len(val) > 35, **common
+    )
+
+
+def estimate_record(estimate: CompileEstimate) -> dict[str, Any]:
+    """An estimate as a result record keeps it: the total (calls, tokens, price), how it
+    was counted, and its notes."""
+    notes = list(dict.fromkeys(note for p in estimate.predictors for note in p.notes))
+    return {**estimate.total(), "counted_by": estimate.counted_by, "notes": notes}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -343,6 +442,8 @@ class MethodSpec:
     generator: str | None
     #: The options its name may carry (see parse_method).
     options: tuple[str, ...] = ()
+    #: What a compile will cost, before it runs (no LM call).
+    estimate: Callable[[CompileContext], CompileEstimate] = estimate_nothing
 
 
 #: Option name -> type, for method names such as ``promptmii_zero:exemplars=2+candidates=4``.
@@ -364,10 +465,10 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("naive", compile_naive, None),
         MethodSpec("icl", compile_icl, None),
-        MethodSpec("promptmii_zero", compile_promptmii, "generator", _PROMPTMII_OPTIONS),
-        MethodSpec("promptmii", compile_promptmii, "trained", _PROMPTMII_OPTIONS),
-        MethodSpec("gepa", compile_gepa, "generator", ("generator",)),
-        MethodSpec("miprov2", compile_miprov2, "generator", ("generator",)),
+        MethodSpec("promptmii_zero", compile_promptmii, "generator", _PROMPTMII_OPTIONS, estimate_promptmii),
+        MethodSpec("promptmii", compile_promptmii, "trained", _PROMPTMII_OPTIONS, estimate_promptmii),
+        MethodSpec("gepa", compile_gepa, "generator", ("generator",), estimate_gepa),
+        MethodSpec("miprov2", compile_miprov2, "generator", ("generator",), estimate_miprov2),
     )
 }
 

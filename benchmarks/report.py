@@ -40,6 +40,8 @@ __all__ = [
     "ratio",
     "win_rate",
     "wilcoxon_test",
+    "EstimateRow",
+    "estimate_rows",
     "render_report",
     "write_report",
 ]
@@ -134,6 +136,57 @@ def summary_rows(records: Sequence[dict[str, Any]], errors: Sequence[dict[str, A
                     compile_seconds=mean("compile_seconds"),
                     eval_seconds=mean("eval_seconds"),
                     n_used=mean("n_used"),
+                )
+            )
+    return rows
+
+
+@dataclass
+class EstimateRow:
+    """Means, over the cells of one method at one n that recorded an estimate, of the
+    compile cost estimated before compile and the cost measured. Token means run over
+    the cells whose estimate counts tokens (``token_cells``); ``price`` is the estimated
+    price's text when every cell has one, else ``"unknown"``."""
+
+    method: str
+    n: int
+    cells: int
+    estimated_generator_calls: float
+    estimated_follower_calls: float
+    measured_generator_calls: float
+    measured_follower_calls: float
+    token_cells: int
+    estimated_tokens: float | None
+    measured_tokens: float | None
+    price: str
+
+
+def estimate_rows(records: Sequence[dict[str, Any]]) -> list[EstimateRow]:
+    """One :class:`EstimateRow` per (method, n) whose scored cells recorded an estimate
+    (``record["estimate"]``, written by runs since the estimate exists), methods in
+    canonical order."""
+    rows = []
+    with_estimate = [r for r in records if isinstance(r.get("estimate"), dict) and "calls" in r["estimate"]]
+    for method in method_order(with_estimate):
+        for n in sorted({r["n"] for r in with_estimate if r["method"] == method}):
+            group = [r for r in with_estimate if r["method"] == method and r["n"] == n]
+            tokens = [
+                r for r in group if r["estimate"].get("tokens") is not None and r.get("compile_tokens") is not None
+            ]
+            prices = [r["estimate"].get("price_usd") for r in group]
+            rows.append(
+                EstimateRow(
+                    method=method,
+                    n=n,
+                    cells=len(group),
+                    estimated_generator_calls=statistics.fmean(r["estimate"]["generator_calls"] for r in group),
+                    estimated_follower_calls=statistics.fmean(r["estimate"]["follower_calls"] for r in group),
+                    measured_generator_calls=statistics.fmean(r.get("compile_generator_calls") or 0 for r in group),
+                    measured_follower_calls=statistics.fmean(r.get("compile_follower_calls") or 0 for r in group),
+                    token_cells=len(tokens),
+                    estimated_tokens=_mean(r["estimate"]["tokens"] for r in tokens),
+                    measured_tokens=_mean(r["compile_tokens"] for r in tokens),
+                    price="unknown" if any(p is None for p in prices) else f"${statistics.fmean(prices):.4f}",
                 )
             )
     return rows
@@ -433,6 +486,80 @@ def _render(folder: Path, plot_name: str | None) -> str:
                 [r.method, str(r.n)] + [_x(ratio(records, r.method, ref, key, r.n)) for ref, key, _ in columns]
             )
         parts += [_table(header, table), ""]
+
+    estimated = estimate_rows(records)
+    if estimated:
+        parts += [
+            "## Compile cost: estimated before compile vs measured",
+            "",
+            "The estimate each cell recorded before its compile (no LM call: Prompt-MII's from its meta-prompts, "
+            "counted; GEPA's and MIPROv2's from their own budget rules, whose proposer prompts are not counted) "
+            "beside what the compile spent. Estimated completion tokens are each call's reply limit, a bound. "
+            "Tokens: prompt + completion, over the cells whose estimate counts them; price: LiteLLM's model cost "
+            "map, unknown for a route it does not know.",
+            "",
+            _table(
+                [
+                    "method",
+                    "n",
+                    "cells",
+                    "calls estimated (gen + fol)",
+                    "calls measured (gen + fol)",
+                    "tokens estimated",
+                    "tokens measured",
+                    "measured / estimated tokens",
+                    "price estimated",
+                ],
+                (
+                    [
+                        e.method,
+                        str(e.n),
+                        str(e.cells),
+                        f"{_num(e.estimated_generator_calls + e.estimated_follower_calls)} "
+                        f"({_num(e.estimated_generator_calls)} + {_num(e.estimated_follower_calls)})",
+                        f"{_num(e.measured_generator_calls + e.measured_follower_calls)} "
+                        f"({_num(e.measured_generator_calls)} + {_num(e.measured_follower_calls)})",
+                        _f(e.estimated_tokens, 0),
+                        _f(e.measured_tokens, 0),
+                        "n/a" if not e.estimated_tokens or e.measured_tokens is None
+                        else f"{e.measured_tokens / e.estimated_tokens:.2f}",
+                        e.price,
+                    ]
+                    for e in estimated
+                ),
+            ),
+            "",
+        ]
+
+    multi = [r for r in records if r.get("example_f1") is not None]
+    if multi:
+        parts += [
+            "## Multi-label tasks",
+            "",
+            "Cells of multi-label tasks (`list[Literal[...]]`), by scikit-learn's multilabel metrics: example-F1 "
+            "(each example's label set, averaged), micro-F1 (over all label decisions), macro-F1 (per label, over "
+            "the labels used; the macro-F1 of the tables above) and exact match (the set exactly right; the "
+            "accuracy above). An invalid reply counts as no label.",
+            "",
+            _table(
+                ["method", "n", "tasks", "example-F1", "micro-F1", "macro-F1", "exact match"],
+                (
+                    [
+                        method,
+                        str(n),
+                        str(len({r["task"] for r in group})),
+                        _f(_mean(r["example_f1"] for r in group)),
+                        _f(_mean(r.get("micro_f1") for r in group)),
+                        _f(_mean(r["macro_f1"] for r in group)),
+                        _f(_mean(r["accuracy"] for r in group)),
+                    ]
+                    for method in method_order(multi)
+                    for n in sorted({r["n"] for r in multi if r["method"] == method})
+                    for group in [[r for r in multi if r["method"] == method and r["n"] == n]]
+                ),
+            ),
+            "",
+        ]
 
     parts += [
         "## Win rates (macro-F1)",

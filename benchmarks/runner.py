@@ -1,11 +1,13 @@
 """The benchmark loop: every (task, n, method) cell compiled, evaluated on the task's
 held-out rows, and appended to ``results.jsonl`` as soon as it finishes.
 
-Per cell: the method compiles inside ``dspy.context(lm=<metered follower copy>,
-adapter=<the shared adapter>)`` and any generator call goes through a second metered
-copy, so compile LM calls and tokens are counted per role; the compiled program is then
-scored with :func:`dspy_promptmii.evaluation.evaluate` (macro-F1, accuracy, invalid rate,
-prompt tokens per query from the LM's usage) on the same test rows for every method.
+Per cell: what the compile will cost is estimated first (``record["estimate"]``: calls,
+tokens and price, from the optimizer's own estimate or budget rule; no LM call); the
+method compiles inside ``dspy.context(lm=<metered follower copy>, adapter=<the shared
+adapter>)`` and any generator call goes through a second metered copy, so compile LM
+calls and tokens are counted per role; the compiled program is then scored with
+:func:`dspy_promptmii.evaluation.evaluate` (macro-F1, accuracy, invalid rate, prompt
+tokens per query from the LM's usage) on the same test rows for every method.
 
 A cell's score is complete or not recorded as a score: when an LM call fails during its
 evaluation (a server down for a while), the cell is an ``error`` (retried by the next
@@ -326,6 +328,13 @@ def run_cell(
         protocol=protocol,
         options=options,
     )
+    # What the compile will cost, said before it spends anything (no LM call).
+    try:
+        with dspy.context(lm=follower_lm, adapter=adapter):
+            record["estimate"] = methods_module.estimate_record(spec.estimate(ctx))
+    except Exception as error:  # noqa: BLE001 - a cell without an estimate still runs
+        logger.warning("%s n=%d %s: no estimate: %s", task.name, n, method, scrub(str(error)))
+        record["estimate"] = {"error": scrub(f"{type(error).__name__}: {error}")[:500]}
     started = time.perf_counter()
     try:
         with dspy.context(lm=follower_lm, adapter=adapter):
@@ -398,6 +407,8 @@ def run_cell(
             "traceback": scrub(traceback.format_exc())[-4000:],
             "finished_at": now(),
         }
+    if result.example_f1 is not None:  # a multi-label task: accuracy is the exact-match rate
+        record.update({"example_f1": result.example_f1, "micro_f1": result.micro_f1, "multilabel": True})
     record.update(
         {
             "status": "ok",
@@ -513,14 +524,19 @@ def load_splits(config: RunConfig) -> tuple[list[Split], list[str]]:
 
 
 def run_benchmark(
-    config: RunConfig, endpoints: Endpoints, splits: tuple[list[Split], list[str]] | None = None
+    config: RunConfig,
+    endpoints: Endpoints,
+    splits: tuple[list[Split], list[str]] | None = None,
+    sink: Any | None = None,
 ) -> RunSummary:
     """Run every unfinished cell of ``config`` and return a summary.
 
     Finished cells found in ``config.out`` are skipped; a Ctrl-C or SIGTERM stops after
     writing the manifest (status ``interrupted``), losing only the cell in progress, and
     no LM request starts after it. The folder is locked for the whole run. ``splits`` is
-    what :func:`load_splits` returned for ``config``, if it was called already.
+    what :func:`load_splits` returned for ``config``, if it was called already. ``sink``
+    (e.g. :class:`benchmarks.tracking.MlflowSink`) gets ``sync(records)`` with the finished
+    records already in the folder, then ``log(record)`` for each new one.
 
     Raises:
         FolderLocked: another run writes ``config.out``.
@@ -531,11 +547,11 @@ def run_benchmark(
             run as ``error`` when it still can be written.
     """
     with interrupt_on_sigterm(), ResultStore(config.out).lock():
-        return _run_benchmark(config, endpoints, splits)
+        return _run_benchmark(config, endpoints, splits, sink)
 
 
 def _run_benchmark(
-    config: RunConfig, endpoints: Endpoints, loaded: tuple[list[Split], list[str]] | None
+    config: RunConfig, endpoints: Endpoints, loaded: tuple[list[Split], list[str]] | None, sink: Any | None = None
 ) -> RunSummary:
     wall_started = time.perf_counter()
     store = ResultStore(config.out)
@@ -618,6 +634,10 @@ def _run_benchmark(
         config.out,
     )
 
+    if sink is not None:  # cells finished before (resumed, or run without a sink)
+        logged = sink.sync(store.finished_records().values())
+        if logged:
+            logger.info("%d finished cell(s) of earlier runs logged to %s", logged, type(sink).__name__)
     by_status: dict[str, int] = {}
     status = "finished"
     failure: BaseException | None = None
@@ -637,6 +657,8 @@ def _run_benchmark(
                 protocol=protocol,
             )
             store.append(record)
+            if sink is not None:
+                sink.log(record)
             run_entry["cells_run"] += 1
             by_status[record["status"]] = by_status.get(record["status"], 0) + 1
             bar.update(1)

@@ -115,5 +115,5 @@ def make_split(task: TaskData, test_rows: int, seed: int) -> Split:
             f"task {task.name!r} has {len(task.rows)} rows: too few for {test_rows} test rows plus examples"
         )
     pool, test = split_rows(task.rows, train=len(task.rows) - test_rows, test=test_rows, seed=seed)
-    ordered = [row for row, _ in select_examples([(row, row["label"]) for row in pool], len(pool), seed)]
+    ordered = [row for row, _ in select_examples([(row, task.label_key(row)) for row in pool], len(pool), seed)]
     return Split(task=task, seed=seed, test_rows=test, ordered_rows=ordered)

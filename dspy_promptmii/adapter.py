@@ -1,4 +1,5 @@
-"""``LabelAdapter``: a compact DSPy adapter for single-label classification predictors.
+"""``LabelAdapter``: a compact DSPy adapter for classification predictors (single-label,
+and multi-label ``list[Literal[...]]`` ones, whose answer is a JSON array of labels).
 
 It sends the protocol's follower prompt (one user message: instruction, format line,
 demos as Input/Label pairs, then the input) instead of DSPy's field-marker prompt,
@@ -71,7 +72,8 @@ def label_probabilities(logprobs: Any, labels: Sequence[str]) -> dict[str, float
 
 
 class LabelAdapter(Adapter):
-    """Paper-style follower prompts for single-label classification predictors.
+    """Paper-style follower prompts for classification predictors: single-label ones, and
+    multi-label ones (``list[Literal[...]]``), whose answer is a JSON array of labels.
 
     Prompts, the reply limit, constrained decoding and parsing all come from one
     :class:`~dspy_promptmii.protocol.Protocol` (:attr:`protocol`), the same value the
@@ -137,6 +139,11 @@ class LabelAdapter(Adapter):
     def demos(self) -> str:
         return self.protocol.demo_style
 
+    def task(self, signature: type[Signature]) -> ClassificationTask | None:
+        """The classification task of ``signature`` when this adapter renders it itself,
+        else None (it goes to the fallback; the reason is logged once)."""
+        return self._task(signature)
+
     def _task(self, signature: type[Signature]) -> ClassificationTask | None:
         """The task of a signature this adapter renders itself, else None (with a log line once)."""
         task = signature_task(signature) if len(signature.output_fields) == 1 else None
@@ -161,7 +168,7 @@ class LabelAdapter(Adapter):
         if "temperature" in settings and out.get("temperature", configured.get("temperature")) is None:
             out["temperature"] = settings["temperature"]
         limit = out.get("max_tokens") or configured.get("max_tokens") or configured.get("max_completion_tokens")
-        json_wrapped = self.protocol.constrained in ("json_schema", "json_object")
+        json_wrapped = "response_format" in settings
         if limit is None or (json_wrapped and limit < settings["max_tokens"]):
             out["max_tokens"] = settings["max_tokens"]
         for key in ("response_format", "logprobs", "top_logprobs"):  # OpenAI parameters
@@ -175,7 +182,7 @@ class LabelAdapter(Adapter):
     def _with_probabilities(self, task: ClassificationTask, values: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """With the ``choice`` style, each prediction gets ``probabilities`` (label -> its
         probability, from the reply's ``top_logprobs``), as DSPy's ``Choice`` type keys them."""
-        if self.protocol.constrained != "choice" or task.label_field == PROBABILITIES:
+        if self.protocol.constrained != "choice" or task.label_field == PROBABILITIES or task.multilabel:
             return values
         for value in values:
             probabilities = label_probabilities(value.get("logprobs"), task.labels)
@@ -295,6 +302,10 @@ class LabelAdapter(Adapter):
                 adapter_name=type(self).__name__,
                 signature=signature,
                 lm_response=completion,
-                message=f"The reply names none of the labels {list(task.labels)}.",
+                message=(
+                    f"The reply is not a JSON array of the labels {list(task.labels)}."
+                    if task.multilabel
+                    else f"The reply names none of the labels {list(task.labels)}."
+                ),
             )
         return {task.label_field: task.value_of(label)}

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import dspy
 from dspy.teleprompt import LabeledFewShot
 
-from dspy_promptmii.protocol import NAIVE_INSTRUCTION, Protocol, with_format_line
+from dspy_promptmii.protocol import Protocol, naive_instruction, with_format_line
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import classification_tasks
 
@@ -23,7 +23,7 @@ def naive_program(student: dspy.Module) -> dspy.Module:
     program = student.deepcopy()
     for _, predictor, task in classification_tasks(program):
         if task is not None:
-            instruction = with_format_line(NAIVE_INSTRUCTION, task.labels)
+            instruction = with_format_line(naive_instruction(task.labels), task.labels)
             predictor.signature = predictor.signature.with_instructions(instruction)
     return program
 
@@ -55,7 +55,9 @@ def fit_icl_demos(
     def tokens(k: int) -> int:
         demos = [({f: ex[f] for f in task.input_fields}, task.label_of(ex[task.label_field])) for ex in examples[:k]]
         query = longest_input or {f: examples[0][f] for f in task.input_fields}
-        messages = protocol.messages(NAIVE_INSTRUCTION, task.labels, query, task.input_fields, demos, task.descriptions)
+        messages = protocol.messages(
+            naive_instruction(task.labels), task.labels, query, task.input_fields, demos, task.descriptions
+        )
         framing = MESSAGE_OVERHEAD * len(messages) if len(messages) > 1 else 0
         return sum(token_counter(message["content"]) for message in messages) + framing
 

@@ -1,4 +1,4 @@
-"""The ``promptmii`` command: ``demo``, ``induce``, ``models pull|list``, ``serve``.
+"""The ``promptmii`` command: ``demo``, ``induce``, ``export``, ``models pull|list``, ``serve``.
 
 Every option and input is checked before a model is pulled, a server started or an LM
 called; an error is one line (``promptmii: error: ...``, exit 2; the traceback only with
@@ -112,7 +112,7 @@ def _require_room(n_ctx: int | None, max_tokens: int, max_prompt_tokens: int | N
 
 def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.console import echo
-    from dspy_promptmii.demo import format_table, run_demo
+    from dspy_promptmii.demo import format_cost, format_table, run_demo
     from dspy_promptmii.generation import budget_limit
 
     # Every option is checked before a model is pulled or a server started; the
@@ -140,6 +140,8 @@ def _demo(args: argparse.Namespace) -> int:
     calls = "one call" if args.candidates == 1 else f"{args.candidates} calls, the follower's best"
     echo(f"\nInstruction written by the generator ({calls}):\n")
     echo(_indent(result["instruction"]))
+    echo()
+    echo(format_cost(result["estimate"], result["measured"]))
     echo()
     echo(format_table(result["results"]))
     if args.out:
@@ -196,6 +198,8 @@ def _induce(args: argparse.Namespace) -> int:
         exemplars=args.exemplars,
         max_instruction_tokens=args.max_instruction_tokens or None,
     )
+    if args.dry_run:
+        return _induce_dry_run(args, optimizer, program, task)
     with LMPool(n_ctx=args.n_ctx, api_base=args.api_base, timeout=args.timeout) as pool:
         endpoint = pool.endpoint(
             args.generator, temperature=0.0, max_tokens=args.max_tokens, cache=not args.no_cache
@@ -218,6 +222,57 @@ def _induce(args: argparse.Namespace) -> int:
             args.out,
         )
         echo(f"\ninstruction and report written to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _offline_lm(route: str, api_base: str | None, **settings: object) -> tuple[object, str]:
+    """A ``dspy.LM`` naming ``route``'s model for counting and pricing only: nothing is
+    pulled or started and it is never called (a local model is named as its server would
+    serve it, ``hosted_vllm/<alias>``). Returns the LM and the route shown."""
+    import dspy
+
+    from dspy_promptmii.local import LocalServer
+    from dspy_promptmii.routes import is_local, litellm_route
+
+    if is_local(route):
+        from dspy_promptmii.local.registry import DEFAULT_MODEL
+
+        alias = LocalServer(DEFAULT_MODEL if route == "local" else route).alias
+        return dspy.LM(f"hosted_vllm/{alias}", **settings), route
+    full = litellm_route(route, api_base)
+    return dspy.LM(full, **({"api_base": api_base} if api_base else {}), **settings), full
+
+
+def _induce_dry_run(args: argparse.Namespace, optimizer, program, task) -> int:
+    """``induce --dry-run``: what the compile would cost (no pull, no server, no LM call)."""
+    from dspy_promptmii.console import echo
+    from dspy_promptmii.routes import is_local
+
+    lm, route = _offline_lm(args.generator, args.api_base, temperature=0.0, max_tokens=args.max_tokens)
+    optimizer.generator_lm = lm
+    if args.max_prompt_tokens is None and is_local(args.generator):
+        optimizer.max_prompt_tokens = _require_room(args.n_ctx, args.max_tokens)
+    estimate = optimizer.estimate(program, task.examples())
+    echo(f"dry run: what `promptmii induce` would spend with generator {route} (nothing pulled, started or called)")
+    echo(estimate.format())
+    if args.out:
+        _write_out({"data": str(args.data), "generator": route, "estimate": estimate.as_dict()}, args.out)
+        echo(f"\nestimate written to {args.out}", file=sys.stderr)
+    return 0
+
+
+# -- export ----------------------------------------------------------------------------
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``export``: the follower prompt of every classifier of a saved program (no LM call)."""
+    from dspy_promptmii.console import echo
+    from dspy_promptmii.export import export_prompts, load_program, render_export
+    from dspy_promptmii.protocol import Protocol
+
+    protocol = Protocol(constrained=args.constrained or False, demo_style=args.demos)
+    program = load_program(args.program_file, args.program)
+    echo(render_export(export_prompts(program, protocol), args.format, protocol))
     return 0
 
 
@@ -396,7 +451,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask the generator even when DSPy's cache holds its reply to the same request (see README, 'Caching')",
     )
     induce.add_argument("--out", help="write the instruction and the report as JSON here (never the --data file)")
+    induce.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what the compile would cost (calls, tokens, price) and stop: no model is pulled or started and "
+        "no LM called; tokens by LiteLLM's counter",
+    )
     induce.set_defaults(func=_induce)
+
+    export = commands.add_parser(
+        "export",
+        help="print the follower prompt of a saved program's classifiers, as LabelAdapter sends it (no LM call)",
+    )
+    export.add_argument("program_file", metavar="PROGRAM.json", help="a program saved with DSPy's program.save()")
+    export.add_argument(
+        "--format",
+        choices=("text", "messages", "json"),
+        default="text",
+        help="text (default): readable; messages: the chat messages as JSON; json: messages, slots, labels, "
+        "request settings and the protocol",
+    )
+    export.add_argument(
+        "--program",
+        metavar="MODULE:ATTR",
+        default=None,
+        help="the program (a dspy.Module, a Signature or a factory) to load the file into; default: rebuilt from "
+        "the file alone (needs the protocol's format line at the end of each instruction)",
+    )
+    export.add_argument(
+        "--constrained",
+        choices=CONSTRAINED_STYLES,
+        default=None,
+        help="the follower's constrained decoding (the request settings; default none, LabelAdapter()'s)",
+    )
+    export.add_argument(
+        "--demos", choices=("inline", "turns"), default="inline", help="how demos are shown (default inline)"
+    )
+    export.set_defaults(func=_export)
 
     models = commands.add_parser("models", help="the embedded models: pull, list")
     model_commands = models.add_subparsers(dest="models_command", required=True)

@@ -15,6 +15,12 @@ raw values that would become one label. The rule:
   float with a fraction, NaN or infinity;
 * two different raw values that give the same label (``1`` and ``"1"``, ``" x"`` and
   ``"x"``, ``true`` and ``"true"``, ``1`` and ``1.0``) are an error naming both places.
+
+A multi-label task file gives every row a list of labels (``"label": ["a", "c"]``,
+``[]`` when none applies); each item follows the rule above, a label listed twice in a row
+counts once, and the task's rows keep the sorted list. Whether a file is multi-label is
+read from its first row: a list in a single-label file, or anything but a list in a
+multi-label one, is an error naming the line.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dspy
+
+from dspy_promptmii.protocol import label_array
 
 __all__ = [
     "TaskData",
@@ -113,15 +121,17 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a task file (UTF-8, a byte-order mark allowed; blank lines skipped).
 
     Every row is a JSON object with a non-empty string ``text`` and a ``label`` (turned
-    into a string by the module's label rule, see :func:`label_text`); a ``text_pair``,
-    a non-empty string, must be in all rows or none.
+    into a string by the module's label rule, see :func:`label_text`), or, in a
+    multi-label file (its first row's label is a list), a list of labels (kept sorted,
+    each once); a ``text_pair``, a non-empty string, must be in all rows or none.
 
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: naming ``path:line``: bytes that are not UTF-8, a line that is not
             JSON (or nested too deeply to read) or not an object, a missing or empty ``text`` or ``text_pair``, a label
             the rule refuses or that collides with another spelling (both lines named),
-            ``text_pair`` in some rows only; or a file with no rows.
+            ``text_pair`` in some rows only, a list label in a single-label file or another
+            label in a multi-label one; or a file with no rows.
     """
     path = Path(path)
     if not path.is_file():
@@ -129,6 +139,7 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     numbers_: list[int] = []
     read_label = LabelReader()
+    multilabel, first = False, 0
     with path.open("rb") as handle:
         for number, data in enumerate(handle, start=1):
             try:
@@ -154,7 +165,10 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{number}: 'text_pair' must be a non-empty string, got {_shown(pair)}")
             if "label" not in row:
                 raise ValueError(f"{path}:{number}: missing 'label'")
-            rows.append({**row, "label": read_label(row["label"], f"{path}:{number}")})
+            if not rows:
+                multilabel, first = isinstance(row["label"], list), number
+            label = _row_label(row["label"], read_label, multilabel, first, f"{path}:{number}")
+            rows.append({**row, "label": label})
             numbers_.append(number)
     if not rows:
         raise ValueError(f"{path} holds no rows")
@@ -169,16 +183,30 @@ def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _row_label(value: Any, read_label: LabelReader, multilabel: bool, first: int, where: str) -> str | list[str]:
+    """A row's label (single-label file) or sorted list of labels (multi-label file, as
+    its first row, line ``first``, says). Raises ``ValueError`` starting with ``where``."""
+    if not multilabel:
+        return read_label(value, where)
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{where}: 'label' must be a list of labels in a multi-label file (line {first} has a list), "
+            f"got {_shown(value)}"
+        )
+    return sorted({read_label(item, where) for item in value})
+
+
 def classifier_signature(
     labels: Sequence[str],
     pair: bool,
     instructions: str | None = None,
     descriptions: Mapping[str, str] | None = None,
+    multilabel: bool = False,
 ) -> type[dspy.Signature]:
-    """``text[, text_pair] -> label: Literal[labels]``, with ``instructions`` or DSPy's
-    default ones (which the protocol does not show as an author's task description), and
-    ``descriptions`` of the fields (``{"text": ..., "text_pair": ..., "label": ...}``, each
-    optional) as their ``desc=``."""
+    """``text[, text_pair] -> label: Literal[labels]`` (``list[Literal[labels]]`` with
+    ``multilabel``), with ``instructions`` or DSPy's default ones (which the protocol does
+    not show as an author's task description), and ``descriptions`` of the fields
+    (``{"text": ..., "text_pair": ..., "label": ...}``, each optional) as their ``desc=``."""
     descriptions = descriptions or {}
 
     def field(kind: Any, name: str) -> Any:
@@ -187,7 +215,8 @@ def classifier_signature(
     fields: dict[str, Any] = {"text": (str, field(dspy.InputField, "text"))}
     if pair:
         fields["text_pair"] = (str, field(dspy.InputField, "text_pair"))
-    fields["label"] = (Literal[tuple(labels)], field(dspy.OutputField, "label"))
+    label_type: Any = Literal[tuple(labels)]
+    fields["label"] = (list[label_type] if multilabel else label_type, field(dspy.OutputField, "label"))
     return dspy.Signature(fields, instructions) if instructions else dspy.Signature(fields)
 
 
@@ -198,14 +227,25 @@ class TaskData:
     Raises ``ValueError`` when a row's label is not already a label by the module's rule
     (a non-empty string without surrounding white space): rows built by hand must pass
     their labels through :func:`label_text` (or :class:`LabelReader`) as the readers do.
+    A multi-label task's rows each hold a list of such labels (its first row says which).
     """
 
     name: str
     rows: list[dict[str, Any]]
 
     def __post_init__(self) -> None:
+        multilabel = bool(self.rows) and isinstance(self.rows[0].get("label"), list)
         for index, row in enumerate(self.rows):
             label = row.get("label")
+            if multilabel:
+                if not isinstance(label, list) or any(
+                    not isinstance(item, str) or not item or item != item.strip() for item in label
+                ):
+                    raise ValueError(
+                        f"task {self.name!r} row {index}: label {label!r} is not a list of label strings, as a "
+                        "multi-label task's rows hold (its first row has a list)"
+                    )
+                continue
             if not isinstance(label, str) or not label or label != label.strip():
                 raise ValueError(
                     f"task {self.name!r} row {index}: label {label!r} is not a label string "
@@ -222,15 +262,31 @@ class TaskData:
         return INPUT_FIELDS if self.pair else INPUT_FIELDS[:1]
 
     @property
+    def multilabel(self) -> bool:
+        """Whether each row holds a list of labels (any number, none included)."""
+        return isinstance(self.rows[0]["label"], list)
+
+    @property
     def labels(self) -> list[str]:
-        """Distinct labels, sorted (the order the format line lists them in)."""
+        """Distinct labels, sorted (the order the format line lists them in); of a
+        multi-label task, those of every row's list."""
+        if self.multilabel:
+            return sorted({label for row in self.rows for label in row["label"]})
         return sorted({row["label"] for row in self.rows})
+
+    def label_key(self, row: Mapping[str, Any]) -> str:
+        """A row's label as one string: the label, or a multi-label row's JSON array of
+        labels in the task's order (what stratified sampling groups rows by)."""
+        if self.multilabel:
+            chosen = set(row["label"])
+            return label_array([label for label in self.labels if label in chosen])
+        return row["label"]
 
     def signature(
         self, instructions: str | None = None, descriptions: Mapping[str, str] | None = None
     ) -> type[dspy.Signature]:
         """The task's signature (see :func:`classifier_signature`)."""
-        return classifier_signature(self.labels, self.pair, instructions, descriptions)
+        return classifier_signature(self.labels, self.pair, instructions, descriptions, self.multilabel)
 
     def examples(self, rows: Sequence[dict[str, Any]] | None = None) -> list[dspy.Example]:
         return [

@@ -34,7 +34,7 @@ from dspy_promptmii.usage import metered
 
 logger = protected_logger(__name__)
 
-__all__ = ["demo_task", "run_demo", "format_table"]
+__all__ = ["demo_task", "run_demo", "format_table", "format_cost"]
 
 #: The demo's Prompt-MII settings: the optimizer's defaults, which the dev-task study chose
 #: (README, "Which settings are the defaults, and why"; benchmarks/results/dev12-2026-11-29):
@@ -161,13 +161,25 @@ def run_demo(
             candidates=candidates,
             follower_lm=follower_lm,
         )
+        # What the compile will cost, before it runs (no LM call; the generator's own tokenizer).
+        with dspy.context(adapter=chosen):
+            estimate = optimizer.estimate(student, labelled, follower_token_counter=follow.token_counter)
         started = time.perf_counter()
         # The whole pool: the optimizer shows the generator the same n examples ICL gets
         # (same seeded order) and, with several candidates, scores them on the rest.
         with dspy.context(adapter=chosen):
             compiled = optimizer.compile(student, trainset=labelled)
         compile_seconds = time.perf_counter() - started
-        calls = meter.snapshot().calls + follower_meter.snapshot().calls
+        spent = [meter.snapshot(), follower_meter.snapshot()]
+        calls = sum(usage.calls for usage in spent)
+        measured = {
+            "generator_calls": spent[0].calls,
+            "follower_calls": spent[1].calls,
+            "calls": calls,
+            "prompt_tokens": sum(usage.prompt_tokens for usage in spent),
+            "completion_tokens": sum(usage.completion_tokens for usage in spent),
+            "calls_without_usage": sum(usage.calls_without_usage for usage in spent),
+        }
         run(f"prompt-mii (n={optimizer.report[0]['n_used']})", compiled, calls, compile_seconds)
 
     return {
@@ -186,6 +198,8 @@ def run_demo(
         "seed": seed,
         "instruction": compiled.predictors()[0].signature.instructions,
         "report": optimizer.report,
+        "estimate": estimate.as_dict(),
+        "measured": measured,
         "results": [row.__dict__ for row in rows],
     }
 
@@ -214,3 +228,24 @@ def format_table(results: list[dict[str, Any]]) -> str:
         if k == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def format_cost(estimate: dict[str, Any], measured: dict[str, Any]) -> str:
+    """The compile's estimate (made before it, :meth:`PromptMIIOptimizer.estimate`) and
+    what it spent, one line each: calls, prompt tokens, completion tokens (estimated: the
+    reply limits, a bound), price."""
+    total = estimate["total"]
+
+    def tokens(value: Any) -> str:
+        return "unknown" if value is None else f"{value:,}"
+
+    return "\n".join(
+        [
+            f"compile, estimated before it: {total['generator_calls']} generator + {total['follower_calls']} follower "
+            f"calls, {tokens(total['prompt_tokens'])} prompt tokens, at most {tokens(total['completion_tokens'])} "
+            f"completion tokens, price {total['price']} ({estimate['counted_by']})",
+            f"compile, measured:            {measured['generator_calls']} generator + {measured['follower_calls']} "
+            f"follower calls, {measured['prompt_tokens']:,} prompt tokens, {measured['completion_tokens']:,} "
+            "completion tokens",
+        ]
+    )

@@ -34,7 +34,10 @@ class Evaluation:
     counts the LM calls that raised. :func:`evaluate` returns an evaluation only when
     ``errors`` is 0; the scores of one with errors (in :class:`IncompleteEvaluation`)
     are not a result. ``prompt_tokens_per_query`` is the LM-reported prompt tokens
-    divided by ``n``.
+    divided by ``n``. For a multi-label program, ``macro_f1`` is F1 per label averaged
+    over the labels used, ``accuracy`` the exact-match rate, and ``example_f1`` and
+    ``micro_f1`` are set (None otherwise); see
+    :func:`~dspy_promptmii.protocol.multilabel_score`.
     """
 
     macro_f1: float
@@ -47,6 +50,8 @@ class Evaluation:
     seconds: float
     errors: int = 0
     first_error: str | None = None
+    example_f1: float | None = None
+    micro_f1: float | None = None
     predictions: list[str | None] = field(repr=False, default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -180,7 +185,7 @@ def evaluate(
     failures = [text for text in failures if text]
     usage = meter.snapshot()
     invalid = sum(p is None for p in predicted) - len(failures)
-    scores = score(gold, predicted)
+    scores = score(gold, predicted, task.labels)
     tokens = None if usage.calls_without_usage or not usage.calls else usage.prompt_tokens / len(examples)
     evaluation = Evaluation(
         macro_f1=scores["macro_f1"],
@@ -193,6 +198,8 @@ def evaluate(
         seconds=round(seconds, 3),
         errors=len(failures),
         first_error=failures[0] if failures else None,
+        example_f1=scores.get("example_f1"),
+        micro_f1=scores.get("micro_f1"),
         predictions=predicted,
     )
     if failures:

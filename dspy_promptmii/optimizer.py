@@ -13,6 +13,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from dspy_promptmii.adapter import LabelAdapter
+from dspy_promptmii.estimate import CompileEstimate, PredictorEstimate, RoleCost, count_messages
 from dspy_promptmii.generation import (
     DEFAULT_GENERATOR_MAX_TOKENS,
     DEFAULT_MAX_INSTRUCTION_TOKENS,
@@ -25,12 +26,12 @@ from dspy_promptmii.generation import (
 )
 from dspy_promptmii.library import check_entries, load_library, select_exemplars
 from dspy_promptmii.protocol import (
-    NAIVE_INSTRUCTION,
     TEMPLATES,
     Cleaned,
     Protocol,
     choose_template,
     format_line,
+    naive_instruction,
     template_text,
     unknown_labels,
 )
@@ -38,6 +39,7 @@ from dspy_promptmii.sampling import SAMPLING, Sampling, select_examples
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.selection import Candidate, as_examples, best_candidate, score_candidate, validation_rows
 from dspy_promptmii.task import ClassificationTask, LabelledExample, classification_tasks
+from dspy_promptmii.tracking import log_compile
 
 logger = protected_logger(__name__)
 
@@ -174,6 +176,17 @@ def _template_cycle(template: str) -> list[str]:
     return [template, *(name for name in TEMPLATES if name != template)]
 
 
+def _check_call(student: Any, trainset: Any, valset: Any) -> None:
+    """``TypeError`` naming a student that is not a ``dspy.Module`` or a trainset (valset)
+    that is not a list or tuple."""
+    if not isinstance(student, dspy.Module):
+        raise TypeError(f"student must be a dspy.Module (e.g. dspy.Predict(...)), got {type(student).__name__}")
+    if not isinstance(trainset, (list, tuple)):
+        raise TypeError(f"trainset must be a list of dspy.Example, got {type(trainset).__name__}")
+    if valset is not None and not isinstance(valset, (list, tuple)):
+        raise TypeError(f"valset must be a list of dspy.Example or None, got {type(valset).__name__}")
+
+
 #: Sampling temperature of the candidates after the first two (which decode greedily).
 CANDIDATE_TEMPERATURE = 0.7
 
@@ -183,10 +196,11 @@ class PromptMIIOptimizer(Teleprompter):
     labelled examples, with one generator call per predictor (by default).
 
     For each predictor whose last output field is a ``Literal``, an ``Enum`` or a
-    ``bool``, ``compile`` renders ``n`` labelled examples from the trainset into a
-    meta-prompt (with ``exemplars`` instructions of other tasks from the instruction
-    library, if asked), asks the generator LM once for an instruction, cleans the reply,
-    appends the answer-format line, and sets it with ``signature.with_instructions`` on
+    ``bool`` (or a ``list`` of a ``Literal`` or an ``Enum``: multi-label), ``compile``
+    renders ``n`` labelled examples from the trainset into a meta-prompt (with
+    ``exemplars`` instructions of other tasks from the instruction library, if asked),
+    asks the generator LM once for an instruction, cleans the reply, appends the
+    answer-format line, and sets it with ``signature.with_instructions`` on
     a deep copy of the student. The student is never modified. Meta-prompt, cleaning and
     format line are the :class:`~dspy_promptmii.protocol.Protocol`'s.
 
@@ -386,12 +400,7 @@ class PromptMIIOptimizer(Teleprompter):
         self.report = []
         if kwargs:
             raise TypeError(f"compile() got unexpected keyword arguments: {sorted(kwargs)}")
-        if not isinstance(student, dspy.Module):
-            raise TypeError(f"student must be a dspy.Module (e.g. dspy.Predict(...)), got {type(student).__name__}")
-        if not isinstance(trainset, (list, tuple)):
-            raise TypeError(f"trainset must be a list of dspy.Example, got {type(trainset).__name__}")
-        if valset is not None and not isinstance(valset, (list, tuple)):
-            raise TypeError(f"valset must be a list of dspy.Example or None, got {type(valset).__name__}")
+        _check_call(student, trainset, valset)
         if teacher is not None:
             logger.info("PromptMIIOptimizer ignores teacher")
         if valset is not None and self.candidates == 1:
@@ -414,7 +423,196 @@ class PromptMIIOptimizer(Teleprompter):
         self.report = [asdict(report) for _, _, report in results]
         program.promptmii_report = self.report
         program._compiled = True
+        # Under mlflow.dspy.autolog(log_compiles=True): the report, instructions, calls, tokens.
+        log_compile(self, self.report)
         return program
+
+    # -- the cost, before any call ----------------------------------------------------
+
+    def estimate(
+        self,
+        student: dspy.Module,
+        trainset: Sequence[dspy.Example],
+        *,
+        valset: Sequence[dspy.Example] | None = None,
+        follower_token_counter: Callable[[str], int] | None = None,
+    ) -> CompileEstimate:
+        """What :meth:`compile` with the same arguments will cost, without calling any LM.
+
+        Per classification predictor: generator calls (``candidates``) and their prompt
+        tokens, counted on the meta-prompts compile would send (the same examples,
+        exemplars and templates; by ``token_counter`` plus :data:`CHAT_FRAMING` tokens of
+        chat framing a call, else by LiteLLM's counter for the generator's model), with
+        each call's reply limit as its completion bound; with ``candidates`` > 1 also the
+        follower calls that score them (candidates + the naive instruction, times the
+        validation rows), their prompt tokens (a generated instruction counted at the
+        generator's reply limit, a bound) and completion bounds (the follower's reply
+        limit). Prices come from LiteLLM's model cost map; a route it does not know (a
+        local or self-hosted model) is priced ``None`` (shown ``unknown``), never 0.
+
+        Args:
+            student: The program ``compile`` would get (not modified).
+            trainset: Its trainset; ``valset``: its valset (used with ``candidates`` > 1).
+            follower_token_counter: Counts the follower's tokens (text -> int); default
+                LiteLLM's counter for the follower's model.
+
+        Returns:
+            A :class:`~dspy_promptmii.estimate.CompileEstimate` (``.total()``,
+            ``.format()``, ``.as_dict()``).
+
+        Raises:
+            The errors ``compile`` raises before its first LM call (a bad argument, no
+            generator LM, an example missing a field, a program with no classifier, a
+            meta-prompt over ``max_prompt_tokens``).
+        """
+        _check_call(student, trainset, valset)
+        generator = self._generator()
+        follower = self._follower() if self.candidates > 1 else None
+        plans = self._plans(student, trainset, valset)
+        if self.token_counter is not None:
+            counted_by = f"the token_counter given, plus {CHAT_FRAMING} tokens of chat framing a call"
+        else:
+            counted_by = f"LiteLLM's token_counter for {generator.model!r}"
+        estimate = CompileEstimate(
+            [self._estimate_plan(plan, generator, follower, follower_token_counter) for plan in plans], counted_by
+        )
+        total = estimate.total()
+        logger.info(
+            "estimate: %d generator + %d follower calls, %s prompt tokens, at most %s completion tokens, price %s",
+            total["generator_calls"], total["follower_calls"], total["prompt_tokens"], total["completion_tokens"],
+            total["price"],
+        )
+        return estimate
+
+    def _reply_limit(self, generator: dspy.BaseLM) -> int | None:
+        """The ``max_tokens`` a generator call is sent with (or the LM's own limit)."""
+        settings, _ = generator_settings(
+            generator,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            default_max_tokens=budget_limit(self.max_instruction_tokens),
+            extra=dict(self.generation_kwargs),
+        )
+        configured = getattr(generator, "kwargs", {}) or {}
+        for source in (settings, configured):
+            for key in ("max_tokens", "max_completion_tokens"):
+                if source.get(key):
+                    return int(source[key])
+        return None
+
+    def _estimate_plan(
+        self,
+        plan: _Plan,
+        generator: dspy.BaseLM,
+        follower: dspy.BaseLM | None,
+        follower_token_counter: Callable[[str], int] | None,
+    ) -> PredictorEstimate:
+        task = plan.task
+        notes: list[str] = []
+        chosen_exemplars = select_exemplars(
+            self.library, task.labels, [str(v) for inputs, _ in plan.examples for v in inputs.values()], self.exemplars
+        )
+        limit = self._reply_limit(generator)
+        framing = CHAT_FRAMING if self.token_counter is not None else 0
+        prompt_tokens: int | None = 0
+        first: int | None = None
+        n_used = 0
+        specs = self.candidate_specs(generator.model)
+        for spec in specs:
+            exemplars = chosen_exemplars if spec["exemplars"] else []
+            meta_prompt, shown, _ = self._fit_meta_prompt(plan, generator.model, spec["template"], exemplars)
+            try:
+                tokens = count_messages(
+                    [{"role": "user", "content": meta_prompt}], generator.model, self.token_counter, framing
+                )
+            except Exception as error:  # noqa: BLE001 - an estimate says "unknown" rather than fail
+                logger.warning("cannot count the meta-prompt's tokens for %r: %s", generator.model, error)
+                tokens = None
+            if spec["index"] == 0:
+                first, n_used = tokens, len(shown)
+            prompt_tokens = None if tokens is None or prompt_tokens is None else prompt_tokens + tokens
+        if limit is None:
+            notes.append("the generator's reply limit is unknown (the LM sets none): completion tokens unknown")
+        else:
+            notes.append(f"completion tokens are each call's reply limit ({limit} for the generator), a bound")
+        generator_cost = RoleCost(
+            model=generator.model,
+            calls=len(specs),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=None if limit is None else limit * len(specs),
+        ).priced()
+
+        follower_cost = RoleCost(model=getattr(follower, "model", None))
+        rows: list[LabelledExample] = []
+        scored = len(specs) + (1 if self.include_naive else 0)
+        if follower is not None and scored > 1:
+            rows, _ = validation_rows(plan.labelled, plan.examples, self.val_size, self.seed, plan.valset)
+            follower_cost = self._estimate_scoring(plan, follower, rows, limit, follower_token_counter, notes)
+        return PredictorEstimate(
+            predictor=plan.name,
+            n_used=n_used,
+            meta_prompt_tokens=first,
+            generator=generator_cost,
+            follower=follower_cost.priced(),
+            validation_rows=len(rows),
+            notes=notes,
+        )
+
+    def _estimate_scoring(
+        self,
+        plan: _Plan,
+        follower: dspy.BaseLM,
+        rows: Sequence[LabelledExample],
+        instruction_bound: int | None,
+        token_counter: Callable[[str], int] | None,
+        notes: list[str],
+    ) -> RoleCost:
+        """The follower calls that score the candidates (and the naive instruction) on ``rows``."""
+        task = plan.task
+        adapter = dspy.settings.adapter
+        protocol = adapter.protocol if isinstance(adapter, LabelAdapter) else self.protocol
+        if adapter is not None and not isinstance(adapter, LabelAdapter):
+            notes.append(f"follower prompts counted as LabelAdapter's; the configured {type(adapter).__name__} differs")
+        if self.demos:
+            demos = list(plan.examples[: self.demos])
+        else:
+            demos = [
+                ({name: demo[name] for name in task.input_fields}, task.label_of(demo[task.label_field]))
+                for demo in plan.predictor.demos
+                if demo.get(task.label_field) is not None and task.label_of(demo[task.label_field]) is not None
+            ]
+        framing = CHAT_FRAMING if token_counter is not None else 0
+        reply = LabelAdapter(protocol=protocol)._lm_kwargs(follower, {}, task).get("max_tokens")
+        reply = reply or (getattr(follower, "kwargs", {}) or {}).get("max_tokens")
+        generated = self.candidates
+        naive = naive_instruction(task.labels) if self.include_naive else None
+        prompt: int | None = 0
+        def count(instruction: str, inputs: Mapping[str, Any]) -> int:
+            messages = protocol.messages(
+                protocol.instruction(instruction, task.labels), task.labels, inputs, task.input_fields, demos,
+                task.descriptions,
+            )
+            return count_messages(messages, follower.model, token_counter, framing)
+
+        try:
+            if instruction_bound is None:
+                raise ValueError("the generator's reply limit is unknown")
+            for inputs, _ in rows:
+                prompt += generated * (count("", inputs) + instruction_bound + 1)
+                prompt += count(naive, inputs) if naive else 0
+        except Exception as error:  # noqa: BLE001 - an estimate says "unknown" rather than fail
+            logger.warning("cannot count the follower's prompt tokens for %r: %s", follower.model, error)
+            prompt = None
+        notes.append(
+            "each generated candidate is scored with its instruction counted at the generator's reply limit, a bound"
+        )
+        calls = (generated + (1 if naive else 0)) * len(rows)
+        return RoleCost(
+            model=follower.model,
+            calls=calls,
+            prompt_tokens=prompt,
+            completion_tokens=None if reply is None else int(reply) * calls,
+        )
 
     # -- steps ----------------------------------------------------------------------
 
@@ -453,7 +651,7 @@ class PromptMIIOptimizer(Teleprompter):
         if not plans:
             raise ValueError(
                 "the program has no classification predictor: PromptMIIOptimizer needs a predictor whose last "
-                "output field is a Literal[...], an Enum or a bool"
+                "output field is a Literal[...], an Enum or a bool, or a list of a Literal or an Enum (multi-label)"
             )
         return plans
 
@@ -516,7 +714,7 @@ class PromptMIIOptimizer(Teleprompter):
         ]
         validation, follower_calls = None, 0
         if follower is not None and self.include_naive:
-            naive = self.protocol.instruction(NAIVE_INSTRUCTION, task.labels)
+            naive = self.protocol.instruction(naive_instruction(task.labels), task.labels)
             candidates.append(Candidate(index=len(written), kind="naive", instruction=naive))
         # Replies that cleaned to nothing are reported, never scored.
         empty = [
@@ -608,7 +806,11 @@ class PromptMIIOptimizer(Teleprompter):
     ) -> PredictorReport:
         task = plan.task
         naive_won = best.kind == "naive"
-        text = best.instruction.removesuffix(format_line(task.labels)).rstrip() if not naive_won else NAIVE_INSTRUCTION
+        text = (
+            best.instruction.removesuffix(format_line(task.labels)).rstrip()
+            if not naive_won
+            else naive_instruction(task.labels)
+        )
         tokens = self._tokens(text, generator.model)
         # The budget's generation limit allows a margin over it; only an instruction past
         # that (the LM or max_tokens set a larger limit, so the budget was only asked for

@@ -1,9 +1,16 @@
 """Task introspection: which predictors of a DSPy program are classifiers, with what
-input fields and labels, and the labelled examples a trainset gives each of them."""
+input fields and labels, and the labelled examples a trainset gives each of them.
+
+A classifier's last output field is a ``Literal[...]``, an ``Enum`` or a ``bool`` (one
+label an input), or a ``list`` of a ``Literal`` or an ``Enum`` (multi-label: any of the
+labels, several or none). A multi-label example's label is the protocol's answer for it,
+the JSON array of its labels in the field's order (``["a", "c"]``).
+"""
 
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
@@ -11,7 +18,7 @@ from typing import Any, Literal, get_args, get_origin
 import dspy
 from dspy.signatures.signature import _default_instructions
 
-from dspy_promptmii.protocol import LABEL_MARKER, format_line
+from dspy_promptmii.protocol import LABEL_MARKER, MultiLabels, format_line, label_array
 from dspy_promptmii.secrets import protected_logger
 
 logger = protected_logger(__name__)
@@ -20,6 +27,16 @@ __all__ = ["ClassificationTask", "signature_task", "classification_tasks", "Labe
 
 #: One labelled example as the protocol uses it: the input values by field name, and the label string.
 LabelledExample = tuple[dict[str, Any], str]
+
+
+def _multilabel_values(annotation: Any) -> tuple[Any, ...] | None:
+    """The values of a multi-label field (``list[Literal[...]]``, ``list[Enum]``), or None."""
+    if get_origin(annotation) is not list or len(get_args(annotation)) != 1:
+        return None
+    (item,) = get_args(annotation)
+    if item is bool:  # a list of booleans is not a set of labels
+        return None
+    return _label_values(item)
 
 
 def _label_values(annotation: Any) -> tuple[Any, ...] | None:
@@ -52,7 +69,7 @@ def _description(field_info: Any, name: str) -> str | None:
     return None if not desc or desc == f"${{{name}}}" else desc
 
 
-def _task_description(signature: type[dspy.Signature], labels: tuple[str, ...]) -> str | None:
+def _task_description(signature: type[dspy.Signature], labels: Sequence[str]) -> str | None:
     """The signature's instructions if its author wrote them, without the format line."""
     text = (signature.instructions or "").strip()
     if not text or text == _default_instructions(signature).strip():
@@ -65,7 +82,8 @@ def _task_description(signature: type[dspy.Signature], labels: tuple[str, ...]) 
 
 @dataclass(frozen=True)
 class ClassificationTask:
-    """A single-label classification predictor: its input fields and its label field.
+    """A classification predictor: its input fields and its label field (one label an
+    input, or, with ``multilabel``, any number of them).
 
     ``descriptions`` holds the author's field descriptions (``InputField(desc=...)``,
     ``OutputField(desc=...)``; DSPy's ``${name}`` placeholders are not descriptions),
@@ -82,11 +100,14 @@ class ClassificationTask:
     descriptions: dict[str, str] = field(default_factory=dict, hash=False, compare=True)
     task_description: str | None = None
     input_types: tuple[Any, ...] = field(default=(), hash=False, compare=False)
+    multilabel: bool = False
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The label strings, in the order the field declares them."""
-        return tuple(_as_label(v) for v in self.values)
+        """The label strings, in the order the field declares them (a
+        :class:`~dspy_promptmii.protocol.MultiLabels` for a multi-label field)."""
+        labels = tuple(_as_label(v) for v in self.values)
+        return MultiLabels(labels) if self.multilabel else labels
 
     def rendering_problem(self) -> str | None:
         """Why the protocol's prompts cannot show this task faithfully, or None: a label
@@ -107,7 +128,31 @@ class ClassificationTask:
 
     def label_of(self, value: Any) -> str | None:
         """The label string for a value given in data (a Literal value, an Enum member,
-        its value or name, a bool or its text), or None if it is not one of the labels."""
+        its value or name, a bool or its text), or None if it is not one of the labels.
+        For a multi-label field: a list, tuple or set of such values (or their JSON array
+        text) gives the JSON array of their labels in the field's order; None when one of
+        them is not a label."""
+        if self.multilabel:
+            return self._labels_of(value)
+        return self._single_label_of(value)
+
+    def _labels_of(self, value: Any) -> str | None:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return None
+        chosen = set()
+        for item in value:
+            label = self._single_label_of(item)
+            if label is None:
+                return None
+            chosen.add(label)
+        return label_array([label for label in self.labels if label in chosen])
+
+    def _single_label_of(self, value: Any) -> str | None:
         for v in self.values:
             if value is v or (type(value) is type(v) and value == v):
                 return _as_label(v)
@@ -120,7 +165,13 @@ class ClassificationTask:
         return None
 
     def value_of(self, label: str) -> Any:
-        """The Python value of a label string (what the predictor's output field holds)."""
+        """The Python value of a label string (what the predictor's output field holds);
+        for a multi-label field, the list of values of a JSON array of labels."""
+        if self.multilabel:
+            return [self._single_value_of(item) for item in json.loads(label)]
+        return self._single_value_of(label)
+
+    def _single_value_of(self, label: str) -> Any:
         for v in self.values:
             if _as_label(v) == label:
                 return v
@@ -176,12 +227,17 @@ def _fields_of(example: Any, index: int) -> Mapping[str, Any]:
 
 def signature_task(signature: type[dspy.Signature], name: str = "") -> ClassificationTask | None:
     """The classification task of a signature whose last output field is a ``Literal``,
-    an ``Enum`` or a ``bool``; None for any other signature."""
+    an ``Enum`` or a ``bool``, or a ``list`` of a ``Literal`` or an ``Enum`` (multi-label);
+    None for any other signature."""
     outputs = list(signature.output_fields.items())
     if not outputs:
         return None
     label_field, label_info = outputs[-1]
     values = _label_values(label_info.annotation)
+    multilabel = False
+    if not values:
+        values = _multilabel_values(label_info.annotation)
+        multilabel = True
     if not values:
         return None
     descriptions = {
@@ -195,8 +251,11 @@ def signature_task(signature: type[dspy.Signature], name: str = "") -> Classific
         label_field=label_field,
         values=values,
         descriptions=descriptions,
-        task_description=_task_description(signature, tuple(_as_label(v) for v in values)),
+        task_description=_task_description(
+            signature, (MultiLabels if multilabel else tuple)(_as_label(v) for v in values)
+        ),
         input_types=tuple(info.annotation for info in signature.input_fields.values()),
+        multilabel=multilabel,
     )
 
 

@@ -245,9 +245,10 @@ def test_induce_checks_a_template_file_before_any_model_or_server(capsys, tmp_pa
 
 
 def test_induce_checks_the_data_file_before_any_model_or_server(capsys, tmp_path, no_pool):
-    bad = write_rows(tmp_path / "d.jsonl", [{"text": "a", "label": ["x", "y"]}])
+    # A list label in a single-label file (a file whose first row has one is multi-label).
+    bad = write_rows(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": ["x", "y"]}])
     code, _, err = run(capsys, "induce", "--data", str(bad), "--generator", "local")
-    one_line_error(code, err, f"{bad}:1", "a list")
+    one_line_error(code, err, f"{bad}:2", "a list")
     assert no_pool.made == 0
 
 

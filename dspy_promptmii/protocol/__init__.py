@@ -22,16 +22,19 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from dspy_promptmii.protocol.clean import Cleaned, clean_instruction, clean_reply, strip_reasoning, unknown_labels
-from dspy_promptmii.protocol.parse import normalize_label, parse_label
+from dspy_promptmii.protocol.parse import normalize_label, parse_label, parse_labels
 from dspy_promptmii.protocol.render import (
     DEMO_STYLES,
     LABEL_MARKER,
     Example,
+    MultiLabels,
     field_title,
     follower_messages,
     follower_prompt,
     format_line,
     input_titles,
+    is_multilabel,
+    label_array,
     label_list,
     render_example,
     render_examples,
@@ -50,9 +53,12 @@ from dspy_promptmii.protocol.request import (
     label_grammar,
     label_response_format,
 )
-from dspy_promptmii.protocol.score import macro_f1, score
+from dspy_promptmii.protocol.score import macro_f1, multilabel_score, score
 from dspy_promptmii.protocol.templates import (
+    MULTILABEL_NOTE,
+    MULTILABEL_TEMPLATES,
     NAIVE_INSTRUCTION,
+    NAIVE_MULTILABEL_INSTRUCTION,
     OPTIONAL_PLACEHOLDERS,
     PLACEHOLDERS,
     TEMPLATES,
@@ -60,6 +66,7 @@ from dspy_promptmii.protocol.templates import (
     check_template,
     length_rule,
     load_template,
+    naive_instruction,
     render_exemplars,
     task_notes,
     template_text,
@@ -69,7 +76,16 @@ __all__ = [
     "Protocol",
     "Cleaned",
     "TEMPLATES",
+    "MULTILABEL_TEMPLATES",
+    "MULTILABEL_NOTE",
     "NAIVE_INSTRUCTION",
+    "NAIVE_MULTILABEL_INSTRUCTION",
+    "naive_instruction",
+    "MultiLabels",
+    "is_multilabel",
+    "label_array",
+    "parse_labels",
+    "multilabel_score",
     "PLACEHOLDERS",
     "OPTIONAL_PLACEHOLDERS",
     "LABEL_MARKER",
@@ -278,13 +294,19 @@ class Protocol:
 
     @staticmethod
     def parse(reply: str | None, labels: Sequence[Any]) -> str | None:
-        """The label a follower reply names, or None (see :func:`parse_label`)."""
+        """The label a follower reply names, or None (see :func:`parse_label`); for a
+        multi-label set, the labels it names as a JSON array text (see :func:`parse_labels`)."""
+        if is_multilabel(labels):
+            return parse_labels(reply, labels)
         return parse_label(reply, labels)
 
     @staticmethod
-    def score(gold: Sequence[Any], predicted: Sequence[str | None]) -> dict[str, float]:
-        """Macro-F1, accuracy, invalid rate (see :func:`~dspy_promptmii.protocol.score.score`)."""
-        return score(gold, predicted)
+    def score(
+        gold: Sequence[Any], predicted: Sequence[str | None], labels: Sequence[Any] | None = None
+    ) -> dict[str, float]:
+        """Macro-F1, accuracy, invalid rate (see :func:`~dspy_promptmii.protocol.score.score`);
+        with a multi-label set as ``labels``, also example-based and micro F1 and exact match."""
+        return score(gold, predicted, labels)
 
     # -- serialisation ------------------------------------------------------------------
 

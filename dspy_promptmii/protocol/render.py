@@ -15,6 +15,12 @@ in the training reward):
   ``OutputField(desc=...)``) are listed under ``Fields:``, one ``- <title>: <desc>``
   line each, after the format line of the follower prompt and after the label list of
   the meta-prompt. Nothing is written when no field has a description.
+* Multi-label fields (``list[Literal[...]]``): their label set is a :class:`MultiLabels`
+  (a tuple that says so), and an answer, wherever the protocol writes or reads one, is a
+  JSON array of the labels that apply, in the label set's order (:func:`label_array`,
+  ``["a", "c"]``; ``[]`` when none does). An example is rendered ``Label: ["a", "c"]``, and
+  the format line asks for such an array. Every function that takes ``labels`` follows
+  the set's kind, so a call site cannot mix the two; single-label output is unchanged.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "MultiLabels",
+    "is_multilabel",
+    "label_array",
     "LABEL_MARKER",
     "DEMO_STYLES",
     "label_list",
@@ -46,6 +55,32 @@ LABEL_MARKER = "Label"
 DEMO_STYLES = ("inline", "turns")
 
 _FORMAT_LINE = 'Only return one of these options: {labels}. Do not output "Label:" or any extra text.'
+_MULTILABEL_FORMAT_LINE = (
+    'Return a JSON array of the options that apply, from: {labels}. Several may apply, or none ([]). '
+    'Do not output "Label:" or any extra text.'
+)
+
+
+class MultiLabels(tuple):
+    """The label set of a multi-label field (``list[Literal[...]]``, ``list[Enum]``): any
+    number of its labels, none included, may apply to one input. A tuple of the labels in
+    the field's order; see the module docstring for what changes with it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"MultiLabels({list(self)!r})"
+
+
+def is_multilabel(labels: Sequence[Any]) -> bool:
+    """Whether ``labels`` is a multi-label set (:class:`MultiLabels`)."""
+    return isinstance(labels, MultiLabels)
+
+
+def label_array(chosen: Sequence[Any]) -> str:
+    """A multi-label answer: the labels as a JSON array, ``["a", "c"]`` (``[]`` for none).
+    Callers give them in the label set's order."""
+    return json.dumps([str(label) for label in chosen], ensure_ascii=False)
 
 Example = tuple[Mapping[str, Any], str]
 
@@ -60,7 +95,10 @@ def label_list(labels: Sequence[Any]) -> str:
 
 
 def format_line(labels: Sequence[Any]) -> str:
-    """The answer-format line appended to every method's instruction (paper protocol)."""
+    """The answer-format line appended to every method's instruction (paper protocol);
+    for a :class:`MultiLabels` set, the line asking for a JSON array of the labels that apply."""
+    if is_multilabel(labels):
+        return _MULTILABEL_FORMAT_LINE.format(labels=label_list(labels))
     return _FORMAT_LINE.format(labels=label_list(labels))
 
 

@@ -1,11 +1,23 @@
 """What a follower request carries besides its messages: constrained decoding and the
-reply limit."""
+reply limit.
+
+For a multi-label set (:class:`~dspy_promptmii.protocol.render.MultiLabels`) the answer is a
+JSON array of labels: ``json_schema``/``json_object`` constrain ``{"labels": [...]}`` (an
+array of the labels' enum), ``grammar`` a bare JSON array of them; ``choice``, which scores
+one label off the log-probabilities, cannot pick a set, so such a request takes the
+``json_object`` form instead (the embedded server answers both).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal
+
+from dspy_promptmii.protocol.render import is_multilabel
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ConstrainedStyle",
@@ -33,19 +45,27 @@ CHOICE_SUFFIX = '"}'
 
 
 def label_grammar(labels: Sequence[Any]) -> str:
-    """A GBNF grammar (llama.cpp) whose only sentences are the labels themselves."""
+    """A GBNF grammar (llama.cpp) whose only sentences are the labels themselves; for a
+    multi-label set, JSON arrays of them (``[]``, ``["a"]``, ``["a", "c"]``...)."""
+    if is_multilabel(labels):
+        quoted = (json.dumps(str(label), ensure_ascii=False) for label in labels)
+        items = " | ".join(json.dumps(item, ensure_ascii=False) for item in quoted)
+        return 'root ::= "[" ( item ( ", " item )* )? "]"\nitem ::= ' + items
     return "root ::= " + " | ".join(json.dumps(str(label), ensure_ascii=False) for label in labels)
 
 
 def label_response_format(labels: Sequence[Any], style: ConstrainedStyle = "json_schema") -> dict[str, Any]:
-    """A ``response_format`` that lets the LM write only ``{"label": <one of labels>}``.
+    """A ``response_format`` that lets the LM write only ``{"label": <one of labels>}``
+    (for a multi-label set, ``{"labels": [<labels>]}``).
 
     Raises ``ValueError`` for a style other than ``json_schema`` or ``json_object``.
     """
+    enum = {"type": "string", "enum": [str(label) for label in labels]}
+    key, value = ("labels", {"type": "array", "items": enum}) if is_multilabel(labels) else ("label", enum)
     schema = {
         "type": "object",
-        "properties": {"label": {"type": "string", "enum": [str(label) for label in labels]}},
-        "required": ["label"],
+        "properties": {key: value},
+        "required": [key],
         "additionalProperties": False,
     }
     if style == "json_schema":
@@ -69,6 +89,9 @@ def constrained_body(labels: Sequence[Any], style: ConstrainedStyle) -> dict[str
     probability. Raises ``ValueError`` for an unknown style."""
     if style == "grammar":
         return {"grammar": label_grammar(labels)}
+    if style == "choice" and is_multilabel(labels):
+        logger.debug("the choice style scores one label: a multi-label request takes json_object instead")
+        style = "json_object"
     if style == "choice":
         return {"logprobs": True, "top_logprobs": len(labels), "label_choice": label_choice(labels)}
     if style in ("json_schema", "json_object"):
@@ -79,7 +102,10 @@ def constrained_body(labels: Sequence[Any], style: ConstrainedStyle) -> dict[str
 def default_reply_limit(labels: Sequence[Any], constrained: ConstrainedStyle | Literal[False]) -> int:
     """The follower's reply limit in tokens when none is set: room for the longest label
     (a token is at least one character) plus, with a JSON style, the ``{"label": ""}``
-    wrapper; at least 10."""
+    wrapper; at least 10. A multi-label set: room for all its labels in an array and the
+    ``{"labels": []}`` wrapper."""
+    if is_multilabel(labels):  # every label, quoted, with separators, and the JSON wrapper
+        return 16 + sum(len(str(label)) + 4 for label in labels)
     longest = max((len(str(label)) for label in labels), default=1)
     if constrained in ("json_schema", "json_object", "choice"):
         return 16 + longest

@@ -24,13 +24,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dspy_promptmii.protocol.render import Example, label_list, render_examples, render_field_descriptions
+from dspy_promptmii.protocol.render import (
+    Example,
+    is_multilabel,
+    label_list,
+    render_examples,
+    render_field_descriptions,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TEMPLATES",
+    "MULTILABEL_TEMPLATES",
+    "MULTILABEL_NOTE",
     "NAIVE_INSTRUCTION",
+    "NAIVE_MULTILABEL_INSTRUCTION",
+    "naive_instruction",
     "PLACEHOLDERS",
     "OPTIONAL_PLACEHOLDERS",
     "check_template",
@@ -93,8 +103,61 @@ TEMPLATES: dict[str, str] = {
     ),
 }
 
+# The same three for multi-label tasks (``list[Literal[...]]``): a text takes every label
+# that applies, several or none, and the examples show each text's list of labels.
+MULTILABEL_TEMPLATES: dict[str, str] = {
+    "meta1": (
+        "You are helping to write the prompt of a language model whose job is to tag texts "
+        "with these categories: {label_names}. A text may belong to several of them, or to none.\n\n"
+        "{task_notes}"
+        "{exemplars}"
+        "Here are some texts with the list of categories each one belongs to:\n\n"
+        "{examples}\n\n"
+        "Write an instruction for that model. It should explain what the task is in a way "
+        "that carries over to texts the model has not seen, point out the cues that show when "
+        "each category applies, and tell the model to answer with the list of the categories "
+        "that apply (an empty list when none does).{length_rule} Reply with the instruction only."
+    ),
+    "meta2": (
+        "You are drafting guidelines for a person who will annotate texts with every one of "
+        "these labels that applies: {label_names}. A text may take several labels, or none.\n\n"
+        "{task_notes}"
+        "{exemplars}"
+        "Some texts that were already annotated, each with the list of its labels:\n\n"
+        "{examples}\n\n"
+        "Write the annotation guidelines. Say what the task is and when each label applies, "
+        "give general rules for deciding on new texts rather than rules about these "
+        "particular ones, and warn about common pitfalls: labels that are easily confused, and "
+        "texts that take no label. Keep them short and do not repeat yourself.{length_rule} "
+        "Reply with the guidelines only."
+    ),
+    "label_defs": (
+        "You are writing the instruction for a small language model that must tag each text "
+        "with every one of these categories that applies (several, or none): {label_names}.\n\n"
+        "{task_notes}"
+        "{exemplars}"
+        "Texts with their categories:\n\n"
+        "{examples}\n\n"
+        "Write the instruction. Start with one sentence saying what the texts are and what is "
+        "being decided. Then give one line per category, in the form '<category>: <what texts "
+        "in this category have in common>', naming general cues, not these particular texts. "
+        "End by telling the model to answer with the list of the categories that apply.{length_rule} "
+        "Reply with the instruction only."
+    ),
+}
+#: What a user's own template gets after its label list for a multi-label task.
+MULTILABEL_NOTE = " (a text may take several of these labels, or none)"
+
 #: The "naive" baseline instruction: the task stated with no induction at all.
 NAIVE_INSTRUCTION = "Read the input and assign it the label that fits it best."
+#: The naive instruction of a multi-label task.
+NAIVE_MULTILABEL_INSTRUCTION = "Read the input and list every label that applies to it."
+
+
+def naive_instruction(labels: Sequence[Any]) -> str:
+    """The naive instruction for a label set: :data:`NAIVE_MULTILABEL_INSTRUCTION` for a
+    multi-label set, else :data:`NAIVE_INSTRUCTION`."""
+    return NAIVE_MULTILABEL_INSTRUCTION if is_multilabel(labels) else NAIVE_INSTRUCTION
 
 _PLACEHOLDER = re.compile(r"\{(label_names|examples|task_notes|exemplars|length_rule)\}")
 
@@ -211,11 +274,14 @@ def build_meta_prompt(
     """The generator's prompt: ``template`` (a built-in name or a template text) filled
     with the label list, the rendered examples, ``notes`` (see :func:`task_notes`), the
     ``exemplars`` (see :func:`render_exemplars`) and the length rule for ``max_words``.
+    For a multi-label set, a built-in name means its :data:`MULTILABEL_TEMPLATES` form, and
+    a user's template gets :data:`MULTILABEL_NOTE` after the label list.
 
     Raises ``ValueError`` when the template lacks a required placeholder, or has no
     ``{exemplars}`` placeholder while exemplars are given.
     """
-    text = template_text(template)
+    multilabel = is_multilabel(labels)
+    text = MULTILABEL_TEMPLATES.get(template, template) if multilabel else template_text(template)
     check_template(text)
     if notes and "{task_notes}" not in text:
         logger.info("the template has no {task_notes} placeholder: the author's task notes are left out")
@@ -224,7 +290,7 @@ def build_meta_prompt(
     if max_words and "{length_rule}" not in text:
         logger.info("the template has no {length_rule} placeholder: the length budget is only the generation limit")
     values = {
-        "label_names": label_list(labels),
+        "label_names": label_list(labels) + (MULTILABEL_NOTE if multilabel and template not in TEMPLATES else ""),
         "examples": render_examples(examples, field_names),
         "task_notes": notes,
         "exemplars": render_exemplars(exemplars),
