@@ -24,6 +24,16 @@ def test_approximation() -> None:
     assert not counter.exact
     with pytest.raises(ValueError, match="chars_per_token"):
         ApproxCounter(chars_per_token=0)
+    with pytest.raises(ValueError, match="run_chars_per_token"):
+        ApproxCounter(run_chars_per_token=-1)
+
+
+def test_long_unbroken_runs_count_as_the_short_pieces_bpe_makes_of_them() -> None:
+    counter = ApproxCounter()
+    dna = "ACGT" * 10  # 40 characters, no space: a sequence, not words
+    assert counter.count(dna) == 23  # 40 / 1.8, not 40 / 2.5 = 16
+    assert counter.count("sixteen chars ok") == 7  # short words: 16 / 2.5
+    assert counter.count("Input: " + dna) == 3 + 23  # "Input: " at the word rate, the run at its own
 
 
 def test_hf_folder_with_tokenizers_and_a_chat_template(tmp_path: Path) -> None:
