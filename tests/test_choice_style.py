@@ -216,3 +216,31 @@ def test_tolerance_zero_explores_every_branch_and_the_default_stops_at_the_best_
     assert exact["alarm_query"] > 10 * exact["alarm_set"]  # explored: "q" is liked, "s" is not
     assert fast["alarm_set"] + fast["alarm_query"] == pytest.approx(exact["alarm_set"] + exact["alarm_query"])
     assert sum(fast.values()) == pytest.approx(1.0) and sum(exact.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "labels, favourite",
+    [
+        (['say "hi"', "bye"], "s"),
+        (["a\\b", "c"], "a"),
+        (['a"}', "a"], "a"),  # the answer's suffix inside a label: told apart once escaped
+        (["tab\there", "other"], "t"),
+    ],
+)
+def test_a_label_that_json_escapes_is_written_and_scored_escaped_and_parses_back(labels, favourite):
+    protocol = Protocol(constrained="choice")
+    body = protocol.request_body("m", "Classify.", labels, {"text": "fine"}, ["text"])
+
+    reply = answer(CharLlama(favourite=favourite), body, "m")
+
+    content = reply["choices"][0]["message"]["content"]
+    [entry] = reply["choices"][0]["logprobs"]["content"]
+    assert json.loads(content) == {"label": entry["token"]}  # valid JSON, as json_object writes it
+    assert protocol.parse(content, labels) == entry["token"] == labels[0]
+    top = {item["token"]: math.exp(item["logprob"]) for item in entry["top_logprobs"]}
+    assert set(top) == set(labels) and sum(top.values()) == pytest.approx(1.0)
+
+
+def test_plain_labels_carry_no_texts():
+    body = Protocol(constrained="choice").request_body("m", "Classify.", ["été", "😀"], {"text": "x"}, ["text"])
+    assert "texts" not in body["label_choice"]

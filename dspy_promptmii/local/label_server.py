@@ -11,7 +11,8 @@ is answered without generating: the messages are rendered with the model's own c
 template (as llama.cpp renders them for generation), the answer ``prefix`` is appended,
 and :func:`~dspy_promptmii.local.label_choice.choose_label` reads the most probable label
 off the model's next-token distributions. The reply is an ordinary chat completion whose
-content is ``prefix + label + suffix`` (what constrained decoding would write), with
+content is ``prefix + label + suffix`` (what constrained decoding would write; ``label_choice.texts``, when given, is
+the text each label is written as, e.g. JSON-escaped), with
 ``finish_reason`` ``"stop"``, usage counts, and, when ``logprobs`` is asked for, OpenAI's
 logprobs shape with one entry whose ``top_logprobs`` are the labels' log-probabilities.
 Any other request goes to llama-cpp-python's own handler unchanged.
@@ -59,8 +60,8 @@ class LabelChoiceError(ValueError):
     """A label-choice request this server cannot answer (HTTP 400)."""
 
 
-def _request(body: Any) -> tuple[list[dict[str, Any]], list[str], str, str, float]:
-    """(messages, labels, prefix, suffix, tolerance) of a label-choice request body.
+def _request(body: Any) -> tuple[list[dict[str, Any]], dict[str, str], str, str, float]:
+    """(messages, label -> its text, prefix, suffix, tolerance) of a label-choice request body.
     Raises :class:`LabelChoiceError` naming what is wrong."""
     choice = body.get(LABEL_CHOICE_FIELD)
     if not isinstance(choice, dict):
@@ -73,6 +74,11 @@ def _request(body: Any) -> tuple[list[dict[str, Any]], list[str], str, str, floa
     prefix, suffix = choice.get("prefix", ""), choice.get("suffix", "")
     if not isinstance(prefix, str) or not isinstance(suffix, str):
         raise LabelChoiceError(f"{LABEL_CHOICE_FIELD}.prefix and .suffix must be strings")
+    texts = choice.get("texts", labels)
+    if not isinstance(texts, list) or len(texts) != len(labels) or not all(isinstance(x, str) and x for x in texts):
+        raise LabelChoiceError(f"{LABEL_CHOICE_FIELD}.texts must be a list of non-empty strings, one per label")
+    if len(set(texts)) != len(texts):
+        raise LabelChoiceError(f"{LABEL_CHOICE_FIELD}.texts has duplicates: {texts}")
     tolerance = choice.get("tolerance", DEFAULT_TOLERANCE)
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance <= 1:
         raise LabelChoiceError(f"{LABEL_CHOICE_FIELD}.tolerance must be a number from 0 to 1, got {tolerance!r}")
@@ -81,7 +87,7 @@ def _request(body: Any) -> tuple[list[dict[str, Any]], list[str], str, str, floa
         raise LabelChoiceError("messages must be a non-empty list")
     if body.get("stream"):
         raise LabelChoiceError(f"{LABEL_CHOICE_FIELD} answers in one piece: send it without stream=true")
-    return messages, labels, prefix, suffix, float(tolerance)
+    return messages, dict(zip(labels, texts)), prefix, suffix, float(tolerance)
 
 
 def chat_prompt(llama: Any, messages: Sequence[dict[str, Any]]) -> str:
@@ -147,12 +153,13 @@ def _tokenizer(llama: Any):
 
 def score(llama: Any, body: dict[str, Any]) -> tuple[LabelChoice, int]:
     """The label choice for a request body, and the prompt's token count."""
-    messages, labels, prefix, suffix, tolerance = _request(body)
+    messages, texts, prefix, suffix, tolerance = _request(body)
     context = chat_prompt(llama, messages) + prefix
     try:
-        sequences = label_sequences(_tokenizer(llama), context, labels, suffix)
+        by_text = label_sequences(_tokenizer(llama), context, list(texts.values()), suffix)
     except ValueError as error:
         raise LabelChoiceError(str(error)) from None
+    sequences = {label: by_text[text] for label, text in texts.items()}
     longest = max(len(s) for s in sequences.values())
     if longest > llama.n_ctx():
         raise LabelChoiceError(f"the prompt and a label take {longest} tokens, more than the context ({llama.n_ctx()})")
@@ -163,9 +170,9 @@ def score(llama: Any, body: dict[str, Any]) -> tuple[LabelChoice, int]:
 def answer(llama: Any, body: dict[str, Any], model: str) -> dict[str, Any]:
     """The chat-completion reply to a label-choice request (see the module docstring)."""
     choice, prompt_tokens = score(llama, body)
-    _, _, prefix, suffix, _ = _request(body)
-    content = prefix + choice.label + suffix
-    completion_tokens = len(_tokenizer(llama)(choice.label + suffix))
+    _, texts, prefix, suffix, _ = _request(body)
+    content = prefix + texts[choice.label] + suffix
+    completion_tokens = len(_tokenizer(llama)(texts[choice.label] + suffix))
     reply: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",

@@ -77,8 +77,17 @@ def label_response_format(labels: Sequence[Any], style: ConstrainedStyle = "json
 
 def label_choice(labels: Sequence[Any]) -> dict[str, Any]:
     """The ``label_choice`` request field of the ``choice`` style: the labels and the
-    answer they are scored in (:data:`CHOICE_PREFIX` + label + :data:`CHOICE_SUFFIX`)."""
-    return {"labels": [str(label) for label in labels], "prefix": CHOICE_PREFIX, "suffix": CHOICE_SUFFIX}
+    answer they are scored in (:data:`CHOICE_PREFIX` + label + :data:`CHOICE_SUFFIX`).
+
+    The answer is a JSON string, so a label with a quote, a backslash or a control
+    character is written (and scored) escaped, as ``json_object`` would have the follower
+    write it: such a request also carries ``texts``, each label's text inside the quotes."""
+    names = [str(label) for label in labels]
+    field: dict[str, Any] = {"labels": names, "prefix": CHOICE_PREFIX, "suffix": CHOICE_SUFFIX}
+    texts = [json.dumps(name, ensure_ascii=False)[1:-1] for name in names]
+    if texts != names:  # only then: the request of plain labels stays as it was
+        field["texts"] = texts
+    return field
 
 
 def constrained_body(labels: Sequence[Any], style: ConstrainedStyle) -> dict[str, Any]:

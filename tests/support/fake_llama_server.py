@@ -51,7 +51,7 @@ def record(entry: dict) -> None:
 def reply_text(body: dict) -> str:
     choice = body.get("label_choice")
     if choice:
-        return choice.get("prefix", "") + choice["labels"][0] + choice.get("suffix", "")
+        return choice.get("prefix", "") + choice.get("texts", choice["labels"])[0] + choice.get("suffix", "")
     grammar = body.get("grammar")
     if grammar:
         first = re.search(r'"((?:[^"\\]|\\.)*)"', grammar)
