@@ -169,5 +169,7 @@ def test_incomparable_or_held_out_rollouts_are_refused(tmp_path: Path) -> None:
         select.main(["--rollouts", str(valid), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no rollouts.jsonl"):
         select.main(["--rollouts", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=f"no rollouts folder or file at {tmp_path / 'typo'}"):  # not "in <parent>"
+        select.main(["--rollouts", str(tmp_path / "typo"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="max_naive_share"):
         select.main(["--rollouts", str(train), "--out", str(tmp_path / "o"), "--max-naive-share", "2"])

@@ -132,6 +132,8 @@ class Loaded:
 
 def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The finished records of one rollout folder (or its rollouts.jsonl) and its settings."""
+    if not path.exists():
+        raise FileNotFoundError(f"no rollouts folder or file at {path}: pass a training.rollouts --out folder")
     folder = path if path.is_dir() else path.parent
     file = folder / ROLLOUTS if path.is_dir() else path
     manifest = folder / MANIFEST
