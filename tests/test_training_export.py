@@ -216,3 +216,20 @@ def test_the_fake_converter_takes_the_real_ones_arguments() -> None:
 
     result = subprocess.run([sys.executable, str(FAKE_CONVERTER), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--outtype" in result.stdout and "lora_path" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("adapter/adapter_config.json", '{"peft', r"adapter_config\.json:1:\d+: not valid JSON"),
+        ("adapter/adapter_config.json", "[1]", r"adapter_config\.json: expected a JSON object, got list"),
+        ("base_config/config.json", "{", r"config\.json:1:2: not valid JSON"),
+        ("base_config/config.json", '"x"', r"config\.json: expected a JSON object, got str"),
+    ],
+)
+def test_a_broken_json_input_is_named_in_a_one_line_error(tmp_path, record, name, text, problem) -> None:
+    run = make_run(tmp_path)
+    (run / name).write_text(text)
+    with pytest.raises(SystemExit, match=problem):
+        _export(run, tmp_path / "a.gguf")
+    assert not record.exists()

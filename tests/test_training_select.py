@@ -173,3 +173,13 @@ def test_incomparable_or_held_out_rollouts_are_refused(tmp_path: Path) -> None:
         select.main(["--rollouts", str(tmp_path / "typo"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="max_naive_share"):
         select.main(["--rollouts", str(train), "--out", str(tmp_path / "o"), "--max-naive-share", "2"])
+
+
+@pytest.mark.parametrize(
+    "text, problem", [('{"settings":', r"manifest\.json:1:13: not valid JSON"), ("[1]", "got list")]
+)
+def test_a_broken_manifest_is_named_in_a_one_line_error(tmp_path: Path, text: str, problem: str) -> None:
+    folder = write_folder(tmp_path / "train", [context("a", 0.4, [0.5])])
+    (folder / "manifest.json").write_text(text)
+    with pytest.raises(SystemExit, match=problem):
+        select.main(["--rollouts", str(folder), "--out", str(tmp_path / "o")])

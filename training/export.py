@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dspy_promptmii.files import check_writable, write_json
+from dspy_promptmii.files import check_writable, read_json, write_json
 from dspy_promptmii.local.lifetime import OwnedFolder, death_signal, sweep
 from dspy_promptmii.local.pull import GGUF_MAGIC
 from dspy_promptmii.local.registry import home
@@ -163,6 +163,14 @@ def ensure_converter(*, cache: Path | None = None, sdist: Path | None = None, do
         return extract_converter(archive, cache)
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError naming the file (with line and column) otherwise."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def check_inputs(adapter: Path, base_config: Path, out: Path, outtype: str) -> dict[str, Any]:
     """Check everything before anything is downloaded or run; returns the adapter's config.
 
@@ -176,7 +184,7 @@ def check_inputs(adapter: Path, base_config: Path, out: Path, outtype: str) -> d
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (adapter / name).is_file():
             raise ValueError(f"{adapter} has no {name}: pass the adapter/ folder of a training.sft run")
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = _json_object(adapter / "adapter_config.json")
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise ValueError(f"{adapter} is a {config.get('peft_type')} adapter; llama.cpp takes LoRA adapters")
     if config.get("modules_to_save"):
@@ -184,7 +192,7 @@ def check_inputs(adapter: Path, base_config: Path, out: Path, outtype: str) -> d
     file = base_config / "config.json"
     if not file.is_file():
         raise ValueError(f"no config.json in {base_config}: pass the base_config/ folder of a training.sft run")
-    base = json.loads(file.read_text())
+    base = _json_object(file)
     if not base.get("architectures"):
         raise ValueError(f"{file} names no architectures; the converter needs them (e.g. Qwen2ForCausalLM)")
     if out.suffix != ".gguf":

@@ -41,7 +41,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import statistics
@@ -52,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dspy_promptmii.files import check_writable, write_json, write_jsonl, write_text
+from dspy_promptmii.files import check_writable, read_json, write_json, write_jsonl, write_text
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION
 from training.rollouts import MANIFEST, ROLLOUTS, finished_records
 from training.runlog import JsonlLog, digest
@@ -141,7 +140,9 @@ def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise FileNotFoundError(f"no {ROLLOUTS} in {folder}: pass a training.rollouts --out folder")
     if not manifest.is_file():
         raise FileNotFoundError(f"no {MANIFEST} beside {file}: pass a training.rollouts --out folder")
-    data = json.loads(manifest.read_text(encoding="utf-8"))
+    data = read_json(manifest)  # a broken file: ValueError naming it, with line and column
+    if not isinstance(data, dict):
+        raise ValueError(f"{manifest}: not a training.rollouts manifest (a JSON object), got {type(data).__name__}")
     settings, sha = data.get("settings", {}), data.get("settings_sha256") or digest(data.get("settings", {}))
     return list(finished_records(JsonlLog(file).read(), sha).values()), settings
 
