@@ -178,6 +178,7 @@ def test_the_server_answers_with_the_likeliest_label_in_json_and_its_logprobs():
         (lambda b: b["label_choice"].update(tolerance=2), "tolerance must be a number from 0 to 1"),
         (lambda b: b["label_choice"].update(tolerance="all"), "tolerance must be a number from 0 to 1"),
         (lambda b: b.update(stream=True), "without stream=true"),
+        (lambda b: b.update(n=2), "n must be 1"),
     ],
 )
 def test_bad_choice_requests_are_refused_by_name(change, message):

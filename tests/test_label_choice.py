@@ -198,3 +198,15 @@ def test_llama_logits_decodes_only_past_the_cached_prefix():
     assert llama.evaluated == [[1, 2, 3, 4], [7], [7]]
     assert logits.decoded == 6
     assert llama._requires_eval  # the next generation re-reads its own prompt's logits
+
+
+def test_a_recurrent_model_is_decoded_from_the_start_every_time():
+    """A recurrent state cannot drop its tail, so no prefix is reused."""
+    llama = FakeLlama()
+    llama._is_recurrent = True
+    resets = []
+    llama.reset = lambda: (resets.append(True), setattr(llama, "n_tokens", 0))
+    logits = LlamaLogits(llama)
+    logits([1, 2, 3, 4], [5])
+    logits([1, 2, 3, 7], [5])
+    assert llama.evaluated == [[1, 2, 3, 4], [1, 2, 3, 7]] and len(resets) == 2

@@ -15,7 +15,9 @@ content is ``prefix + label + suffix`` (what constrained decoding would write; `
 the text each label is written as, e.g. JSON-escaped), with
 ``finish_reason`` ``"stop"``, usage counts, and, when ``logprobs`` is asked for, OpenAI's
 logprobs shape with one entry whose ``top_logprobs`` are the labels' log-probabilities.
-Any other request goes to llama-cpp-python's own handler unchanged.
+Any other request goes to llama-cpp-python's own handler unchanged. The answer is the most
+probable label whatever the request's temperature (label choice does not sample), so ``n``
+must be 1.
 
 Run it as llama-cpp-python's server is run (the same options)::
 
@@ -87,6 +89,11 @@ def _request(body: Any) -> tuple[list[dict[str, Any]], dict[str, str], str, str,
         raise LabelChoiceError("messages must be a non-empty list")
     if body.get("stream"):
         raise LabelChoiceError(f"{LABEL_CHOICE_FIELD} answers in one piece: send it without stream=true")
+    if body.get("n") not in (None, 1):
+        raise LabelChoiceError(
+            f"{LABEL_CHOICE_FIELD} gives one answer, the most probable label (whatever the temperature): n must be "
+            f"1, got {body.get('n')!r}; for several samples use a generating style such as json_object"
+        )
     return messages, dict(zip(labels, texts)), prefix, suffix, float(tolerance)
 
 
@@ -130,6 +137,9 @@ class LlamaLogits:
     def __call__(self, tokens: Sequence[int], children: Sequence[int]) -> list[float]:
         llama = self.llama
         held = llama.n_tokens
+        if getattr(llama, "_is_recurrent", False) or getattr(llama, "_is_hybrid", False):
+            llama.reset()  # a recurrent state cannot drop its tail: start from nothing
+            held = 0
         common = min(held, len(tokens))
         if common:
             different = np.flatnonzero(llama.input_ids[:common] != np.asarray(tokens[:common]))
