@@ -161,9 +161,10 @@ def _tokenizer(llama: Any):
     return tokenize
 
 
-def score(llama: Any, body: dict[str, Any]) -> tuple[LabelChoice, int]:
-    """The label choice for a request body, and the prompt's token count."""
-    messages, texts, prefix, suffix, tolerance = _request(body)
+def _score(
+    llama: Any, messages: list[dict[str, Any]], texts: dict[str, str], prefix: str, suffix: str, tolerance: float
+) -> tuple[LabelChoice, int]:
+    """The label choice for a parsed request (see :func:`_request`), and the prompt's token count."""
     context = chat_prompt(llama, messages) + prefix
     try:
         by_text = label_sequences(_tokenizer(llama), context, list(texts.values()), suffix)
@@ -179,8 +180,9 @@ def score(llama: Any, body: dict[str, Any]) -> tuple[LabelChoice, int]:
 
 def answer(llama: Any, body: dict[str, Any], model: str) -> dict[str, Any]:
     """The chat-completion reply to a label-choice request (see the module docstring)."""
-    choice, prompt_tokens = score(llama, body)
-    _, texts, prefix, suffix, _ = _request(body)
+    request = _request(body)
+    choice, prompt_tokens = _score(llama, *request)
+    _, texts, prefix, suffix, _ = request
     content = prefix + texts[choice.label] + suffix
     completion_tokens = len(_tokenizer(llama)(texts[choice.label] + suffix))
     reply: dict[str, Any] = {
