@@ -13,7 +13,7 @@ import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, NamedTuple, get_args, get_origin
 
 import dspy
 from dspy.signatures.signature import _default_instructions
@@ -25,8 +25,13 @@ logger = protected_logger(__name__)
 
 __all__ = ["ClassificationTask", "signature_task", "classification_tasks", "LabelledExample"]
 
-#: One labelled example as the protocol uses it: the input values by field name, and the label string.
-LabelledExample = tuple[dict[str, Any], str]
+class LabelledExample(NamedTuple):
+    """One labelled example as the protocol uses it, from the plan to the evaluation: the
+    input values by field name, and the label string (a multi-label example's label is
+    the JSON array of its labels). A tuple, so ``inputs, label = example`` works."""
+
+    inputs: dict[str, Any]
+    label: str
 
 
 def _multilabel_values(annotation: Any) -> tuple[Any, ...] | None:
@@ -200,7 +205,7 @@ class ClassificationTask:
             if label is None:
                 unknown[repr(values[self.label_field])] = None
                 continue
-            result.append(({name: values[name] for name in self.input_fields}, label))
+            result.append(LabelledExample({name: values[name] for name in self.input_fields}, label))
         if unknown:
             raise ValueError(
                 f"{name} has labels outside the label set of {self.predictor_name!r}."

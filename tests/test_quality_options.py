@@ -100,8 +100,13 @@ def test_exemplars_need_a_template_with_the_placeholder_and_a_readable_library(t
         PromptMIIOptimizer(exemplars=1, library=LIBRARY, template="Labels {label_names}\n{examples}")
     broken = tmp_path / "library.json"
     broken.write_text('{"entries": [{"task": "x"}]}', encoding="utf-8")
-    with pytest.raises(ValueError, match="entry 0 has no labels, instruction"):
-        PromptMIIOptimizer(exemplars=1, library=broken)
+    # The constructor reads no file; compile (and estimate) read it before any LM call.
+    lm, engine = fake_lm([GOOD])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, exemplars=1, library=broken)
+    for step in (optimizer.compile, optimizer.estimate):
+        with pytest.raises(ValueError, match="entry 0 has no labels, instruction"):
+            step(dspy.Predict(Review), trainset=reviews(4))
+    assert engine.calls == 0
     with pytest.raises(TypeError, match="exemplars"):
         PromptMIIOptimizer(exemplars="2")
 
@@ -450,7 +455,9 @@ def test_a_candidate_the_follower_cannot_take_is_scored_as_failed() -> None:
     with dspy.context(adapter=LabelAdapter()):
         optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
     report = optimizer.report[0]
-    assert report["chosen"] == 0 and "failed" in report["candidates"][1]["score"]
+    failed = report["candidates"][1]
+    assert report["chosen"] == 0 and failed["score"] is None and "context length exceeded" in failed["failed"]
+    assert report["candidates"][0]["score"]["macro_f1"] >= 0 and "failed" not in report["candidates"][0]
 
 
 def test_sampled_candidates_of_a_model_without_temperature_are_reported_as_not_sampled() -> None:
