@@ -3,9 +3,12 @@ labelled examples into a compiled program.
 
 Every method starts from ``dspy.Predict(text[, text_pair] -> label: Literal[...])`` and is
 followed by the same follower LM through the same adapter; the compile step is the only
-thing that differs. The runner calls a method inside ``dspy.context(lm=<metered follower
-copy>, adapter=<the shared adapter>)``; a method that needs a generator gets its own
-metered copy in :attr:`CompileContext.generator_lm`, so compile calls are counted per role.
+thing that differs. The protocol and the adapter travel as arguments, in the :class:`CompileContext`
+(:attr:`~CompileContext.protocol`, :attr:`~CompileContext.adapter`); no method reads them
+from ``dspy.settings``. The runner still calls a method inside ``dspy.context(lm=<metered
+follower copy>, adapter=<the shared adapter>)``, for the predictors DSPy's own optimizers
+run; a method that needs a generator gets its own metered copy in
+:attr:`CompileContext.generator_lm`, so compile calls are counted per role.
 """
 
 from __future__ import annotations
@@ -99,7 +102,9 @@ class Budgets:
 
 @dataclass
 class CompileContext:
-    """Everything one compile gets."""
+    """Everything one compile gets. ``protocol`` is the run's one protocol and
+    ``adapter`` the one adapter every follower call goes through (None:
+    ``LabelAdapter(protocol=protocol)``; see runner.make_protocol and runner.make_adapter)."""
 
     student: dspy.Module
     examples: list[dspy.Example]
@@ -111,8 +116,14 @@ class CompileContext:
     generator_lm: dspy.BaseLM | None = None  # a metered copy, for this compile only
     follower_lm: dspy.BaseLM | None = None  # the metered follower copy also set in dspy.context
     longest_input: dict[str, str] | None = None
-    protocol: Protocol = field(default_factory=Protocol)  # the shared adapter's (see runner.make_adapter)
+    protocol: Protocol = field(default_factory=Protocol)
     options: dict[str, Any] = field(default_factory=dict)  # the method's options (see parse_method)
+    adapter: dspy.Adapter | None = None
+
+    def follower_adapter(self) -> dspy.Adapter:
+        """The adapter of the follower's calls: :attr:`adapter`, else a ``LabelAdapter``
+        with :attr:`protocol`."""
+        return self.adapter if self.adapter is not None else LabelAdapter(protocol=self.protocol)
 
 
 @dataclass
@@ -246,6 +257,7 @@ def _promptmii_optimizer(ctx: CompileContext) -> PromptMIIOptimizer:
         token_counter=ctx.generator.token_counter,
         max_tokens=limit,
         follower_lm=ctx.follower_lm,
+        adapter=ctx.follower_adapter(),
         **options,
     )
 
@@ -306,7 +318,7 @@ def compile_gepa(ctx: CompileContext) -> Compiled:
         seed=ctx.seed,
         track_stats=False,
     )
-    adapter = dspy.settings.adapter
+    adapter = ctx.follower_adapter()
     if isinstance(adapter, LabelAdapter):
         # The same follower requests; an unparseable reply reaches the metric (and its
         # feedback) as no label with the raw reply, instead of an adapter error.

@@ -327,6 +327,7 @@ def run_cell(
         longest_input=split.longest_input(),
         protocol=protocol,
         options=options,
+        adapter=adapter,
     )
     # What the compile will cost, said before it spends anything (no LM call).
     try:

@@ -177,3 +177,59 @@ def test_the_constructor_stores_what_it_is_given() -> None:
     assert (optimizer.n, optimizer.exemplars, optimizer.library, optimizer.candidates) == (
         3, 2, "/nonexistent/library.json", 2
     )
+
+
+# --- the protocol and the adapter travel as arguments; the GRPO label has one schema ----
+
+
+def test_no_benchmark_or_training_module_reads_the_adapter_from_dspy_settings() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readers = [
+        str(path.relative_to(root))
+        for folder in ("benchmarks", "training")
+        for path in (root / folder).rglob("*.py")
+        if "results" not in path.parts and "rft" not in path.parts and "settings.adapter" in path.read_text("utf-8")
+    ]
+    assert readers == []
+
+
+def test_a_benchmark_cell_hands_its_adapter_to_the_optimizer() -> None:
+    from benchmarks.methods import Budgets, CompileContext, _promptmii_optimizer
+    from dspy_promptmii import LabelAdapter
+    from dspy_promptmii.routes import Endpoint
+
+    generator, _ = fake_lm([GOOD])
+    endpoint = Endpoint(
+        lm=generator, route="local", token_counter=None, context_tokens=None, constrained_style="json_schema"
+    )
+    protocol = Protocol(constrained="json_schema")
+    adapter = LabelAdapter(protocol=protocol)
+    ctx = CompileContext(
+        student=dspy.Predict(Review), examples=reviews(4), seed=0, threads=1, budgets=Budgets(), follower=endpoint,
+        generator=endpoint, generator_lm=generator, follower_lm=generator, protocol=protocol, adapter=adapter,
+    )
+    with dspy.context(adapter=dspy.ChatAdapter()):  # what DSPy has configured does not matter
+        assert _promptmii_optimizer(ctx).adapter is adapter
+    bare = dataclasses.replace(ctx, adapter=None).follower_adapter()
+    assert isinstance(bare, LabelAdapter) and bare.protocol == protocol
+
+
+def test_the_grpo_label_round_trips_and_names_what_is_wrong() -> None:
+    import json
+
+    from training.grpo_label import GRPOLabel
+
+    label = GRPOLabel(
+        task="t", labels=("a", "b"), input_fields=("text",), test_inputs=(("x",), ("y",)), test_labels=("a", "b"),
+        protocol=Protocol(), n_shot=5, context_inputs=(("z",),), context_labels=("b",),
+    )
+    data = label.to_json()
+    assert GRPOLabel.from_json(data) == label and GRPOLabel.from_json(json.dumps(data)) == label
+    held = label.held_out()
+    assert held.test_inputs() == [{"text": "x"}, {"text": "y"}] and held.shown == (({"text": "z"}, "b"),)
+    with pytest.raises(ValueError, match="label has no 'protocol'"):
+        GRPOLabel.from_json({k: v for k, v in data.items() if k != "protocol"})
+    with pytest.raises(ValueError, match="2 test inputs but 1 test labels"):
+        GRPOLabel.from_json({**data, "test_labels": ["a"]})
