@@ -27,7 +27,6 @@ from dspy_promptmii.protocol import (
     constrained_body,
     label_grammar,
     label_response_format,
-    render_inputs,
 )
 from dspy_promptmii.task import ClassificationTask, signature_task
 
@@ -259,36 +258,6 @@ class LabelAdapter(Adapter):
         return self.protocol.messages(
             signature.instructions, task.labels, inputs, task.input_fields, shown, task.descriptions
         )
-
-    def format_field_description(self, signature: type[Signature]) -> str:
-        return ""
-
-    def format_field_structure(self, signature: type[Signature]) -> str:
-        return ""
-
-    def format_task_description(self, signature: type[Signature]) -> str:
-        return signature.instructions
-
-    def format_user_message_content(
-        self,
-        signature: type[Signature],
-        inputs: dict[str, Any],
-        prefix: str = "",
-        suffix: str = "",
-        main_request: bool = False,
-    ) -> str:
-        names = [name for name in signature.input_fields if name in inputs]
-        body = render_inputs(inputs, names) if names else ""
-        return "\n\n".join(part for part in (prefix, body, suffix) if part)
-
-    def format_assistant_message_content(
-        self, signature: type[Signature], outputs: dict[str, Any], missing_field_message: str | None = None
-    ) -> str:
-        task = self._task(signature)
-        if task is None:
-            return self.fallback.format_assistant_message_content(signature, outputs, missing_field_message)
-        value = outputs.get(task.label_field)
-        return task.label_of(value) or "" if value is not None else (missing_field_message or "")
 
     # -- reply ----------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,7 +238,9 @@ def test_compile_calls_and_tokens_are_counted_per_role(data_dir, tmp_path, metho
     generator, generator_engine = fake_lm(generator_reply, model="fake/generator", usage=(100, 20))
     endpoints = Endpoints(follower=endpoint(follower, "fake/follower"), generator=endpoint(generator, "fake/generator"))
     out = tmp_path / "out"
+    started = time.perf_counter()
     run_benchmark(config(data_dir, out, methods=[method], tasks=resolve_tasks(data_dir, ["toy"])), endpoints)
+    wall = time.perf_counter() - started
     (record,) = ok(out).values()
 
     assert record["compile_generator_calls"] == generator_engine.calls
@@ -254,15 +257,19 @@ def test_compile_calls_and_tokens_are_counted_per_role(data_dir, tmp_path, metho
         assert record["compile_follower_calls"] == 0
     else:
         assert record["compile_generator_calls"] >= 1 and record["compile_follower_calls"] >= 4
-    assert record["compile_seconds"] >= 0 and record["eval_seconds"] >= 0
+    # Times are this cell's own: at most the run's wall time, and the evaluation's calls take some.
+    assert 0 <= record["compile_seconds"] + record["eval_seconds"] <= wall and record["eval_seconds"] > 0
     assert record["instruction"]
     # Each role got only its own kind of request: the follower labels inputs, the
     # generator writes (GEPA's reflections, MIPROv2's proposals go through DSPy adapters).
     for request in follower_engine.requests:
         text = "\n".join(message_texts(m) for m in request.messages)
         assert "[[ ## " not in text and "JSON object" not in text and "Input: row" in text
+    # Prompt-MII's meta-prompt shows the examples; GEPA's reflections and MIPROv2's proposals
+    # get DSPy's own prompts, never the follower's inputs.
+    shows = {"promptmii_zero": True}.get(method.split(":")[0], False)
     for request in generator_engine.requests:
-        assert "Input: row" not in message_texts(request.messages[-1]) or method == "promptmii_zero"
+        assert ("Input: row" in message_texts(request.messages[-1])) is shows, method
 
 
 def test_n_used_icl_fits_the_context_and_promptmii_reports_its_n(data_dir, lms, tmp_path):
@@ -406,7 +413,7 @@ def test_manifest_records_versions_models_adapter_and_preset(data_dir, lms, tmp_
     assert manifest["adapter"] == {**manifest["adapter"], "kind": "label", "demos": "turns", "constrained": False}
     assert manifest["preset"]["name"] == "quick" and manifest["seeds"] == [0]
     assert manifest["runs"][0]["machine"]["cpu_count"] >= 1
-    assert manifest["runs"][0]["wall_seconds"] >= 0
+    assert 0 < manifest["runs"][0]["wall_seconds"] < 600
 
 
 def test_chat_adapter_runs_every_method_through_dspy_chat_prompts(data_dir, lms, tmp_path):

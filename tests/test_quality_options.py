@@ -70,8 +70,8 @@ GOOD = "Praise means pos; complaints mean neg."
 
 def test_exemplars_are_the_most_similar_library_entries() -> None:
     chosen = select_exemplars(LIBRARY, ["pos", "neg"], ["loved the film", "hated the acting"], 2)
-    assert [e["task"] for e in chosen] == ["movie_sentiment", "voice_intents"] or chosen[0]["task"] == "movie_sentiment"
-    assert chosen[0]["similarity"] >= chosen[1]["similarity"]
+    assert len(chosen) == 2 and chosen[0]["task"] == "movie_sentiment"  # the review task is the closest
+    assert chosen[0]["similarity"] > chosen[1]["similarity"]
     assert select_exemplars(LIBRARY, ["pos"], ["x"], 0) == []
     assert len(select_exemplars(LIBRARY, ["pos"], ["x"], 10)) == len(LIBRARY)
     intents = select_exemplars(LIBRARY, ["GetWeather", "PlayMusic"], ["will it rain in Oslo"], 1)
@@ -411,11 +411,11 @@ def test_a_library_list_is_checked_like_a_file() -> None:
 
 
 def test_quotes_around_two_words_are_not_a_wrapping_pair() -> None:
-    from dspy_promptmii.protocol import clean_instruction
+    from dspy_promptmii.protocol import clean_reply
 
     reply = '"pos" means the reviewer liked it.\nAnything else is "neg"'
-    assert clean_instruction(reply, labels=["pos", "neg"]) == reply
-    assert clean_instruction('"Label praise as pos."') == "Label praise as pos."
+    assert clean_reply(reply, labels=["pos", "neg"]).text == reply
+    assert clean_reply('"Label praise as pos."').text == "Label praise as pos."
 
 
 def test_candidates_are_scored_by_the_follower_with_the_demos_the_program_keeps() -> None:

@@ -20,7 +20,6 @@ from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
 from dspy_promptmii.protocol import (
     LABEL_MARKER,
     Protocol,
-    clean_instruction,
     clean_reply,
     format_line,
     label_list,
@@ -55,7 +54,7 @@ def test_reasoning_blocks_are_removed_from_generator_replies(reply: str) -> None
 
 def test_a_reply_cut_off_while_thinking_leaves_nothing() -> None:
     assert strip_reasoning("<think>the model never stopped thinking and") == ""
-    assert clean_instruction(f"{BODY}\n<think>second thoughts that never") == BODY
+    assert clean_reply(f"{BODY}\n<think>second thoughts that never").text == BODY
 
 
 @pytest.mark.parametrize(
@@ -86,8 +85,8 @@ def test_cleaning_keeps_every_sentence_of_the_instruction() -> None:
         "- A review that praises and then pans counts by its ending.\n"
         "- Sarcasm is negative"
     )
-    assert clean_instruction(text) == text  # not truncated: the last line stays
-    assert clean_instruction(text, truncated=True) == text.rsplit("\n", 1)[0]
+    assert clean_reply(text).text == text  # not truncated: the last line stays
+    assert clean_reply(text, truncated=True).text == text.rsplit("\n", 1)[0]
 
 
 def test_copies_of_shown_inputs_are_dropped_anywhere_and_measured() -> None:

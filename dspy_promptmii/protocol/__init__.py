@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from dspy_promptmii.protocol.clean import Cleaned, clean_instruction, clean_reply, strip_reasoning, unknown_labels
+from dspy_promptmii.protocol.clean import Cleaned, clean_reply, strip_reasoning, unknown_labels
 from dspy_promptmii.protocol.parse import normalize_label, parse_label, parse_labels
 from dspy_promptmii.protocol.render import (
     DEMO_STYLES,
@@ -110,7 +110,6 @@ __all__ = [
     "build_meta_prompt",
     "strip_reasoning",
     "clean_reply",
-    "clean_instruction",
     "unknown_labels",
     "follower_prompt",
     "follower_messages",
