@@ -43,10 +43,9 @@ BUDGET_MARGIN = 64
 #: The generator's reply limit without an instruction budget, when neither the LM nor the
 #: caller sets one (the paper lets the generator write up to about 1-2k tokens).
 DEFAULT_GENERATOR_MAX_TOKENS = 1024
-#: The default instruction budget (tokens). Chosen on the dev tasks of the shared
-#: datasets (benchmarks/results/dev12-2026-11-29, embedded 0.5B generator and follower):
-#: mean macro-F1 0.380 with it against 0.345 without, instructions of at most 220 tokens
-#: instead of up to 961, and a third of the compile time.
+#: The default instruction budget (tokens), chosen on the dev tasks of the shared datasets;
+#: the measurements behind it are in README's Benchmarks section and
+#: benchmarks/results/dev12-2026-11-29.
 DEFAULT_MAX_INSTRUCTION_TOKENS = 160
 
 
