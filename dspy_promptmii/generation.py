@@ -19,6 +19,7 @@ from typing import Any
 
 import dspy
 
+from dspy_promptmii.dspy_private import finish_reason_of, is_openai_reasoning_model
 from dspy_promptmii.secrets import protected_logger
 
 logger = protected_logger(__name__)
@@ -81,11 +82,7 @@ class Reply:
 def refuses_temperature_0(model: str) -> bool:
     """Models that take no temperature but their default (OpenAI's reasoning models, by
     DSPy's own rule)."""
-    try:
-        from dspy.clients.lm import _is_openai_reasoning_model
-    except ImportError:  # pragma: no cover - DSPy moved it
-        return False
-    return bool(_is_openai_reasoning_model(model))
+    return is_openai_reasoning_model(model)
 
 
 def generator_settings(
@@ -144,13 +141,6 @@ def _call(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any]) -> tuple[str, 
     return valid_text(text or ""), tracker.get_total_tokens().get(lm.model, {})
 
 
-def _last_finish_reason(lm: dspy.BaseLM, prompt: str) -> str | None:
-    for entry in reversed(getattr(lm, "history", [])[-8:]):
-        if entry.get("prompt") == prompt or prompt in str(entry.get("messages") or ""):
-            return finish_reason(entry.get("response"))
-    return None
-
-
 def generate(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any], filled: set[str] = frozenset()) -> Reply:
     """One call with ``prompt`` as a single user message.
 
@@ -173,4 +163,4 @@ def generate(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any], filled: set
             for name in refused:
                 logger.warning("the generator refused %s=%r (%s); calling it without", name, settings[name], error)
                 settings.pop(name)
-    return Reply(text=text, usage=usage, finish_reason=_last_finish_reason(lm, prompt), settings=settings)
+    return Reply(text=text, usage=usage, finish_reason=finish_reason_of(lm, prompt, finish_reason), settings=settings)

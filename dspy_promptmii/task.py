@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args, get_origin
 
 import dspy
-from dspy.signatures.signature import _default_instructions
 
+from dspy_promptmii.dspy_private import default_instructions
 from dspy_promptmii.protocol import LABEL_MARKER, MultiLabels, format_line, label_array
 from dspy_promptmii.secrets import protected_logger
 
@@ -77,7 +77,7 @@ def _description(field_info: Any, name: str) -> str | None:
 def _task_description(signature: type[dspy.Signature], labels: Sequence[str]) -> str | None:
     """The signature's instructions if its author wrote them, without the format line."""
     text = (signature.instructions or "").strip()
-    if not text or text == _default_instructions(signature).strip():
+    if not text or text == default_instructions(signature).strip():
         return None
     line = format_line(labels)
     if text.endswith(line):
