@@ -24,6 +24,8 @@ __all__ = [
     "InstanceOf",
     "check_params",
     "SHARED",
+    "COUNT",
+    "COUNT_OR_ZERO",
 ]
 
 
@@ -73,7 +75,7 @@ class Integer(Constraint):
             try:
                 self.check(name, value)
             except ValueError:
-                raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}") from None
+                raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {value}") from None
             return value
 
         convert.__name__ = name
@@ -137,7 +139,12 @@ class InstanceOf(Constraint):
             raise TypeError(f"{name} must be {self.described}, got {type(value).__name__}")
 
 
-#: Rules that several components share: one definition of each count and budget.
+#: Command-line counts (argparse types; see :meth:`Integer.argparse_type`).
+COUNT = Integer(low=1)
+COUNT_OR_ZERO = Integer(low=0)
+
+#: Rules that several components share (the optimizer, the protocol, the command line and
+#: the training data builder): one definition of each count, budget and setting.
 SHARED: dict[str, Constraint] = {
     "n": Integer(low=1),
     "seed": Integer(),

@@ -406,14 +406,16 @@ def test_other_settings_in_the_same_folder_are_refused(data_dir, lms, tmp_path):
 def test_manifest_records_versions_models_adapter_and_preset(data_dir, lms, tmp_path):
     out = tmp_path / "out"
     cfg = config(data_dir, out, methods=["naive"], preset={"name": "quick", "description": "d", "values": {}})
+    started = time.perf_counter()
     run_benchmark(cfg, lms["endpoints"])
+    wall = time.perf_counter() - started
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["versions"]["dspy"] and "dspy-promptmii" in manifest["versions"]
     assert manifest["models"]["follower"]["route"] == "fake/follower"
     assert manifest["adapter"] == {**manifest["adapter"], "kind": "label", "demos": "turns", "constrained": False}
     assert manifest["preset"]["name"] == "quick" and manifest["seeds"] == [0]
     assert manifest["runs"][0]["machine"]["cpu_count"] >= 1
-    assert 0 < manifest["runs"][0]["wall_seconds"] < 600
+    assert 0 <= manifest["runs"][0]["wall_seconds"] <= round(wall, 1) + 0.1  # the run's own time, to 0.1 s
 
 
 def test_chat_adapter_runs_every_method_through_dspy_chat_prompts(data_dir, lms, tmp_path):
@@ -455,7 +457,7 @@ def test_count_flags_refuse_zero_before_anything_runs(capsys, flag):
     with pytest.raises(SystemExit) as exited:
         cli.main(["run", flag, "0"])
     assert exited.value.code == 2
-    assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+    assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_descriptions_reach_the_signature_and_the_configuration(data_dir, lms, tmp_path):

@@ -48,6 +48,7 @@ from dspy_promptmii.console import protect_output
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json, write_jsonl
 from dspy_promptmii.generation import DEFAULT_MAX_INSTRUCTION_TOKENS, budget_words
+from dspy_promptmii.params import SHARED, check_params
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, TEMPLATES, Protocol, choose_template
 from dspy_promptmii.sampling import SAMPLING, example_order
 from dspy_promptmii.secrets import protected_logger
@@ -128,15 +129,7 @@ class BuildConfig:
             raise ValueError(f"valid shots must be positive, got {self.valid_shots}")
         if not 0 < self.max_unique_label_ratio <= 1:
             raise ValueError(f"max_unique_label_ratio must be in (0, 1], got {self.max_unique_label_ratio}")
-        if self.max_instruction_tokens is not None and (
-            isinstance(self.max_instruction_tokens, bool)
-            or not isinstance(self.max_instruction_tokens, int)
-            or self.max_instruction_tokens < 1
-        ):
-            raise ValueError(
-                f"max_instruction_tokens must be a positive integer or None (no length rule), "
-                f"got {self.max_instruction_tokens!r}"
-            )
+        check_params({"max_instruction_tokens": self.max_instruction_tokens}, SHARED)  # None: no length rule
         if self.constrained not in (False, *CONSTRAINED_STYLES):
             raise ValueError(f"constrained must be False or one of {CONSTRAINED_STYLES}, got {self.constrained!r}")
         _ = self.protocol  # validates the template and the reply limit
