@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -92,16 +93,18 @@ class LabelAdapter(Adapter):
             generation, and each prediction gets ``probabilities``, label -> probability).
         fallback: Adapter for the predictors above; defaults to ``dspy.ChatAdapter()``.
         callbacks: DSPy adapter callbacks.
-        demos: Shortcut for ``Protocol(demo_style=...)``: ``"inline"`` (default, paper)
-            or ``"turns"`` (one chat exchange per demo; better for ICL with small models).
-        protocol: The whole protocol; not together with ``constrained`` or ``demos``.
+        demos: Deprecated name of ``demo_style`` (``demos`` elsewhere is a count).
+        demo_style: Shortcut for ``Protocol(demo_style=...)``: ``"inline"`` (default,
+            paper) or ``"turns"`` (one chat exchange per demo; better for ICL with small
+            models).
+        protocol: The whole protocol; not together with ``constrained`` or ``demo_style``.
         on_invalid: A reply that names no label: ``"raise"`` (default) raises DSPy's
             ``AdapterParseError`` (evaluation counts it as invalid); ``"none"`` returns
             the label field as ``None`` and the raw reply as ``invalid_reply`` (for
             optimizers whose metric explains failures, e.g. GEPA's feedback).
 
     Raises:
-        ValueError: ``protocol`` given with ``constrained`` or ``demos``, or an invalid value.
+        ValueError: ``protocol`` given with ``constrained`` or ``demo_style``, or an invalid value.
         TypeError: ``protocol`` is not a :class:`~dspy_promptmii.protocol.Protocol`.
     """
 
@@ -114,18 +117,26 @@ class LabelAdapter(Adapter):
         *,
         protocol: Protocol | None = None,
         on_invalid: Literal["raise", "none"] = "raise",
+        demo_style: str | None = None,
     ):
         super().__init__(callbacks=callbacks)
+        if demos is not None:
+            warnings.warn(
+                "LabelAdapter(demos=...) is deprecated: pass demo_style=...", DeprecationWarning, stacklevel=2
+            )
+            if demo_style is not None:
+                raise ValueError("pass demo_style= only (demos= is its deprecated name)")
+            demo_style = demos
         if on_invalid not in ("raise", "none"):
             raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
         self.on_invalid = on_invalid
         if protocol is not None:
             if not isinstance(protocol, Protocol):
                 raise TypeError(f"protocol must be a dspy_promptmii.protocol.Protocol, got {type(protocol).__name__}")
-            if constrained is not None or demos is not None:
-                raise ValueError("pass either protocol= or the constrained=/demos= shortcuts, not both")
+            if constrained is not None or demo_style is not None:
+                raise ValueError("pass either protocol= or the constrained=/demo_style= shortcuts, not both")
         else:
-            protocol = Protocol(constrained=constrained or False, demo_style=demos or "inline")
+            protocol = Protocol(constrained=constrained or False, demo_style=demo_style or "inline")
         self.protocol = protocol
         self.fallback = fallback if fallback is not None else ChatAdapter()
         self._told: set[str] = set()
@@ -135,7 +146,7 @@ class LabelAdapter(Adapter):
         return self.protocol.constrained
 
     @property
-    def demos(self) -> str:
+    def demo_style(self) -> str:
         return self.protocol.demo_style
 
     def task(self, signature: type[Signature]) -> ClassificationTask | None:

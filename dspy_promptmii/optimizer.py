@@ -379,7 +379,7 @@ class PromptMIIOptimizer(Teleprompter):
 
     def _writer(self) -> InstructionWriter:
         return InstructionWriter(
-            self.protocol, candidates=self.candidates, seed=self.seed, exemplars=self.exemplars,
+            self.protocol, candidates=self.candidates, seed=self.seed, n_exemplars=self.exemplars,
             library=self._library(), max_prompt_tokens=self.max_prompt_tokens,
             max_instruction_tokens=self.max_instruction_tokens, token_counter=self.token_counter,
             temperature=self.temperature, max_tokens=self.max_tokens, generation_kwargs=self.generation_kwargs,

@@ -118,7 +118,7 @@ def predictor_report(
         truncated=origin.reply.truncated,
         meta_prompt_tokens=origin.meta_prompt_tokens,
         generation_settings=origin.reply.settings,
-        exemplars=list(best.exemplars),
+        exemplars=list(best.exemplar_tasks),
         copied_lines=origin.cleaned.copied_lines,
         copied_fraction=origin.cleaned.copied_fraction,
         reasoning_removed=origin.cleaned.reasoning_removed,

@@ -80,7 +80,8 @@ class Candidate:
     ``kind`` is ``"generated"``, ``"naive"`` (the naive instruction, kept as a
     reference so that selection never prefers an instruction that the follower does
     worse with than with no induction at all) or ``"empty"`` (a generator reply with
-    nothing left after cleaning: reported, never scored). ``score`` is None until it is
+    nothing left after cleaning: reported, never scored). ``exemplar_tasks`` names the
+    library entries its meta-prompt showed. ``score`` is None until it is
     scored; ``failed`` is the error of a candidate whose scoring failed.
     """
 
@@ -88,7 +89,7 @@ class Candidate:
     kind: str
     instruction: str
     template: str | None = None
-    exemplars: tuple[str, ...] = ()
+    exemplar_tasks: tuple[str, ...] = ()
     temperature: float | None = None
     seed: int | None = None
     tokens: int | None = None
@@ -102,7 +103,7 @@ class Candidate:
             "kind": self.kind,
             "instruction": self.instruction,
             "template": self.template,
-            "exemplars": list(self.exemplars),
+            "exemplars": list(self.exemplar_tasks),
             "temperature": self.temperature,
             "seed": self.seed,
             "tokens": self.tokens,
@@ -247,7 +248,7 @@ class Selector:
                 kind="empty" if w.empty else "generated",
                 instruction=w.instruction,
                 template=w.spec.template_name,
-                exemplars=writing.exemplar_tasks if w.spec.exemplars and not w.empty else (),
+                exemplar_tasks=writing.exemplar_tasks if w.spec.with_exemplars and not w.empty else (),
                 temperature=None if w.empty else w.sent_temperature,
                 seed=None if w.empty else w.sent_seed,
                 tokens=None if w.empty else w.tokens,

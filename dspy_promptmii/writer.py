@@ -80,12 +80,12 @@ class PromptBudgetError(ValueError):
 @dataclass(frozen=True)
 class CandidateSpec:
     """What one generator call varies: the template (a built-in name or a template
-    text), whether the exemplars are shown, and, for a sampled candidate, its
+    text), whether the library's exemplars are shown, and, for a sampled candidate, its
     temperature and seed (both None for a greedy one)."""
 
     index: int
     template: str
-    exemplars: bool
+    with_exemplars: bool
     temperature: float | None = None
     seed: int | None = None
 
@@ -130,8 +130,8 @@ class Written:
 
 @dataclass(frozen=True)
 class Writing:
-    """Every candidate written for one plan, in spec order, with the library entries
-    (their task names) that the candidates showing exemplars showed. At least one
+    """Every candidate written for one plan, in spec order, with the task names of the
+    library entries that the candidates ``with_exemplars`` showed. At least one
     candidate is not empty."""
 
     written: tuple[Written, ...]
@@ -163,8 +163,8 @@ class InstructionWriter:
         protocol: The meta-prompt templates and the cleaning.
         candidates: Generator calls per plan (>= 1).
         seed: Seed of the sampled candidates (``seed + index``).
-        exemplars: Library entries shown as worked examples (0: none).
-        library: The checked library entries (empty with ``exemplars`` = 0).
+        n_exemplars: Library entries shown as worked examples (0: none).
+        library: The checked library entries (empty with ``n_exemplars`` = 0).
         max_prompt_tokens: The meta-prompt's token budget (None: none).
         max_instruction_tokens: The instruction's budget (None: none): asked for in
             words, and the reply limit when neither the LM nor ``max_tokens`` sets one.
@@ -179,7 +179,7 @@ class InstructionWriter:
         *,
         candidates: int = 1,
         seed: int = 0,
-        exemplars: int = 0,
+        n_exemplars: int = 0,
         library: Sequence[Mapping[str, Any]] = (),
         max_prompt_tokens: int | None = None,
         max_instruction_tokens: int | None = None,
@@ -191,7 +191,7 @@ class InstructionWriter:
         self.protocol = protocol
         self.candidates = candidates
         self.seed = seed
-        self.exemplars = exemplars
+        self.n_exemplars = n_exemplars
         self.library = list(library)
         self.max_prompt_tokens = max_prompt_tokens
         self.max_instruction_tokens = max_instruction_tokens
@@ -218,7 +218,7 @@ class InstructionWriter:
                 CandidateSpec(
                     index=index,
                     template=cycle[index % len(cycle)],
-                    exemplars=not (sampled and (index - len(cycle)) % 2 == 0),
+                    with_exemplars=not (sampled and (index - len(cycle)) % 2 == 0),
                     temperature=CANDIDATE_TEMPERATURE if sampled else None,
                     seed=self.seed + index if sampled else None,
                 )
@@ -226,9 +226,9 @@ class InstructionWriter:
         return specs
 
     def exemplars_for(self, plan: Plan) -> list[dict[str, Any]]:
-        """The library entries most similar to the plan's task (none with ``exemplars`` = 0)."""
+        """The library entries most similar to the plan's task (none with ``n_exemplars`` = 0)."""
         inputs = [str(value) for example in plan.examples for value in example.inputs.values()]
-        return select_exemplars(self.library, plan.task.labels, inputs, self.exemplars)
+        return select_exemplars(self.library, plan.task.labels, inputs, self.n_exemplars)
 
     # -- the call ----------------------------------------------------------------------
 
@@ -242,7 +242,7 @@ class InstructionWriter:
         """
         chosen = self.exemplars_for(plan)
         written = tuple(
-            self._write_one(plan, generator, spec, chosen if spec.exemplars else [])
+            self._write_one(plan, generator, spec, chosen if spec.with_exemplars else [])
             for spec in self.specs(generator.model)
         )
         writing = Writing(written, tuple(entry["task"] for entry in chosen))
@@ -401,7 +401,7 @@ class InstructionWriter:
         n_used = 0
         specs = self.specs(generator.model)
         for spec in specs:
-            fitted = self.fit(plan, generator.model, spec.template, chosen if spec.exemplars else [])
+            fitted = self.fit(plan, generator.model, spec.template, chosen if spec.with_exemplars else [])
             try:
                 tokens = count_messages(
                     [{"role": "user", "content": fitted.meta_prompt}], generator.model, self.token_counter, framing

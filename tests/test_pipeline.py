@@ -5,11 +5,12 @@ and the parameter rules (fake LMs only)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import dspy
 import pytest
 from fakes import fake_lm, message_texts
+from support.reviews import GOOD, Review, reviews
 
 from dspy_promptmii import PromptMIIOptimizer
 from dspy_promptmii.params import SHARED, Integer, Number, check_params
@@ -25,21 +26,6 @@ from dspy_promptmii.selection import (
 )
 from dspy_promptmii.task import LabelledExample
 from dspy_promptmii.writer import CANDIDATE_TEMPERATURE, CandidateSpec, InstructionWriter, Written
-
-GOOD = "Praise means pos; complaints mean neg."
-
-
-class Review(dspy.Signature):
-    text: str = dspy.InputField()
-    label: Literal["pos", "neg"] = dspy.OutputField()
-
-
-def reviews(n: int) -> list[dspy.Example]:
-    return [
-        dspy.Example(text=f"review {i}: {'loved it' if i % 2 else 'hated it'}", label="pos" if i % 2 else "neg")
-        .with_inputs("text")
-        for i in range(n)
-    ]
 
 
 def _obeying(request: Any) -> str:
@@ -70,7 +56,7 @@ def test_the_writer_specs_are_greedy_per_template_then_sampled() -> None:
     specs = writer.specs("openai/some-model")
     assert [s.template for s in specs] == ["meta2", "meta1", "label_defs", "meta2", "meta1"]
     assert [s.sampled for s in specs] == [False, False, False, True, True]
-    assert [s.exemplars for s in specs] == [True, True, True, False, True]
+    assert [s.with_exemplars for s in specs] == [True, True, True, False, True]
     assert specs[3] == CandidateSpec(3, "meta2", False, CANDIDATE_TEMPERATURE, 10)
     assert InstructionWriter(Protocol(template="Labels {label_names}\n{examples}"), candidates=2).specs("m")[1].sampled
 
@@ -233,3 +219,13 @@ def test_the_grpo_label_round_trips_and_names_what_is_wrong() -> None:
         GRPOLabel.from_json({k: v for k, v in data.items() if k != "protocol"})
     with pytest.raises(ValueError, match="2 test inputs but 1 test labels"):
         GRPOLabel.from_json({**data, "test_labels": ["a"]})
+
+
+def test_the_adapter_takes_demo_style_and_warns_about_its_old_name() -> None:
+    from dspy_promptmii import LabelAdapter
+
+    assert LabelAdapter(demo_style="turns").demo_style == "turns"
+    with pytest.warns(DeprecationWarning, match="demo_style"):
+        assert LabelAdapter(demos="turns").protocol.demo_style == "turns"
+    with pytest.raises(ValueError, match="not both"):
+        LabelAdapter(demo_style="turns", protocol=Protocol())

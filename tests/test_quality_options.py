@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dspy
 import httpx
 import pytest
 from fakes import fake_lm, message_texts
+from support.reviews import GOOD, Review, reviews
 
 from dspy_promptmii import LabelAdapter, PromptMIIOptimizer
 from dspy_promptmii.data import TaskData
@@ -49,20 +50,8 @@ LIBRARY = [
 ]
 
 
-class Review(dspy.Signature):
-    text: str = dspy.InputField()
-    label: Literal["pos", "neg"] = dspy.OutputField()
 
 
-def reviews(n: int) -> list[dspy.Example]:
-    return [
-        dspy.Example(text=f"review {i}: {'loved it' if i % 2 else 'hated it'}", label="pos" if i % 2 else "neg")
-        .with_inputs("text")
-        for i in range(n)
-    ]
-
-
-GOOD = "Praise means pos; complaints mean neg."
 
 
 # --- exemplars ---------------------------------------------------------------------------
