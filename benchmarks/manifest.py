@@ -139,12 +139,30 @@ def local_model(server: Any) -> dict[str, Any]:
         pass
     if sha256 is None and path is not None:
         sha256 = _recorded_sha256(path)
-    return {
+    info = {
         "model": server.model,
         "file": path.name if path else None,
         "bytes": path.stat().st_size if path and path.is_file() else None,
         "sha256": sha256,
         "n_ctx": server.n_ctx,
+    }
+    adapter = _adapter(server)
+    if adapter is not None:
+        info["adapter"] = adapter
+    return info
+
+
+def _adapter(server: Any) -> dict[str, Any] | None:
+    """The LoRA adapter a local server applies (a trained generator's): file, size, sha256."""
+    lora = getattr(server, "lora_path", None)
+    if not lora:
+        return None
+    lora = Path(lora)
+    data = lora.read_bytes() if lora.is_file() else None
+    return {
+        "file": lora.name,
+        "bytes": len(data) if data is not None else None,
+        "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
     }
 
 
@@ -171,6 +189,9 @@ def model_info(endpoint: Endpoint | None) -> dict[str, Any] | None:
             "n_threads": server.n_threads,
             "runtime": "llama.cpp (llama-cpp-python server)",
         }
+        adapter = _adapter(server)
+        if adapter is not None:
+            info["local_server"]["adapter"] = adapter
         recorded = _recorded_sha256(Path(path)) if path else None
         if recorded:
             info["local_server"]["sha256"] = recorded

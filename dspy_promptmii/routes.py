@@ -31,7 +31,7 @@ from typing import Any
 
 import dspy
 
-from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
+from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY
 from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LocalServer
 from dspy_promptmii.secrets import protected_logger, remember
 from dspy_promptmii.stopping import StopGate
@@ -62,8 +62,8 @@ _OPENAI_COMPATIBLE = ("hosted_vllm/", "openai/", "litellm_proxy/")
 
 
 def is_local(route: str) -> bool:
-    """``local``, a registry model name, or a ``.gguf`` path."""
-    return route == "local" or route in REGISTRY or route.endswith(".gguf")
+    """``local``, a registry model name, a trained generator's name, or a ``.gguf`` path."""
+    return route == "local" or route in REGISTRY or route in ADAPTERS or route.endswith(".gguf")
 
 
 def litellm_route(route: str, api_base: str | None) -> str:
@@ -81,12 +81,25 @@ def default_timeout(route: str) -> float:
 
 
 def _model_file(server: LocalServer) -> dict[str, Any]:
-    """What identifies the file a local server serves: a registry model's sha256, else
-    the file's resolved path, size and modification time."""
+    """What identifies the files a local server serves: a registry model's sha256 (with a
+    trained generator's adapter sha256), else the file's resolved path, size and
+    modification time (and the adapter's, when one is given)."""
+    trained = ADAPTERS.get(server.model)
+    if trained is not None:
+        return {"sha256": REGISTRY[trained.base].sha256, "adapter_sha256": trained.sha256}
     spec = REGISTRY.get(server.model)
-    if spec is not None:
-        return {"sha256": spec.sha256}
-    path = Path(server.model_path or server.model).expanduser()
+    identity = (
+        {"sha256": spec.sha256}
+        if spec is not None
+        else _file_identity(Path(server.model_path or server.model).expanduser())
+    )
+    lora = getattr(server, "lora", None)
+    if lora is not None:
+        identity["adapter"] = _file_identity(Path(lora))
+    return identity
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
     try:
         stat = path.stat()
     except OSError:

@@ -112,3 +112,48 @@ def test_adapter_names_must_not_shadow_base_models() -> None:
                                                                       "a.gguf", 1, "0" * 64, "x")})
     with pytest.raises(ValueError, match="unknown base model"):
         registry._check_adapters({"x": AdapterSpec("x", "nope", "a.gguf", 1, "0" * 64, "x")})
+
+
+def test_a_trained_generator_name_serves_its_base_with_its_verified_adapter(files, tmp_path, monkeypatch) -> None:
+    from dspy_promptmii import routes
+    from dspy_promptmii.local import server as server_module
+
+    spec = _spec(files["adapter"], name="promptmii-test")
+    monkeypatch.setitem(registry.ADAPTERS, spec.name, spec)
+    monkeypatch.setattr(adapters_module, "adapters_dir", lambda: tmp_path)
+    pulled: list[str] = []
+    monkeypatch.setattr(server_module, "resolve_model",
+                        lambda name, auto_pull=False: pulled.append(name) or files["model"])
+    assert routes.is_local(spec.name)
+    server = LocalServer(spec.name, command=FAKE_COMMAND, startup_timeout=20)
+    assert server.alias == spec.name
+    try:
+        server.start()
+        argv = _argv(files["record"])
+        assert pulled == [registry.DEFAULT_MODEL]  # the base model, by its registry name
+        assert argv[argv.index("--model") + 1] == str(files["model"])
+        assert argv[argv.index("--lora_path") + 1] == str(files["adapter"])
+        assert argv[argv.index("--model_alias") + 1] == spec.name
+        assert routes._model_file(server) == {"sha256": registry.REGISTRY[registry.DEFAULT_MODEL].sha256,
+                                              "adapter_sha256": spec.sha256}
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="trained generator"):
+        LocalServer(spec.name, lora=files["adapter"])
+
+    files["adapter"].write_bytes(b"GGUF adapteR")  # corrupt: refused before anything is launched or pulled
+    pulled.clear()
+    files["record"].unlink()
+    with pytest.raises(CorruptModelError, match="corrupt"):
+        LocalServer(spec.name, command=FAKE_COMMAND, startup_timeout=20).start()
+    assert pulled == [] and not files["record"].exists()
+
+
+def test_a_base_model_with_an_extra_adapter_has_its_own_cache_scope(files) -> None:
+    from dspy_promptmii import routes
+
+    plain = LocalServer(registry.DEFAULT_MODEL)
+    adapted = LocalServer(registry.DEFAULT_MODEL, lora=files["adapter"])
+    assert routes._model_file(plain) == {"sha256": registry.REGISTRY[registry.DEFAULT_MODEL].sha256}
+    assert routes._model_file(adapted)["adapter"]["bytes"] == len(b"GGUF adapter")
+    assert routes._model_file(plain) != routes._model_file(adapted)

@@ -21,9 +21,10 @@ from typing import IO, Any
 
 import dspy
 
+from dspy_promptmii.local.adapters import resolve_adapter
 from dspy_promptmii.local.lifetime import OwnedFolder, popen_for_process_lifetime, sweep
 from dspy_promptmii.local.pull import cache_state, cached_path, check_gguf_file, resolve_model
-from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY
+from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +97,13 @@ class LocalServer:
     with the GGUF magic bytes; so must a LoRA adapter file (``lora``).
 
     Args:
-        model: A registry name (default ``qwen2.5-coder-0.5b-instruct``) or a ``.gguf`` path.
+        model: A registry name (default ``qwen2.5-coder-0.5b-instruct``), a trained generator's
+            name (:data:`~dspy_promptmii.local.registry.ADAPTERS`: its base model plus its
+            shipped adapter, both verified) or a ``.gguf`` path.
         lora: A LoRA adapter in GGUF form (``python -m training.export``), applied to every
             request at scale 1.0 (llama-cpp-python's ``--lora_path``; it has no per-request
-            scale, so base and base + adapter are two servers).
+            scale, so base and base + adapter are two servers). Not with a trained
+            generator's name, which brings its own.
         n_ctx: Context size in tokens.
         n_threads: CPU threads for generation (default: all cores).
         n_threads_batch: CPU threads for prompt processing (default: ``n_threads``).
@@ -136,6 +140,8 @@ class LocalServer:
         if n_ctx < 512:
             raise ValueError(f"n_ctx must be at least 512, got {n_ctx}")
         self.model = os.fspath(model)
+        if self.model in ADAPTERS and lora is not None:
+            raise ValueError(f"{self.model!r} is a trained generator (base model + adapter): pass no other lora")
         self.lora = os.fspath(lora) if lora is not None else None
         self.lora_path: Path | None = None
         self.n_ctx = n_ctx
@@ -164,8 +170,9 @@ class LocalServer:
 
     @property
     def alias(self) -> str:
-        """The model name the LM route carries (registry name, or the file's stem)."""
-        return self.model if self.model in REGISTRY else Path(self.model).stem
+        """The model name the LM route carries (registry or trained-generator name, or the
+        file's stem)."""
+        return self.model if self.model in REGISTRY or self.model in ADAPTERS else Path(self.model).stem
 
     @property
     def base_url(self) -> str:
@@ -208,8 +215,12 @@ class LocalServer:
                     "(builds llama-cpp-python from source, a few minutes)"
                 ) from None
             command = [sys.executable, "-m", "dspy_promptmii.local.label_server"]
-        self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
-        self.lora_path = check_gguf_file(self.lora) if self.lora is not None else None
+        if self.model in ADAPTERS:  # checked before the base model is pulled
+            self.lora_path = resolve_adapter(self.model)
+            self.model_path = resolve_model(ADAPTERS[self.model].base, auto_pull=self.auto_pull)
+        else:
+            self.lora_path = check_gguf_file(self.lora) if self.lora is not None else None
+            self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
         if self._auto_port:
             self.port = _free_port(self.host)
         elif _port_in_use(self.host, self.port):
@@ -263,7 +274,7 @@ class LocalServer:
     def _load_failure_advice(self) -> str:
         """One line on a model file llama.cpp could not load: which file, and what to do."""
         path = self.model_path
-        spec = REGISTRY.get(self.model)
+        spec = REGISTRY.get(ADAPTERS[self.model].base if self.model in ADAPTERS else self.model)
         if spec is None or path != cached_path(spec):
             return (
                 f"llama.cpp could not load the model file {path}: check the path, and that the file is a "
