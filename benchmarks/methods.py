@@ -248,14 +248,16 @@ def _promptmii_optimizer(ctx: CompileContext) -> PromptMIIOptimizer:
     budget = None
     if ctx.generator.token_counter is not None:
         budget = meta_prompt_budget(ctx.generator.context_tokens, limit or ctx.budgets.generator_max_tokens)
+    # The reply limit without a budget is an LM setting (a copy keeps the usage meter);
+    # with one, the optimizer caps the reply itself.
+    generator_lm = ctx.generator_lm if limit is None else ctx.generator_lm.copy(max_tokens=limit)
     return PromptMIIOptimizer(
-        generator_lm=ctx.generator_lm,
+        generator_lm=generator_lm,
         n=len(ctx.examples),
         protocol=protocol,
         seed=ctx.seed,
         max_prompt_tokens=budget,
         token_counter=ctx.generator.token_counter,
-        max_tokens=limit,
         follower_lm=ctx.follower_lm,
         adapter=ctx.follower_adapter(),
         **options,

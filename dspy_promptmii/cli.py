@@ -176,14 +176,14 @@ def _induce(args: argparse.Namespace) -> int:
     _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
     program = dspy.Predict(task.signature())
     # The optimizer checks its settings (template with exemplars, the library) here; the
-    # generator and the context budget are set once the endpoint exists.
+    # generator (which carries the reply limit, --max-tokens) and the context budget are
+    # set once the endpoint exists.
     optimizer = PromptMIIOptimizer(
         n=args.n,
         template=args.template,
         seed=args.seed,
         sampling=args.sampling,
         max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens,
         exemplars=args.exemplars,
         max_instruction_tokens=args.max_instruction_tokens or None,
     )

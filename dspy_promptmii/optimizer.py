@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, ClassVar
@@ -52,6 +53,22 @@ __all__ = [
 ]
 
 
+def _warn_deprecated_settings(**given: Any) -> None:
+    """A ``DeprecationWarning`` for each generator setting passed to the optimizer instead
+    of set on the LM (DSPy's convention: GEPA and MIPROv2 take LMs, configured with
+    ``lm.copy(...)``)."""
+    for name, value in given.items():
+        if value is None:
+            continue
+        replacement = "**generation_kwargs" if name == "generation_kwargs" else f"{name}={value!r}"
+        warnings.warn(
+            f"PromptMIIOptimizer({name}=...) is deprecated: set it on the generator LM instead, "
+            f"generator_lm=generator_lm.copy({replacement}), as DSPy's own optimizers take LMs",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+
 class PromptMIIOptimizer(Teleprompter):
     """Write the instruction of every classification predictor of a DSPy program from
     labelled examples, with one generator call per predictor (by default).
@@ -87,24 +104,27 @@ class PromptMIIOptimizer(Teleprompter):
             the end until it fits (the largest ``n`` that fits). ``None``: no budget.
         token_counter: Counts the tokens of a text (meta-prompt budget, instruction
             length). Defaults to LiteLLM's counter for the generator's model.
-        temperature: Generator temperature. ``None`` (default): the LM's own setting; if
-            it has none, the paper's 0, unless the model takes no temperature (OpenAI's
-            reasoning models) or refuses it (then the call is made without it).
-        max_tokens: Generator reply limit. ``None`` (default): the LM's own setting; if it
-            has none, :data:`DEFAULT_GENERATOR_MAX_TOKENS`, or with
-            ``max_instruction_tokens`` a limit derived from it.
-        generation_kwargs: Further keyword arguments for the generator call.
+        temperature, max_tokens, generation_kwargs: Deprecated (a ``DeprecationWarning``;
+            still applied as before, over the LM's own settings). Generator settings are
+            the LM's, as for DSPy's own optimizers: pass
+            ``generator_lm=lm.copy(temperature=..., max_tokens=..., **generation_kwargs)``.
+            Where the LM sets no temperature the paper's 0 is sent, unless the model takes
+            none (OpenAI's reasoning models) or refuses it (then the call is made without
+            it); where it sets no reply limit the optimizer sets its own (see
+            ``max_instruction_tokens``).
         exemplars: How many instructions of other tasks, from the instruction library, the
             meta-prompt shows as worked examples (default 0; chosen by similarity, see
             :mod:`dspy_promptmii.library`). Still one generator call.
         library: The instruction library: a file path, a list of entries, or ``None``
             for the packaged one.
         max_instruction_tokens: A length budget for the instruction: the template asks
-            for it in words (three quarters of the tokens), and the generation limit (when
-            neither the LM nor ``max_tokens`` sets one) is the budget plus
-            :data:`~dspy_promptmii.generation.BUDGET_MARGIN`; a reply cut there loses its
-            unfinished last line. Default :data:`DEFAULT_MAX_INSTRUCTION_TOKENS` (160,
-            measured best on the dev tasks); ``None``: no budget.
+            for it in words (three quarters of the tokens), and, when the generator LM sets
+            no ``max_tokens`` of its own, the optimizer caps the reply at the budget plus
+            :data:`~dspy_promptmii.generation.BUDGET_MARGIN` (without a budget, at
+            :data:`DEFAULT_GENERATOR_MAX_TOKENS`); a reply cut there loses its unfinished
+            last line. This cap is the optimizer's, not an LM setting. Default
+            :data:`DEFAULT_MAX_INSTRUCTION_TOKENS` (160, measured best on the dev tasks);
+            ``None``: no budget.
         candidates: Generator calls per predictor (default 1). Above 1 the follower picks
             the best on validation rows.
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
@@ -172,6 +192,7 @@ class PromptMIIOptimizer(Teleprompter):
         super().__init__()
         arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         check_params(arguments, self._parameter_constraints)
+        _warn_deprecated_settings(temperature=temperature, max_tokens=max_tokens, generation_kwargs=generation_kwargs)
         if protocol is not None and template is not None:
             raise ValueError("pass either template= or protocol= (which holds a template), not both")
         if protocol is None:
