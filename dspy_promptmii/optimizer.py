@@ -24,7 +24,7 @@ from dspy_promptmii.generation import DEFAULT_GENERATOR_MAX_TOKENS, DEFAULT_MAX_
 from dspy_promptmii.library import check_entries, load_library
 from dspy_promptmii.params import SHARED, Constraint, InstanceOf, OneOf, check_params
 from dspy_promptmii.plan import Plan, check_call, make_plans
-from dspy_promptmii.protocol import TEMPLATES, Protocol, choose_template, template_text
+from dspy_promptmii.protocol import TEMPLATES, Protocol, choose_template, names_a_file, template_text
 from dspy_promptmii.report import PredictorReport, chosen_text, origin_of, predictor_report
 from dspy_promptmii.sampling import SAMPLING, Sampling
 from dspy_promptmii.secrets import protected_logger
@@ -51,6 +51,13 @@ __all__ = [
     "DEFAULT_GENERATOR_MAX_TOKENS",
     "DEFAULT_MAX_INSTRUCTION_TOKENS",
 ]
+
+
+def _check_takes_exemplars(protocol: Protocol, exemplars: int) -> None:
+    """Raises ``ValueError`` when ``exemplars`` > 0 and the template has no place for them."""
+    text = template_text(protocol.template) if protocol.template != "auto" else TEMPLATES["meta2"]
+    if exemplars and "{exemplars}" not in text:
+        raise ValueError("exemplars > 0 needs a template with an {exemplars} placeholder (meta1 and meta2 have one)")
 
 
 def _warn_deprecated_settings(**given: Any) -> None:
@@ -93,7 +100,8 @@ class PromptMIIOptimizer(Teleprompter):
         n: How many labelled examples the generator sees (default 20).
         template: ``"meta1"``, ``"meta2"``, ``"auto"`` (meta1 for Llama-family
             generators, meta2 otherwise), a template text containing ``{label_names}``
-            and ``{examples}``, or a path to a file holding one. Shortcut for
+            and ``{examples}``, or a path to a file holding one (read by ``compile`` and
+            ``estimate``, each time, not here). Shortcut for
             ``protocol=Protocol(template=...)``; default ``"auto"``.
         protocol: The whole protocol (template, cleaning, follower settings); not together
             with ``template``.
@@ -147,8 +155,9 @@ class PromptMIIOptimizer(Teleprompter):
         ValueError: a bad value (named): ``n`` < 1, an unknown template or sampling, a
             template without its placeholders, ``protocol`` together with ``template``,
             exemplars with a template that has no ``{exemplars}`` placeholder, or an
-            empty or malformed library given as a list (a library file is read by
-            ``compile`` and ``estimate``, before any LM call).
+            empty or malformed library given as a list. Files (a library, a template) are
+            read by ``compile`` and ``estimate``, before any LM call, and their errors
+            raised there.
     """
 
     #: Each constructor argument's rule (see :mod:`dspy_promptmii.params`).
@@ -195,15 +204,15 @@ class PromptMIIOptimizer(Teleprompter):
         _warn_deprecated_settings(temperature=temperature, max_tokens=max_tokens, generation_kwargs=generation_kwargs)
         if protocol is not None and template is not None:
             raise ValueError("pass either template= or protocol= (which holds a template), not both")
-        if protocol is None:
+        # A template file is read when it is used (compile, estimate), not here.
+        self._template_file = template if protocol is None and names_a_file(template) else None
+        if protocol is None and self._template_file is None:
             protocol = Protocol(template="auto" if template is None else template)
-        self.protocol = protocol
+        #: The protocol; with a template file, None until compile or estimate reads it.
+        self.protocol: Protocol | None = protocol
+        if protocol is not None:
+            _check_takes_exemplars(protocol, exemplars)
         if exemplars:
-            text = template_text(self.protocol.template) if self.protocol.template != "auto" else TEMPLATES["meta2"]
-            if "{exemplars}" not in text:
-                raise ValueError(
-                    "exemplars > 0 needs a template with an {exemplars} placeholder (meta1 and meta2 have one)"
-                )
             if library is not None and not isinstance(library, (str, os.PathLike)):
                 library = check_entries(list(library), "library")
                 if not library:
@@ -225,8 +234,20 @@ class PromptMIIOptimizer(Teleprompter):
 
     @property
     def template(self) -> str:
-        """The protocol's template (a built-in name, ``"auto"``, or a template text)."""
+        """The protocol's template (a built-in name, ``"auto"``, or a template text); a
+        template file's path until compile or estimate reads it."""
+        if self.protocol is None:
+            return os.fspath(self._template_file)
         return self.protocol.template
+
+    def _read_protocol(self) -> Protocol:
+        """The protocol of this compile or estimate: a template file is read now, at each
+        call, before any LM call (the errors ``Protocol(template=path)`` raises)."""
+        if self._template_file is not None:
+            protocol = Protocol(template=self._template_file)
+            _check_takes_exemplars(protocol, self.exemplars)
+            self.protocol = protocol
+        return self.protocol
 
     def compile(
         self,
@@ -365,6 +386,7 @@ class PromptMIIOptimizer(Teleprompter):
         """The plans, the generator and the follower (None with one candidate), all
         checked before any LM call."""
         check_call(program, trainset, valset)
+        self._read_protocol()
         generator = self.generator_lm or dspy.settings.lm
         if generator is None:
             raise ValueError(
