@@ -13,6 +13,7 @@ run; a method that needs a generator gets its own metered copy in
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -41,6 +42,9 @@ __all__ = [
     "METHODS",
     "OPTIONS",
     "parse_method",
+    "method_options",
+    "PROMPTMII_DEFAULTS",
+    "PROMPTMII_METHODS",
     "MethodSpec",
     "Budgets",
     "CompileContext",
@@ -84,11 +88,11 @@ class Budgets:
             "naive": "the protocol's naive instruction, no compile calls",
             "icl": "LabeledFewShot with the n examples as demos (largest prefix that fits the follower context)",
             "promptmii_zero": "PromptMIIOptimizer with an untrained generator (--generator unless the options name "
-            "one), one call unless candidates > 1 (then the candidates are scored by the follower on up to "
-            "val_size (default 20) of the n examples, the naive instruction included); no instruction budget "
-            "unless the options set "
-            "max_instruction_tokens (the optimizer's default is 160)",
-            "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
+            "one) and the optimizer's defaults (one call, a 160-token instruction budget) unless the options say "
+            "otherwise; with candidates > 1 the candidates are scored by the follower on up to val_size "
+            "(default 20) of the n examples, the naive instruction included",
+            "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained) and the optimizer's "
+            "defaults unless the options say otherwise",
             "gepa": (
                 f"dspy.GEPA, reflection LM = generator, max_metric_calls={self.gepa_metric_calls}, "
                 "all n examples as its trainset (reflection minibatches) and valset (candidate selection); its "
@@ -236,14 +240,11 @@ def _promptmii_optimizer(ctx: CompileContext) -> PromptMIIOptimizer:
     """The optimizer a Prompt-MII cell compiles (and estimates) with."""
     if ctx.generator_lm is None or ctx.generator is None:
         raise ValueError("Prompt-MII needs a generator LM")
-    options = dict(ctx.options)
+    options = {**PROMPTMII_DEFAULTS, **ctx.options}
     protocol = ctx.protocol
     if "template" in options:
         protocol = replace(protocol, template=options.pop("template"))
     options.pop("generator", None)
-    # The method name alone means the 0.1 method, without an instruction budget, so that
-    # recorded results keep their meaning when the optimizer's default changes.
-    options.setdefault("max_instruction_tokens", None)
     limit = None if options.get("max_instruction_tokens") else ctx.budgets.generator_max_tokens
     budget = None
     if ctx.generator.token_counter is not None:
@@ -299,7 +300,6 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
             "raw_reply",
         )
     }
-    details["options"] = dict(ctx.options)
     return Compiled(program, n_used=report["n_used"], details=details)
 
 
@@ -472,6 +472,18 @@ OPTIONS: dict[str, type] = {
     "generator": str,
 }
 _PROMPTMII_OPTIONS = tuple(OPTIONS)
+#: Options that also take ``none`` (``max_instruction_tokens=none``: no instruction budget).
+NONE_OPTIONS = ("max_instruction_tokens",)
+#: The methods that run PromptMIIOptimizer.
+PROMPTMII_METHODS = ("promptmii_zero", "promptmii")
+#: What a Prompt-MII method does for each option its name does not set: the optimizer's
+#: own default (read off its signature), so that a bare name means the optimizer's
+#: defaults. ``template`` and ``generator`` are the run's unless named.
+PROMPTMII_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(PromptMIIOptimizer.__init__).parameters.items()
+    if name in OPTIONS and name != "template"
+}
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -494,11 +506,26 @@ def _option_value(name: str, text: str) -> Any:
             raise ValueError(f"option {name} takes true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
     if kind is int:
+        if name in NONE_OPTIONS and text.lower() == "none":
+            return None
         try:
             return int(text)
         except ValueError:
             raise ValueError(f"option {name} takes an integer, got {text!r}") from None
     return text
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """Everything a method name means: the options it names and, for a Prompt-MII method,
+    the optimizer's defaults for the others. Every cell's record stores them (``options``),
+    so a result keeps its meaning when a default changes.
+
+    Raises ``ValueError`` as :func:`parse_method`.
+    """
+    spec, options = parse_method(method)
+    if spec.name in PROMPTMII_METHODS:
+        return {**PROMPTMII_DEFAULTS, **options}
+    return options
 
 
 def parse_method(text: str) -> tuple[MethodSpec, dict[str, Any]]:

@@ -271,11 +271,15 @@ def run_cell(
     adapter: dspy.Adapter,
     run_config_id: str,
     protocol: Protocol | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compile and evaluate one cell and return its record (status ok, failed or error).
-    ``protocol`` is the run's (default: the adapter's, else ``Protocol()``)."""
+    ``protocol`` is the run's (default: the adapter's, else ``Protocol()``); ``options``
+    what the method does (default: what its name means now, see
+    :func:`~benchmarks.methods.method_options`), stored in the record."""
     protocol = protocol or getattr(adapter, "protocol", None) or Protocol()
-    spec, options = methods_module.parse_method(method)
+    spec, _ = methods_module.parse_method(method)
+    options = dict(methods_module.method_options(method) if options is None else options)
     task = split.task
     examples = split.examples(n)
     follower_lm, follower_meter = metered(endpoints.follower.lm)
@@ -289,6 +293,7 @@ def run_cell(
         "n": n,
         "method": method,
         "seed": split.seed,
+        "options": options,
         "status": None,
         "n_available": split.n_available,
         "n_examples": len(examples),
@@ -484,6 +489,26 @@ def _check_same_data(store: ResultStore, cells: list[tuple[Split, int, str]], se
     return finished
 
 
+def _method_meanings(store: ResultStore, methods: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
+    """What each method of the run does: what its name means now, unless the folder's
+    finished cells of that name were made with other options (a run resumed across a
+    change of a default); then its remaining cells run with those, so that one name keeps
+    one meaning in a folder (a note says so)."""
+    recorded = {key[2]: record.get("options") for key, record in store.finished_records().items()}
+    meanings = {}
+    for method in methods:
+        meanings[method] = methods_module.method_options(method)
+        before = recorded.get(method)
+        if before is not None and before != meanings[method]:
+            meanings[method] = dict(before)
+            notes.append(
+                f"method {method}: the folder's finished cells ran with {before}, which the name no longer means "
+                f"({methods_module.method_options(method)}); its remaining cells run with them too"
+            )
+            logger.warning(notes[-1])
+    return meanings
+
+
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM ends a run as Ctrl-C does, and after either no LM request
@@ -580,6 +605,7 @@ def _run_benchmark(
         notes.append(note)
         logger.warning(note)
 
+    meanings = _method_meanings(store, methods, notes)
     cells = [(s, n, m) for s in splits for n in config.n_values for m in methods]
     finished = _check_same_data(store, cells, config.seed)
     todo = [c for c in cells if (c[0].task.name, c[1], c[2], config.seed) not in finished]
@@ -656,6 +682,7 @@ def _run_benchmark(
                 adapter=adapter,
                 run_config_id=run_id,
                 protocol=protocol,
+                options=meanings[method],
             )
             store.append(record)
             if sink is not None:

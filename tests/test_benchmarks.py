@@ -17,11 +17,19 @@ if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cli, methods  # noqa: E402
-from benchmarks.methods import Budgets, MethodSpec, parse_method, train_val_split  # noqa: E402
+from benchmarks.methods import (  # noqa: E402
+    PROMPTMII_DEFAULTS,
+    Budgets,
+    MethodSpec,
+    method_options,
+    parse_method,
+    train_val_split,
+)
 from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark  # noqa: E402
 from benchmarks.store import ResultStore, cell_key, read_records  # noqa: E402
 from benchmarks.tasks import make_split, resolve_tasks  # noqa: E402
 from dspy_promptmii.data import load_task  # noqa: E402
+from dspy_promptmii.generation import BUDGET_MARGIN, DEFAULT_MAX_INSTRUCTION_TOKENS  # noqa: E402
 from dspy_promptmii.routes import Endpoint  # noqa: E402
 
 ALL = ["naive", "icl", "promptmii_zero", "gepa", "miprov2"]
@@ -224,7 +232,8 @@ def test_a_method_with_options_runs_under_its_full_name(data_dir, lms, tmp_path)
         optimizer_module.load_library = original
     [record] = ok(out).values()
     assert record["method"] == method and record["demos"] == 2
-    assert record["details"]["exemplars"] == ["other"] and record["details"]["options"]["demos"] == 2
+    assert record["details"]["exemplars"] == ["other"]
+    assert record["options"] == {**PROMPTMII_DEFAULTS, "exemplars": 1, "max_instruction_tokens": 40, "demos": 2}
     with pytest.raises(ValueError, match="takes no option"):
         run_benchmark(config(data_dir, tmp_path / "o2", methods=["icl:demos=2"]), lms["endpoints"])
 
@@ -355,6 +364,56 @@ def test_an_interrupted_run_resumes_and_skips_finished_cells(data_dir, lms, tmp_
 
     summary = run_benchmark(cfg, lms["endpoints"])  # nothing left to do
     assert summary.cells_run == 0 and len(read_records(out)) == 12
+
+
+def test_a_bare_method_name_means_the_optimizers_defaults_and_every_record_stores_its_options(
+    data_dir, lms, tmp_path
+):
+    out = tmp_path / "out"
+    run_benchmark(config(data_dir, out, methods=["naive", "promptmii_zero"], tasks=resolve_tasks(data_dir, ["toy"])),
+                  lms["endpoints"])
+    records = ok(out)
+    assert records[("toy", 6, "naive", 0)]["options"] == {}
+    pmii = records[("toy", 6, "promptmii_zero", 0)]
+    assert pmii["options"] == method_options("promptmii_zero") == PROMPTMII_DEFAULTS
+    assert PROMPTMII_DEFAULTS["max_instruction_tokens"] == DEFAULT_MAX_INSTRUCTION_TOKENS
+    assert method_options("promptmii_zero:max_instruction_tokens=none")["max_instruction_tokens"] is None
+    # The optimizer's default budget: asked for in words, and the reply capped at it.
+    assert "Keep it under 120 words" in lms["generator"].prompt(0)
+    assert lms["generator"].configs[0].max_tokens == DEFAULT_MAX_INSTRUCTION_TOKENS + BUDGET_MARGIN
+
+
+def test_an_old_record_means_what_its_name_meant_and_a_resumed_old_run_keeps_that_meaning(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    tasks = resolve_tasks(data_dir, ["toy"])
+    run_benchmark(config(data_dir, out, methods=["promptmii_zero"], n_values=[3], tasks=tasks), lms["endpoints"])
+    # Make it a folder written before records stored their options (the bare name then
+    # meant no instruction budget); its config_id and cell keys are the same as before.
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["options"]
+    (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    [old] = read_records(out)
+    assert old["options"] == {**PROMPTMII_DEFAULTS, "max_instruction_tokens": None}
+    calls = lms["generator"].calls
+
+    summary = run_benchmark(config(data_dir, out, methods=["promptmii_zero"], n_values=[3, 6], tasks=tasks),
+                            lms["endpoints"])
+    assert summary.cells_already_done == 1 and summary.cells_run == 1  # the finished cell is not redone
+    assert lms["generator"].calls == calls + 1
+    assert any("no longer means" in note for note in summary.notes)
+    new = ok(out)[("toy", 6, "promptmii_zero", 0)]
+    assert new["options"] == old["options"]  # one name, one meaning in this folder
+    assert "words" not in lms["generator"].prompt(calls) and lms["generator"].configs[calls].max_tokens == 64
+    assert ok(out)[("toy", 3, "promptmii_zero", 0)]["finished_at"] == old["finished_at"]
+
+
+def test_committed_records_keep_the_meaning_their_names_had():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "dev12-2026-11-29"
+    options = {r["method"]: r["options"] for r in read_records(folder)}
+    assert options["promptmii_zero"]["max_instruction_tokens"] is None
+    assert options["promptmii_zero:max_instruction_tokens=160"] == method_options("promptmii_zero")
+    assert options["naive"] == {}
 
 
 def test_a_run_killed_without_recording_its_end_is_marked_died_by_the_next_run(data_dir, lms, tmp_path):
