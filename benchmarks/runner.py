@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import TaskData, load_task
 from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
-from dspy_promptmii.protocol import Protocol
+from dspy_promptmii.protocol import CONSTRAINED_STYLES, Protocol
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger, redact, remember, scrub
 from dspy_promptmii.stopping import stop_on_signals
@@ -64,6 +65,10 @@ __all__ = [
 MAX_CONSECUTIVE_ERRORS = 3
 
 
+#: What ``RunConfig.follower_style`` takes.
+FOLLOWER_STYLES = ("endpoint", "none", *CONSTRAINED_STYLES)
+
+
 class ConfigMismatch(RuntimeError):
     """The output folder holds results made with other settings."""
 
@@ -78,8 +83,10 @@ class RunConfig:
     seed: int = 0
     threads: int = 1
     adapter: str = "label"
-    #: True: the follower endpoint's default style; False: none; or a style name.
-    constrained: bool | str = True
+    #: The follower's constrained decoding with LabelAdapter: ``"endpoint"`` (the follower
+    #: endpoint's default style), ``"none"``, or a style name (``json_schema``,
+    #: ``json_object``, ``grammar``, ``choice``; see :class:`~dspy_promptmii.protocol.Protocol`).
+    follower_style: str = "endpoint"
     #: The follower's reply limit with LabelAdapter; None: the protocol's default per label set.
     follower_max_tokens: int | None = None
     template: str = "auto"
@@ -90,6 +97,22 @@ class RunConfig:
     progress: bool = True
     preset: dict[str, Any] | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    #: Deprecated spelling of ``follower_style``: True meant ``"endpoint"`` (not the
+    #: protocol's ``constrained=True``, json_schema), False ``"none"``, or a style name.
+    constrained: bool | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.constrained is not None:
+            warnings.warn(
+                "RunConfig(constrained=...) is deprecated: use follower_style='endpoint', 'none' or a style name",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            style = self.constrained
+            self.follower_style = "endpoint" if style is True else "none" if style is False else str(style)
+            self.constrained = None
+        if self.follower_style not in FOLLOWER_STYLES:
+            raise ValueError(f"follower_style must be one of {FOLLOWER_STYLES}, got {self.follower_style!r}")
 
 
 @dataclass
@@ -130,14 +153,15 @@ def _load() -> list[float] | None:
 
 
 def make_protocol(config: RunConfig, follower: Endpoint) -> Protocol:
-    """The one protocol of a run: the template, demos as chat turns (ICL), the follower
-    endpoint's constrained-decoding form (unless ``constrained`` is off) and the reply limit."""
-    if config.adapter != "label" or not config.constrained:
+    """The one protocol of a run: the template, demos as chat turns (ICL), the follower's
+    constrained decoding (``follower_style``: the endpoint's, none, or a named style) and
+    the reply limit."""
+    if config.adapter != "label" or config.follower_style == "none":
         style: str | bool = False
-    elif config.constrained is True:
+    elif config.follower_style == "endpoint":
         style = follower.constrained_style or False
     else:
-        style = config.constrained
+        style = config.follower_style
     return Protocol(
         template=config.template,
         demo_style="turns",

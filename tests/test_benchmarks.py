@@ -25,7 +25,7 @@ from benchmarks.methods import (  # noqa: E402
     parse_method,
     train_val_split,
 )
-from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark  # noqa: E402
+from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, make_protocol, run_benchmark  # noqa: E402
 from benchmarks.store import ResultStore, cell_key, read_records  # noqa: E402
 from benchmarks.tasks import make_split, resolve_tasks  # noqa: E402
 from dspy_promptmii.data import load_task  # noqa: E402
@@ -116,7 +116,7 @@ def config(data_dir: Path, out: Path, **overrides) -> RunConfig:
         methods=list(ALL),
         test_rows=9,
         seed=0,
-        constrained=False,
+        follower_style="none",
         budgets=TINY,
         progress=False,
     )
@@ -502,6 +502,29 @@ def test_quick_preset_fills_only_what_was_not_typed():
     assert values["gepa_metric_calls"] < cli.DEFAULTS["gepa_metric_calls"]
     plain = cli._resolved(cli.build_parser().parse_args(["run"]))
     assert plain == cli.DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("flags", "style"),
+    [([], "endpoint"), (["--constrained", "none"], "none"), (["--no-constrained"], "none"),
+     (["--constrained", "grammar"], "grammar"), (["--constrained", "auto"], "endpoint")],
+)
+def test_the_constrained_flags_name_the_follower_style(flags, style):
+    assert cli._follower_style(cli.build_parser().parse_args(["run", *flags])) == style
+
+
+def test_run_config_follower_style_and_its_deprecated_spelling():
+    endpoint_ = Endpoint(lm=None, route="r", token_counter=None, context_tokens=None, constrained_style="grammar")
+    base = dict(out=Path("o"), tasks=[], n_values=[1], methods=["naive"])
+    assert make_protocol(RunConfig(**base), endpoint_).constrained == "grammar"
+    assert make_protocol(RunConfig(**base, follower_style="none"), endpoint_).constrained is False
+    assert make_protocol(RunConfig(**base, follower_style="json_object"), endpoint_).constrained == "json_object"
+    for old, new in ((True, "endpoint"), (False, "none"), ("choice", "choice")):
+        with pytest.warns(DeprecationWarning, match="follower_style"):
+            config = RunConfig(**base, constrained=old)
+        assert config.follower_style == new and config.constrained is None
+    with pytest.raises(ValueError, match="follower_style must be one of"):
+        RunConfig(**base, follower_style="json")
 
 
 def test_follower_reply_limit_defaults_by_adapter():
