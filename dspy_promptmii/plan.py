@@ -85,9 +85,9 @@ def make_plans(
         problem = task.rendering_problem()
         if problem:
             raise ValueError(f"predictor {name!r} cannot be written as a Prompt-MII task: {problem}")
-        labelled = task.examples(trainset)
+        labelled = task.labelled_examples(trainset)
         examples = select_examples(labelled, n, seed, sampling)
-        validation = task.examples(valset, "valset") if valset else None
+        validation = task.labelled_examples(valset, "valset") if valset else None
         plans.append(
             Plan(
                 name=name,

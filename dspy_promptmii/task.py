@@ -182,7 +182,7 @@ class ClassificationTask:
                 return v
         raise KeyError(f"{label!r} is not a label of {self.label_field!r}; labels: {list(self.labels)}")
 
-    def examples(self, trainset: Sequence[Any], name: str = "trainset") -> list[LabelledExample]:
+    def labelled_examples(self, trainset: Sequence[Any], name: str = "trainset") -> list[LabelledExample]:
         """Validate a trainset against this task and return its labelled examples.
 
         Raises ``ValueError`` for an empty trainset, for the first example missing an

@@ -357,11 +357,11 @@ def test_validation_rows_leave_out_duplicates_of_shown_rows_and_shown_valset_row
     from dspy_promptmii.task import signature_task
 
     task = signature_task(Review, "p")
-    labelled = task.examples(reviews(6) * 3)
+    labelled = task.labelled_examples(reviews(6) * 3)
     shown = select_examples(labelled, 6, 0)
     rows, _ = validation_rows(labelled, shown, 20, 0)
     assert rows and not [row for row in rows if row in shown]
-    valset = task.examples(reviews(10))
+    valset = task.labelled_examples(reviews(10))
     rows, where = validation_rows(labelled, shown, 20, 0, valset)
     assert not [row for row in rows if row in shown] and "did not see" in where
 
@@ -372,7 +372,7 @@ def test_validation_on_shown_rows_takes_at_most_val_size_of_them() -> None:
     from dspy_promptmii.task import signature_task
 
     task = signature_task(Review, "p")
-    labelled = task.examples(reviews(12))
+    labelled = task.labelled_examples(reviews(12))
     shown = select_examples(labelled, 12, 0)  # the generator saw every row
     rows, where = validation_rows(labelled, shown, 6, 0)
     assert rows == select_examples(shown, 6, 1)  # seeded (seed + 1, as for unseen rows), stratified
