@@ -294,6 +294,14 @@ def _run(args: argparse.Namespace) -> int:
             return 130
 
 
+def _follower_style(args: argparse.Namespace) -> str:
+    """``RunConfig.follower_style`` from ``--constrained`` (``auto``: the endpoint's) and
+    ``--no-constrained``."""
+    if args.no_constrained:
+        return "none"
+    return "endpoint" if args.constrained == "auto" else args.constrained
+
+
 def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, load_splits, run_benchmark
     from dspy_promptmii.routes import LMPool
@@ -366,9 +374,7 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         seed=args.seed,
         threads=args.threads,
         adapter=args.adapter,
-        constrained=False if args.no_constrained or args.constrained == "none" else (
-            True if args.constrained == "auto" else args.constrained
-        ),
+        follower_style=_follower_style(args),
         follower_max_tokens=args.follower_max_tokens,
         template=args.template,
         descriptions=descriptions,

@@ -3,13 +3,17 @@ labelled examples into a compiled program.
 
 Every method starts from ``dspy.Predict(text[, text_pair] -> label: Literal[...])`` and is
 followed by the same follower LM through the same adapter; the compile step is the only
-thing that differs. The runner calls a method inside ``dspy.context(lm=<metered follower
-copy>, adapter=<the shared adapter>)``; a method that needs a generator gets its own
-metered copy in :attr:`CompileContext.generator_lm`, so compile calls are counted per role.
+thing that differs. The protocol and the adapter travel as arguments, in the :class:`CompileContext`
+(:attr:`~CompileContext.protocol`, :attr:`~CompileContext.adapter`); no method reads them
+from ``dspy.settings``. The runner still calls a method inside ``dspy.context(lm=<metered
+follower copy>, adapter=<the shared adapter>)``, for the predictors DSPy's own optimizers
+run; a method that needs a generator gets its own metered copy in
+:attr:`CompileContext.generator_lm`, so compile calls are counted per role.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +42,9 @@ __all__ = [
     "METHODS",
     "OPTIONS",
     "parse_method",
+    "method_options",
+    "PROMPTMII_DEFAULTS",
+    "PROMPTMII_METHODS",
     "MethodSpec",
     "Budgets",
     "CompileContext",
@@ -81,11 +88,11 @@ class Budgets:
             "naive": "the protocol's naive instruction, no compile calls",
             "icl": "LabeledFewShot with the n examples as demos (largest prefix that fits the follower context)",
             "promptmii_zero": "PromptMIIOptimizer with an untrained generator (--generator unless the options name "
-            "one), one call unless candidates > 1 (then the candidates are scored by the follower on up to "
-            "val_size (default 20) of the n examples, the naive instruction included); no instruction budget "
-            "unless the options set "
-            "max_instruction_tokens (the optimizer's default is 160)",
-            "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained), one call",
+            "one) and the optimizer's defaults (one call, a 160-token instruction budget) unless the options say "
+            "otherwise; with candidates > 1 the candidates are scored by the follower on up to val_size "
+            "(default 20) of the n examples, the naive instruction included",
+            "promptmii": "PromptMIIOptimizer with the trained generator (--generator-trained) and the optimizer's "
+            "defaults unless the options say otherwise",
             "gepa": (
                 f"dspy.GEPA, reflection LM = generator, max_metric_calls={self.gepa_metric_calls}, "
                 "all n examples as its trainset (reflection minibatches) and valset (candidate selection); its "
@@ -99,7 +106,9 @@ class Budgets:
 
 @dataclass
 class CompileContext:
-    """Everything one compile gets."""
+    """Everything one compile gets. ``protocol`` is the run's one protocol and
+    ``adapter`` the one adapter every follower call goes through (None:
+    ``LabelAdapter(protocol=protocol)``; see runner.make_protocol and runner.make_adapter)."""
 
     student: dspy.Module
     examples: list[dspy.Example]
@@ -111,8 +120,14 @@ class CompileContext:
     generator_lm: dspy.BaseLM | None = None  # a metered copy, for this compile only
     follower_lm: dspy.BaseLM | None = None  # the metered follower copy also set in dspy.context
     longest_input: dict[str, str] | None = None
-    protocol: Protocol = field(default_factory=Protocol)  # the shared adapter's (see runner.make_adapter)
+    protocol: Protocol = field(default_factory=Protocol)
     options: dict[str, Any] = field(default_factory=dict)  # the method's options (see parse_method)
+    adapter: dspy.Adapter | None = None
+
+    def follower_adapter(self) -> dspy.Adapter:
+        """The adapter of the follower's calls: :attr:`adapter`, else a ``LabelAdapter``
+        with :attr:`protocol`."""
+        return self.adapter if self.adapter is not None else LabelAdapter(protocol=self.protocol)
 
 
 @dataclass
@@ -225,27 +240,27 @@ def _promptmii_optimizer(ctx: CompileContext) -> PromptMIIOptimizer:
     """The optimizer a Prompt-MII cell compiles (and estimates) with."""
     if ctx.generator_lm is None or ctx.generator is None:
         raise ValueError("Prompt-MII needs a generator LM")
-    options = dict(ctx.options)
+    options = {**PROMPTMII_DEFAULTS, **ctx.options}
     protocol = ctx.protocol
     if "template" in options:
         protocol = replace(protocol, template=options.pop("template"))
     options.pop("generator", None)
-    # The method name alone means the 0.1 method, without an instruction budget, so that
-    # recorded results keep their meaning when the optimizer's default changes.
-    options.setdefault("max_instruction_tokens", None)
     limit = None if options.get("max_instruction_tokens") else ctx.budgets.generator_max_tokens
     budget = None
     if ctx.generator.token_counter is not None:
         budget = meta_prompt_budget(ctx.generator.context_tokens, limit or ctx.budgets.generator_max_tokens)
+    # The reply limit without a budget is an LM setting (a copy keeps the usage meter);
+    # with one, the optimizer caps the reply itself.
+    generator_lm = ctx.generator_lm if limit is None else ctx.generator_lm.copy(max_tokens=limit)
     return PromptMIIOptimizer(
-        generator_lm=ctx.generator_lm,
+        generator_lm=generator_lm,
         n=len(ctx.examples),
         protocol=protocol,
         seed=ctx.seed,
         max_prompt_tokens=budget,
         token_counter=ctx.generator.token_counter,
-        max_tokens=limit,
         follower_lm=ctx.follower_lm,
+        adapter=ctx.follower_adapter(),
         **options,
     )
 
@@ -285,7 +300,6 @@ def compile_promptmii(ctx: CompileContext) -> Compiled:
             "raw_reply",
         )
     }
-    details["options"] = dict(ctx.options)
     return Compiled(program, n_used=report["n_used"], details=details)
 
 
@@ -306,7 +320,7 @@ def compile_gepa(ctx: CompileContext) -> Compiled:
         seed=ctx.seed,
         track_stats=False,
     )
-    adapter = dspy.settings.adapter
+    adapter = ctx.follower_adapter()
     if isinstance(adapter, LabelAdapter):
         # The same follower requests; an unparseable reply reaches the metric (and its
         # feedback) as no label with the raw reply, instead of an adapter error.
@@ -458,6 +472,18 @@ OPTIONS: dict[str, type] = {
     "generator": str,
 }
 _PROMPTMII_OPTIONS = tuple(OPTIONS)
+#: Options that also take ``none`` (``max_instruction_tokens=none``: no instruction budget).
+NONE_OPTIONS = ("max_instruction_tokens",)
+#: The methods that run PromptMIIOptimizer.
+PROMPTMII_METHODS = ("promptmii_zero", "promptmii")
+#: What a Prompt-MII method does for each option its name does not set: the optimizer's
+#: own default (read off its signature), so that a bare name means the optimizer's
+#: defaults. ``template`` and ``generator`` are the run's unless named.
+PROMPTMII_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(PromptMIIOptimizer.__init__).parameters.items()
+    if name in OPTIONS and name != "template"
+}
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -480,11 +506,26 @@ def _option_value(name: str, text: str) -> Any:
             raise ValueError(f"option {name} takes true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
     if kind is int:
+        if name in NONE_OPTIONS and text.lower() == "none":
+            return None
         try:
             return int(text)
         except ValueError:
             raise ValueError(f"option {name} takes an integer, got {text!r}") from None
     return text
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """Everything a method name means: the options it names and, for a Prompt-MII method,
+    the optimizer's defaults for the others. Every cell's record stores them (``options``),
+    so a result keeps its meaning when a default changes.
+
+    Raises ``ValueError`` as :func:`parse_method`.
+    """
+    spec, options = parse_method(method)
+    if spec.name in PROMPTMII_METHODS:
+        return {**PROMPTMII_DEFAULTS, **options}
+    return options
 
 
 def parse_method(text: str) -> tuple[MethodSpec, dict[str, Any]]:

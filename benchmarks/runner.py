@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import TaskData, load_task
 from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
-from dspy_promptmii.protocol import Protocol
+from dspy_promptmii.protocol import CONSTRAINED_STYLES, Protocol
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger, redact, remember, scrub
 from dspy_promptmii.stopping import stop_on_signals
@@ -64,6 +65,10 @@ __all__ = [
 MAX_CONSECUTIVE_ERRORS = 3
 
 
+#: What ``RunConfig.follower_style`` takes.
+FOLLOWER_STYLES = ("endpoint", "none", *CONSTRAINED_STYLES)
+
+
 class ConfigMismatch(RuntimeError):
     """The output folder holds results made with other settings."""
 
@@ -78,8 +83,10 @@ class RunConfig:
     seed: int = 0
     threads: int = 1
     adapter: str = "label"
-    #: True: the follower endpoint's default style; False: none; or a style name.
-    constrained: bool | str = True
+    #: The follower's constrained decoding with LabelAdapter: ``"endpoint"`` (the follower
+    #: endpoint's default style), ``"none"``, or a style name (``json_schema``,
+    #: ``json_object``, ``grammar``, ``choice``; see :class:`~dspy_promptmii.protocol.Protocol`).
+    follower_style: str = "endpoint"
     #: The follower's reply limit with LabelAdapter; None: the protocol's default per label set.
     follower_max_tokens: int | None = None
     template: str = "auto"
@@ -90,6 +97,22 @@ class RunConfig:
     progress: bool = True
     preset: dict[str, Any] | None = None
     args: dict[str, Any] = field(default_factory=dict)
+    #: Deprecated spelling of ``follower_style``: True meant ``"endpoint"`` (not the
+    #: protocol's ``constrained=True``, json_schema), False ``"none"``, or a style name.
+    constrained: bool | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.constrained is not None:
+            warnings.warn(
+                "RunConfig(constrained=...) is deprecated: use follower_style='endpoint', 'none' or a style name",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            style = self.constrained
+            self.follower_style = "endpoint" if style is True else "none" if style is False else str(style)
+            self.constrained = None
+        if self.follower_style not in FOLLOWER_STYLES:
+            raise ValueError(f"follower_style must be one of {FOLLOWER_STYLES}, got {self.follower_style!r}")
 
 
 @dataclass
@@ -130,14 +153,15 @@ def _load() -> list[float] | None:
 
 
 def make_protocol(config: RunConfig, follower: Endpoint) -> Protocol:
-    """The one protocol of a run: the template, demos as chat turns (ICL), the follower
-    endpoint's constrained-decoding form (unless ``constrained`` is off) and the reply limit."""
-    if config.adapter != "label" or not config.constrained:
+    """The one protocol of a run: the template, demos as chat turns (ICL), the follower's
+    constrained decoding (``follower_style``: the endpoint's, none, or a named style) and
+    the reply limit."""
+    if config.adapter != "label" or config.follower_style == "none":
         style: str | bool = False
-    elif config.constrained is True:
+    elif config.follower_style == "endpoint":
         style = follower.constrained_style or False
     else:
-        style = config.constrained
+        style = config.follower_style
     return Protocol(
         template=config.template,
         demo_style="turns",
@@ -271,11 +295,15 @@ def run_cell(
     adapter: dspy.Adapter,
     run_config_id: str,
     protocol: Protocol | None = None,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compile and evaluate one cell and return its record (status ok, failed or error).
-    ``protocol`` is the run's (default: the adapter's, else ``Protocol()``)."""
+    ``protocol`` is the run's (default: the adapter's, else ``Protocol()``); ``options``
+    what the method does (default: what its name means now, see
+    :func:`~benchmarks.methods.method_options`), stored in the record."""
     protocol = protocol or getattr(adapter, "protocol", None) or Protocol()
-    spec, options = methods_module.parse_method(method)
+    spec, _ = methods_module.parse_method(method)
+    options = dict(methods_module.method_options(method) if options is None else options)
     task = split.task
     examples = split.examples(n)
     follower_lm, follower_meter = metered(endpoints.follower.lm)
@@ -289,6 +317,7 @@ def run_cell(
         "n": n,
         "method": method,
         "seed": split.seed,
+        "options": options,
         "status": None,
         "n_available": split.n_available,
         "n_examples": len(examples),
@@ -327,6 +356,7 @@ def run_cell(
         longest_input=split.longest_input(),
         protocol=protocol,
         options=options,
+        adapter=adapter,
     )
     # What the compile will cost, said before it spends anything (no LM call).
     try:
@@ -483,6 +513,26 @@ def _check_same_data(store: ResultStore, cells: list[tuple[Split, int, str]], se
     return finished
 
 
+def _method_meanings(store: ResultStore, methods: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
+    """What each method of the run does: what its name means now, unless the folder's
+    finished cells of that name were made with other options (a run resumed across a
+    change of a default); then its remaining cells run with those, so that one name keeps
+    one meaning in a folder (a note says so)."""
+    recorded = {key[2]: record.get("options") for key, record in store.finished_records().items()}
+    meanings = {}
+    for method in methods:
+        meanings[method] = methods_module.method_options(method)
+        before = recorded.get(method)
+        if before is not None and before != meanings[method]:
+            meanings[method] = dict(before)
+            notes.append(
+                f"method {method}: the folder's finished cells ran with {before}, which the name no longer means "
+                f"({methods_module.method_options(method)}); its remaining cells run with them too"
+            )
+            logger.warning(notes[-1])
+    return meanings
+
+
 @contextlib.contextmanager
 def interrupt_on_sigterm() -> Iterator[None]:
     """Within the block, SIGTERM ends a run as Ctrl-C does, and after either no LM request
@@ -579,6 +629,7 @@ def _run_benchmark(
         notes.append(note)
         logger.warning(note)
 
+    meanings = _method_meanings(store, methods, notes)
     cells = [(s, n, m) for s in splits for n in config.n_values for m in methods]
     finished = _check_same_data(store, cells, config.seed)
     todo = [c for c in cells if (c[0].task.name, c[1], c[2], config.seed) not in finished]
@@ -655,6 +706,7 @@ def _run_benchmark(
                 adapter=adapter,
                 run_config_id=run_id,
                 protocol=protocol,
+                options=meanings[method],
             )
             store.append(record)
             if sink is not None:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.methods import PROMPTMII_METHODS, method_options, parse_method
 from dspy_promptmii.files import naming_path, read_json, write_json
 from dspy_promptmii.secrets import protected_logger, redact
 
@@ -60,9 +61,31 @@ class FolderLocked(RuntimeError):
     """Another run (another process, or another thread of this one) writes the folder."""
 
 
+def _with_options(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its ``options``: everything its method name meant when it ran
+    (see :func:`benchmarks.methods.method_options`)."""
+    if "options" in record:
+        return record
+    # A record written before records stored their options (results up to 2026-12-05)
+    # means what its method name meant then, and this is the one place that old meaning
+    # lives: a Prompt-MII method whose name did not set max_instruction_tokens ran without
+    # an instruction budget (the optimizer's default, 160, did not apply); every other
+    # default was the optimizer's, as now.
+    try:
+        spec, named = parse_method(str(record["method"]))
+        options = method_options(str(record["method"]))
+    except ValueError:  # a method name this code no longer knows: its meaning is unknown
+        return {**record, "options": None}
+    if spec.name in PROMPTMII_METHODS and "max_instruction_tokens" not in named:
+        options["max_instruction_tokens"] = None
+    return {**record, "options": options}
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every readable record of a results file, in file order. A line that is not UTF-8
-    or not JSON (a write cut short) or not a record is skipped with a warning naming it."""
+    """Every readable record of a results file, in file order, each with its
+    ``options`` (inferred for a record written before they were stored). A line that is
+    not UTF-8 or not JSON (a write cut short) or not a record is skipped with a warning
+    naming it."""
     path = Path(path)
     if path.is_dir():
         path = path / RESULTS
@@ -80,7 +103,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             logger.warning("%s:%d: unreadable line (%s); ignored", path, number, torn)
             continue
         if isinstance(record, dict) and {"task", "n", "method", "seed"} <= record.keys():
-            records.append(record)
+            records.append(_with_options(record))
         else:
             logger.warning("%s:%d: not a result record; ignored", path, number)
     return records

@@ -90,7 +90,8 @@ class Split:
         return len(self.ordered_rows)
 
     def examples(self, n: int) -> list[dspy.Example]:
-        """The first ``n`` labelled examples (all of the pool when it is smaller)."""
+        """The first ``n`` examples of the pool, as ``dspy.Example``s (all of the pool when
+        it is smaller)."""
         return self.task.examples(self.ordered_rows[:n])
 
     def split_id(self, n: int) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -27,7 +28,6 @@ from dspy_promptmii.protocol import (
     constrained_body,
     label_grammar,
     label_response_format,
-    render_inputs,
 )
 from dspy_promptmii.task import ClassificationTask, signature_task
 
@@ -93,16 +93,18 @@ class LabelAdapter(Adapter):
             generation, and each prediction gets ``probabilities``, label -> probability).
         fallback: Adapter for the predictors above; defaults to ``dspy.ChatAdapter()``.
         callbacks: DSPy adapter callbacks.
-        demos: Shortcut for ``Protocol(demo_style=...)``: ``"inline"`` (default, paper)
-            or ``"turns"`` (one chat exchange per demo; better for ICL with small models).
-        protocol: The whole protocol; not together with ``constrained`` or ``demos``.
+        demos: Deprecated name of ``demo_style`` (``demos`` elsewhere is a count).
+        demo_style: Shortcut for ``Protocol(demo_style=...)``: ``"inline"`` (default,
+            paper) or ``"turns"`` (one chat exchange per demo; better for ICL with small
+            models).
+        protocol: The whole protocol; not together with ``constrained`` or ``demo_style``.
         on_invalid: A reply that names no label: ``"raise"`` (default) raises DSPy's
             ``AdapterParseError`` (evaluation counts it as invalid); ``"none"`` returns
             the label field as ``None`` and the raw reply as ``invalid_reply`` (for
             optimizers whose metric explains failures, e.g. GEPA's feedback).
 
     Raises:
-        ValueError: ``protocol`` given with ``constrained`` or ``demos``, or an invalid value.
+        ValueError: ``protocol`` given with ``constrained`` or ``demo_style``, or an invalid value.
         TypeError: ``protocol`` is not a :class:`~dspy_promptmii.protocol.Protocol`.
     """
 
@@ -115,18 +117,26 @@ class LabelAdapter(Adapter):
         *,
         protocol: Protocol | None = None,
         on_invalid: Literal["raise", "none"] = "raise",
+        demo_style: str | None = None,
     ):
         super().__init__(callbacks=callbacks)
+        if demos is not None:
+            warnings.warn(
+                "LabelAdapter(demos=...) is deprecated: pass demo_style=...", DeprecationWarning, stacklevel=2
+            )
+            if demo_style is not None:
+                raise ValueError("pass demo_style= only (demos= is its deprecated name)")
+            demo_style = demos
         if on_invalid not in ("raise", "none"):
             raise ValueError(f"on_invalid must be 'raise' or 'none', got {on_invalid!r}")
         self.on_invalid = on_invalid
         if protocol is not None:
             if not isinstance(protocol, Protocol):
                 raise TypeError(f"protocol must be a dspy_promptmii.protocol.Protocol, got {type(protocol).__name__}")
-            if constrained is not None or demos is not None:
-                raise ValueError("pass either protocol= or the constrained=/demos= shortcuts, not both")
+            if constrained is not None or demo_style is not None:
+                raise ValueError("pass either protocol= or the constrained=/demo_style= shortcuts, not both")
         else:
-            protocol = Protocol(constrained=constrained or False, demo_style=demos or "inline")
+            protocol = Protocol(constrained=constrained or False, demo_style=demo_style or "inline")
         self.protocol = protocol
         self.fallback = fallback if fallback is not None else ChatAdapter()
         self._told: set[str] = set()
@@ -136,7 +146,7 @@ class LabelAdapter(Adapter):
         return self.protocol.constrained
 
     @property
-    def demos(self) -> str:
+    def demo_style(self) -> str:
         return self.protocol.demo_style
 
     def task(self, signature: type[Signature]) -> ClassificationTask | None:
@@ -259,36 +269,6 @@ class LabelAdapter(Adapter):
         return self.protocol.messages(
             signature.instructions, task.labels, inputs, task.input_fields, shown, task.descriptions
         )
-
-    def format_field_description(self, signature: type[Signature]) -> str:
-        return ""
-
-    def format_field_structure(self, signature: type[Signature]) -> str:
-        return ""
-
-    def format_task_description(self, signature: type[Signature]) -> str:
-        return signature.instructions
-
-    def format_user_message_content(
-        self,
-        signature: type[Signature],
-        inputs: dict[str, Any],
-        prefix: str = "",
-        suffix: str = "",
-        main_request: bool = False,
-    ) -> str:
-        names = [name for name in signature.input_fields if name in inputs]
-        body = render_inputs(inputs, names) if names else ""
-        return "\n\n".join(part for part in (prefix, body, suffix) if part)
-
-    def format_assistant_message_content(
-        self, signature: type[Signature], outputs: dict[str, Any], missing_field_message: str | None = None
-    ) -> str:
-        task = self._task(signature)
-        if task is None:
-            return self.fallback.format_assistant_message_content(signature, outputs, missing_field_message)
-        value = outputs.get(task.label_field)
-        return task.label_of(value) or "" if value is not None else (missing_field_message or "")
 
     # -- reply ----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dspy_promptmii.params import COUNT, COUNT_OR_ZERO
 from dspy_promptmii.secrets import protected_logger
 
 # LiteLLM otherwise tries to download its model-cost map at import time; offline that
@@ -28,19 +29,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 logger = protected_logger("dspy_promptmii")
 
 
-def _int_at_least(text: str, lowest: int, wanted: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < lowest:
-        raise argparse.ArgumentTypeError(f"expected {wanted}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (counts, limits, sizes)."""
-    return _int_at_least(text, 1, "a positive integer")
+#: argparse type: an integer >= 1 (counts, limits, sizes); the rule of :mod:`dspy_promptmii.params`.
+positive_int = COUNT.argparse_type("positive_int")
 
 
 def positive_float(text: str) -> float:
@@ -54,9 +44,8 @@ def positive_float(text: str) -> float:
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (counts where 0 means none)."""
-    return _int_at_least(text, 0, "an integer >= 0")
+#: argparse type: an integer >= 0 (counts where 0 means none).
+non_negative_int = COUNT_OR_ZERO.argparse_type("non_negative_int")
 
 
 def _check_out(path: str | None, inputs: list[tuple[str, str | Path]] | None = None) -> None:
@@ -187,14 +176,14 @@ def _induce(args: argparse.Namespace) -> int:
     _check_context(args.generator, args.n_ctx, args.max_tokens, args.max_prompt_tokens)
     program = dspy.Predict(task.signature())
     # The optimizer checks its settings (template with exemplars, the library) here; the
-    # generator and the context budget are set once the endpoint exists.
+    # generator (which carries the reply limit, --max-tokens) and the context budget are
+    # set once the endpoint exists.
     optimizer = PromptMIIOptimizer(
         n=args.n,
         template=args.template,
         seed=args.seed,
         sampling=args.sampling,
         max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens,
         exemplars=args.exemplars,
         max_instruction_tokens=args.max_instruction_tokens or None,
     )

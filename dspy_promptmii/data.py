@@ -289,6 +289,9 @@ class TaskData:
         return classifier_signature(self.labels, self.pair, instructions, descriptions, self.multilabel)
 
     def examples(self, rows: Sequence[dict[str, Any]] | None = None) -> list[dspy.Example]:
+        """The rows (default: all of them) as ``dspy.Example``s with their inputs marked
+        (``examples`` always means ``dspy.Example``s; a ``ClassificationTask``'s checked
+        ``LabelledExample``s are its ``labelled_examples``)."""
         return [
             dspy.Example({name: row[name] for name in (*self.input_fields, "label")}).with_inputs(*self.input_fields)
             for row in (self.rows if rows is None else rows)

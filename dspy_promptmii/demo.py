@@ -160,15 +160,14 @@ def run_demo(
             max_instruction_tokens=max_instruction_tokens,
             candidates=candidates,
             follower_lm=follower_lm,
+            adapter=chosen,
         )
         # What the compile will cost, before it runs (no LM call; the generator's own tokenizer).
-        with dspy.context(adapter=chosen):
-            estimate = optimizer.estimate(student, labelled, follower_token_counter=follow.token_counter)
+        estimate = optimizer.estimate(student, labelled, follower_token_counter=follow.token_counter)
         started = time.perf_counter()
         # The whole pool: the optimizer shows the generator the same n examples ICL gets
         # (same seeded order) and, with several candidates, scores them on the rest.
-        with dspy.context(adapter=chosen):
-            compiled = optimizer.compile(student, trainset=labelled)
+        compiled = optimizer.compile(student, trainset=labelled)
         compile_seconds = time.perf_counter() - started
         spent = [meter.snapshot(), follower_meter.snapshot()]
         calls = sum(usage.calls for usage in spent)

@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 from dspy.utils.exceptions import AdapterParseError
 
+from dspy_promptmii.dspy_private import declared_inputs
 from dspy_promptmii.protocol import score
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.task import ClassificationTask, signature_task
@@ -106,7 +107,7 @@ def check_examples(examples: Sequence[Any], task: ClassificationTask) -> None:
     for index, example in enumerate(examples):
         if not isinstance(example, dspy.Example):
             raise ValueError(f"examples[{index}] is a {type(example).__name__}; expected a dspy.Example")
-        declared = example._input_keys
+        declared = declared_inputs(example)
         if not declared:
             raise ValueError(
                 f"examples[{index}] has no declared inputs: build it with "

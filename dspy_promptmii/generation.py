@@ -19,6 +19,7 @@ from typing import Any
 
 import dspy
 
+from dspy_promptmii.dspy_private import finish_reason_of, is_openai_reasoning_model
 from dspy_promptmii.secrets import protected_logger
 
 logger = protected_logger(__name__)
@@ -43,10 +44,9 @@ BUDGET_MARGIN = 64
 #: The generator's reply limit without an instruction budget, when neither the LM nor the
 #: caller sets one (the paper lets the generator write up to about 1-2k tokens).
 DEFAULT_GENERATOR_MAX_TOKENS = 1024
-#: The default instruction budget (tokens). Chosen on the dev tasks of the shared
-#: datasets (benchmarks/results/dev12-2026-11-29, embedded 0.5B generator and follower):
-#: mean macro-F1 0.380 with it against 0.345 without, instructions of at most 220 tokens
-#: instead of up to 961, and a third of the compile time.
+#: The default instruction budget (tokens), chosen on the dev tasks of the shared datasets;
+#: the measurements behind it are in README's Benchmarks section and
+#: benchmarks/results/dev12-2026-11-29.
 DEFAULT_MAX_INSTRUCTION_TOKENS = 160
 
 
@@ -82,11 +82,7 @@ class Reply:
 def refuses_temperature_0(model: str) -> bool:
     """Models that take no temperature but their default (OpenAI's reasoning models, by
     DSPy's own rule)."""
-    try:
-        from dspy.clients.lm import _is_openai_reasoning_model
-    except ImportError:  # pragma: no cover - DSPy moved it
-        return False
-    return bool(_is_openai_reasoning_model(model))
+    return is_openai_reasoning_model(model)
 
 
 def generator_settings(
@@ -145,13 +141,6 @@ def _call(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any]) -> tuple[str, 
     return valid_text(text or ""), tracker.get_total_tokens().get(lm.model, {})
 
 
-def _last_finish_reason(lm: dspy.BaseLM, prompt: str) -> str | None:
-    for entry in reversed(getattr(lm, "history", [])[-8:]):
-        if entry.get("prompt") == prompt or prompt in str(entry.get("messages") or ""):
-            return finish_reason(entry.get("response"))
-    return None
-
-
 def generate(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any], filled: set[str] = frozenset()) -> Reply:
     """One call with ``prompt`` as a single user message.
 
@@ -174,4 +163,4 @@ def generate(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any], filled: set
             for name in refused:
                 logger.warning("the generator refused %s=%r (%s); calling it without", name, settings[name], error)
                 settings.pop(name)
-    return Reply(text=text, usage=usage, finish_reason=_last_finish_reason(lm, prompt), settings=settings)
+    return Reply(text=text, usage=usage, finish_reason=finish_reason_of(lm, prompt, finish_reason), settings=settings)

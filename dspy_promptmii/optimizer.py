@@ -1,50 +1,48 @@
 """``PromptMIIOptimizer``: a DSPy teleprompter that writes each classification
-predictor's instruction with ONE call to an instruction-generator LM (Prompt-MII)."""
+predictor's instruction with ONE call to an instruction-generator LM (Prompt-MII).
+
+``compile`` is the paper's pipeline in four named steps: plan (:mod:`.plan`: the task
+and its examples, all checked), write (:class:`~dspy_promptmii.writer.InstructionWriter`:
+the candidate instructions), choose (:class:`~dspy_promptmii.selection.Selector`: the
+follower's pick when there are several) and apply (on a deep copy of the student, only
+after every step succeeded for every predictor)."""
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict
+from typing import Any, ClassVar
 
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from dspy_promptmii.adapter import LabelAdapter
-from dspy_promptmii.estimate import CompileEstimate, PredictorEstimate, RoleCost, count_messages
-from dspy_promptmii.generation import (
-    DEFAULT_GENERATOR_MAX_TOKENS,
-    DEFAULT_MAX_INSTRUCTION_TOKENS,
-    Reply,
-    budget_limit,
-    budget_words,
-    generate,
-    generator_settings,
-    refuses_temperature_0,
-)
-from dspy_promptmii.library import check_entries, load_library, select_exemplars
-from dspy_promptmii.protocol import (
-    TEMPLATES,
-    Cleaned,
-    Protocol,
-    choose_template,
-    format_line,
-    naive_instruction,
-    template_text,
-    unknown_labels,
-)
-from dspy_promptmii.sampling import SAMPLING, Sampling, select_examples
+from dspy_promptmii.estimate import CompileEstimate, PredictorEstimate, RoleCost
+from dspy_promptmii.generation import DEFAULT_GENERATOR_MAX_TOKENS, DEFAULT_MAX_INSTRUCTION_TOKENS
+from dspy_promptmii.library import check_entries, load_library
+from dspy_promptmii.params import SHARED, Constraint, InstanceOf, OneOf, check_params
+from dspy_promptmii.plan import Plan, check_call, make_plans
+from dspy_promptmii.protocol import TEMPLATES, Protocol, choose_template, names_a_file, template_text
+from dspy_promptmii.report import PredictorReport, chosen_text, origin_of, predictor_report
+from dspy_promptmii.sampling import SAMPLING, Sampling
 from dspy_promptmii.secrets import protected_logger
-from dspy_promptmii.selection import Candidate, as_examples, best_candidate, score_candidate, validation_rows
-from dspy_promptmii.task import ClassificationTask, LabelledExample, classification_tasks
+from dspy_promptmii.selection import Selector
 from dspy_promptmii.tracking import log_compile
+from dspy_promptmii.writer import (
+    CHAT_FRAMING,
+    GenerationError,
+    InstructionWriter,
+    PromptBudgetError,
+    meta_prompt_budget,
+)
 
 logger = protected_logger(__name__)
 
 __all__ = [
     "PromptMIIOptimizer",
+    "PredictorReport",
     "GenerationError",
     "PromptBudgetError",
     "choose_template",
@@ -54,141 +52,28 @@ __all__ = [
     "DEFAULT_MAX_INSTRUCTION_TOKENS",
 ]
 
-#: Tokens a chat template adds around the meta-prompt's one user message and the reply.
-CHAT_FRAMING = 64
+
+def _check_takes_exemplars(protocol: Protocol, exemplars: int) -> None:
+    """Raises ``ValueError`` when ``exemplars`` > 0 and the template has no place for them."""
+    text = template_text(protocol.template) if protocol.template != "auto" else TEMPLATES["meta2"]
+    if exemplars and "{exemplars}" not in text:
+        raise ValueError("exemplars > 0 needs a template with an {exemplars} placeholder (meta1 and meta2 have one)")
 
 
-def _template_name(spec: Mapping[str, Any]) -> str:
-    """A candidate's template as reported: its built-in name, or ``"custom"``."""
-    return spec["template"] if spec["template"] in TEMPLATES else "custom"
-
-
-def meta_prompt_budget(context_tokens: int | None, max_tokens: int) -> int | None:
-    """Meta-prompt tokens that fit a generator's context once its reply (``max_tokens``)
-    and :data:`CHAT_FRAMING` are set aside; ``None`` when the context size is unknown."""
-    if not context_tokens:
-        return None
-    return context_tokens - max_tokens - CHAT_FRAMING
-
-
-class GenerationError(RuntimeError):
-    """The generator's reply held no usable instruction."""
-
-    def __init__(self, message: str, raw_reply: str | None):
-        super().__init__(message)
-        self.raw_reply = raw_reply
-
-
-class PromptBudgetError(ValueError):
-    """The meta-prompt does not fit ``max_prompt_tokens`` even with a single example."""
-
-
-@dataclass
-class PredictorReport:
-    """What compile did for one classification predictor (JSON-serialisable via ``asdict``).
-
-    Token counts are the generator's reported usage for the chosen candidate (``None`` on
-    a cache hit); when the naive reference wins (its ``kind`` in ``candidates`` is
-    ``"naive"``), ``template``, the token counts, ``n_used``, the cleaning figures and
-    ``raw_reply`` describe generated candidate 0, which the naive instruction replaced;
-    ``truncated`` comes from the reply's finish reason (``length``);
-    ``copied_fraction`` is the share of the reply's characters that copied the shown
-    examples and were dropped; ``instruction_tokens`` counts the instruction without the
-    format line (by ``token_counter``, else LiteLLM's counter; None if neither works);
-    ``unknown_labels`` are label-like names in the instruction that are not labels;
-    ``generator_calls`` and ``follower_calls`` are what compile cost; ``candidates`` lists
-    every candidate with its validation score when ``candidates`` > 1; ``seconds`` is
-    the compile time of this predictor.
-    """
-
-    predictor: str
-    template: str
-    template_choice: str
-    n_requested: int
-    n_used: int
-    n_available: int
-    labels: list[str]
-    label_field: str
-    input_fields: list[str]
-    generator_model: str
-    generator_calls: int
-    follower_calls: int
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached: bool
-    finish_reason: str | None
-    truncated: bool
-    meta_prompt_tokens: int | None
-    generation_settings: dict[str, Any]
-    exemplars: list[str]
-    copied_lines: int
-    copied_fraction: float
-    reasoning_removed: bool
-    instruction_tokens: int | None
-    unknown_labels: list[str]
-    demos: int
-    chosen: int
-    validation: str | None
-    candidates: list[dict[str, Any]]
-    seconds: float
-    instruction: str
-    raw_reply: str = field(repr=False, default="")
-
-
-@dataclass
-class _Plan:
-    name: str
-    predictor: dspy.Predict
-    task: ClassificationTask
-    examples: list[LabelledExample]
-    labelled: list[LabelledExample]
-    valset: list[LabelledExample] | None
-
-
-@dataclass
-class _Written:
-    """A generated candidate before scoring."""
-
-    spec: dict[str, Any]
-    meta_prompt_tokens: int | None
-    shown: list[LabelledExample]
-    reply: Reply
-    cleaned: Cleaned
-    instruction: str
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False, allow_zero: bool = False) -> None:
-    """Raise ``TypeError`` (not an integer) or ``ValueError`` (too small) naming ``name``."""
-    if value is None and allow_none:
-        return
-    lowest = 0 if allow_zero else 1
-    wanted = f"an integer >= {lowest}" + (" or None" if allow_none else "")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be {wanted}, got {value!r}")
-    if value < lowest:
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
-
-
-def _template_cycle(template: str) -> list[str]:
-    """``template`` first, then the other built-in templates (a custom template alone)."""
-    if template not in TEMPLATES:
-        return [template]
-    return [template, *(name for name in TEMPLATES if name != template)]
-
-
-def _check_call(student: Any, trainset: Any, valset: Any) -> None:
-    """``TypeError`` naming a student that is not a ``dspy.Module`` or a trainset (valset)
-    that is not a list or tuple."""
-    if not isinstance(student, dspy.Module):
-        raise TypeError(f"student must be a dspy.Module (e.g. dspy.Predict(...)), got {type(student).__name__}")
-    if not isinstance(trainset, (list, tuple)):
-        raise TypeError(f"trainset must be a list of dspy.Example, got {type(trainset).__name__}")
-    if valset is not None and not isinstance(valset, (list, tuple)):
-        raise TypeError(f"valset must be a list of dspy.Example or None, got {type(valset).__name__}")
-
-
-#: Sampling temperature of the candidates after the first two (which decode greedily).
-CANDIDATE_TEMPERATURE = 0.7
+def _warn_deprecated_settings(**given: Any) -> None:
+    """A ``DeprecationWarning`` for each generator setting passed to the optimizer instead
+    of set on the LM (DSPy's convention: GEPA and MIPROv2 take LMs, configured with
+    ``lm.copy(...)``)."""
+    for name, value in given.items():
+        if value is None:
+            continue
+        replacement = "**generation_kwargs" if name == "generation_kwargs" else f"{name}={value!r}"
+        warnings.warn(
+            f"PromptMIIOptimizer({name}=...) is deprecated: set it on the generator LM instead, "
+            f"generator_lm=generator_lm.copy({replacement}), as DSPy's own optimizers take LMs",
+            DeprecationWarning,
+            stacklevel=3,
+        )
 
 
 class PromptMIIOptimizer(Teleprompter):
@@ -205,8 +90,9 @@ class PromptMIIOptimizer(Teleprompter):
     format line are the :class:`~dspy_promptmii.protocol.Protocol`'s.
 
     With ``candidates=k`` > 1 it makes k generator calls (varying template, exemplars and
-    sampling; see :meth:`candidate_specs`), has the follower label held-out rows with
-    each instruction (and with the naive one, as a reference), and keeps the best.
+    sampling; see :meth:`~dspy_promptmii.writer.InstructionWriter.specs`), has the
+    follower label held-out rows with each instruction (and with the naive one, as a
+    reference), and keeps the best (:class:`~dspy_promptmii.selection.Selector`).
 
     Args:
         generator_lm: The instruction generator; any ``dspy.LM``. Defaults to the LM in
@@ -214,7 +100,8 @@ class PromptMIIOptimizer(Teleprompter):
         n: How many labelled examples the generator sees (default 20).
         template: ``"meta1"``, ``"meta2"``, ``"auto"`` (meta1 for Llama-family
             generators, meta2 otherwise), a template text containing ``{label_names}``
-            and ``{examples}``, or a path to a file holding one. Shortcut for
+            and ``{examples}``, or a path to a file holding one (read by ``compile`` and
+            ``estimate``, each time, not here). Shortcut for
             ``protocol=Protocol(template=...)``; default ``"auto"``.
         protocol: The whole protocol (template, cleaning, follower settings); not together
             with ``template``.
@@ -225,24 +112,27 @@ class PromptMIIOptimizer(Teleprompter):
             the end until it fits (the largest ``n`` that fits). ``None``: no budget.
         token_counter: Counts the tokens of a text (meta-prompt budget, instruction
             length). Defaults to LiteLLM's counter for the generator's model.
-        temperature: Generator temperature. ``None`` (default): the LM's own setting; if
-            it has none, the paper's 0, unless the model takes no temperature (OpenAI's
-            reasoning models) or refuses it (then the call is made without it).
-        max_tokens: Generator reply limit. ``None`` (default): the LM's own setting; if it
-            has none, :data:`DEFAULT_GENERATOR_MAX_TOKENS`, or with
-            ``max_instruction_tokens`` a limit derived from it.
-        generation_kwargs: Further keyword arguments for the generator call.
+        temperature, max_tokens, generation_kwargs: Deprecated (a ``DeprecationWarning``;
+            still applied as before, over the LM's own settings). Generator settings are
+            the LM's, as for DSPy's own optimizers: pass
+            ``generator_lm=lm.copy(temperature=..., max_tokens=..., **generation_kwargs)``.
+            Where the LM sets no temperature the paper's 0 is sent, unless the model takes
+            none (OpenAI's reasoning models) or refuses it (then the call is made without
+            it); where it sets no reply limit the optimizer sets its own (see
+            ``max_instruction_tokens``).
         exemplars: How many instructions of other tasks, from the instruction library, the
             meta-prompt shows as worked examples (default 0; chosen by similarity, see
             :mod:`dspy_promptmii.library`). Still one generator call.
         library: The instruction library: a file path, a list of entries, or ``None``
             for the packaged one.
         max_instruction_tokens: A length budget for the instruction: the template asks
-            for it in words (three quarters of the tokens), and the generation limit (when
-            neither the LM nor ``max_tokens`` sets one) is the budget plus
-            :data:`~dspy_promptmii.generation.BUDGET_MARGIN`; a reply cut there loses its
-            unfinished last line. Default :data:`DEFAULT_MAX_INSTRUCTION_TOKENS` (160,
-            measured best on the dev tasks); ``None``: no budget.
+            for it in words (three quarters of the tokens), and, when the generator LM sets
+            no ``max_tokens`` of its own, the optimizer caps the reply at the budget plus
+            :data:`~dspy_promptmii.generation.BUDGET_MARGIN` (without a budget, at
+            :data:`DEFAULT_GENERATOR_MAX_TOKENS`); a reply cut there loses its unfinished
+            last line. This cap is the optimizer's, not an LM setting. Default
+            :data:`DEFAULT_MAX_INSTRUCTION_TOKENS` (160, measured best on the dev tasks);
+            ``None``: no budget.
         candidates: Generator calls per predictor (default 1). Above 1 the follower picks
             the best on validation rows.
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
@@ -257,14 +147,32 @@ class PromptMIIOptimizer(Teleprompter):
             instruction (default 0).
         follower_lm: The follower that scores candidates (default: ``dspy.settings.lm``
             at compile time).
+        adapter: The follower's adapter while scoring candidates (default: the adapter
+            in ``dspy.settings`` at compile time, else ``LabelAdapter(protocol=protocol)``).
 
     Raises:
         TypeError: an argument of the wrong type (named).
         ValueError: a bad value (named): ``n`` < 1, an unknown template or sampling, a
             template without its placeholders, ``protocol`` together with ``template``,
-            exemplars with a template that has no ``{exemplars}`` placeholder, or a
-            library that cannot be read.
+            exemplars with a template that has no ``{exemplars}`` placeholder, or an
+            empty or malformed library given as a list. Files (a library, a template) are
+            read by ``compile`` and ``estimate``, before any LM call, and their errors
+            raised there.
     """
+
+    #: Each constructor argument's rule (see :mod:`dspy_promptmii.params`).
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        **SHARED,
+        "generator_lm": InstanceOf((dspy.BaseLM,), "a dspy.LM (or BaseLM)", none=True),
+        "follower_lm": InstanceOf((dspy.BaseLM,), "a dspy.LM (or BaseLM)", none=True),
+        "protocol": InstanceOf((Protocol,), "a dspy_promptmii.protocol.Protocol", none=True),
+        "adapter": InstanceOf((dspy.Adapter,), "a dspy.Adapter", none=True),
+        "sampling": OneOf(SAMPLING),
+        "token_counter": InstanceOf((callable,), "a function text -> int", none=True),
+        "generation_kwargs": InstanceOf((dict,), "a dict or None", none=True),
+        "library": InstanceOf((str, os.PathLike, Sequence), "a path, a list of entries or None", none=True,
+                              exclude=(bytes,)),
+    }
 
     def __init__(
         self,
@@ -288,82 +196,58 @@ class PromptMIIOptimizer(Teleprompter):
         include_naive: bool = True,
         demos: int = 0,
         follower_lm: dspy.BaseLM | None = None,
+        adapter: dspy.Adapter | None = None,
     ):
         super().__init__()
-        for name, lm in (("generator_lm", generator_lm), ("follower_lm", follower_lm)):
-            if lm is not None and not isinstance(lm, dspy.BaseLM):
-                raise TypeError(f"{name} must be a dspy.LM (or BaseLM), got {type(lm).__name__}")
-        _positive_int("n", n)
-        if protocol is not None and not isinstance(protocol, Protocol):
-            raise TypeError(f"protocol must be a dspy_promptmii.protocol.Protocol, got {type(protocol).__name__}")
+        arguments = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        check_params(arguments, self._parameter_constraints)
+        _warn_deprecated_settings(temperature=temperature, max_tokens=max_tokens, generation_kwargs=generation_kwargs)
         if protocol is not None and template is not None:
             raise ValueError("pass either template= or protocol= (which holds a template), not both")
-        if protocol is None:
+        # A template file is read when it is used (compile, estimate), not here.
+        self._template_file = template if protocol is None and names_a_file(template) else None
+        if protocol is None and self._template_file is None:
             protocol = Protocol(template="auto" if template is None else template)
-        self.protocol = protocol
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an integer, got {seed!r}")
-        if sampling not in SAMPLING:
-            raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
-        _positive_int("max_prompt_tokens", max_prompt_tokens, allow_none=True)
-        _positive_int("max_tokens", max_tokens, allow_none=True)
-        _positive_int("max_instruction_tokens", max_instruction_tokens, allow_none=True)
-        _positive_int("exemplars", exemplars, allow_zero=True)
-        _positive_int("candidates", candidates)
-        _positive_int("val_size", val_size)
-        _positive_int("demos", demos, allow_zero=True)
-        if token_counter is not None and not callable(token_counter):
-            raise TypeError(f"token_counter must be a function text -> int, got {type(token_counter).__name__}")
-        if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-            raise TypeError(f"temperature must be a number or None, got {temperature!r}")
-        if temperature is not None and not (0 <= temperature < float("inf")):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-        if generation_kwargs is not None and not isinstance(generation_kwargs, dict):
-            raise TypeError(f"generation_kwargs must be a dict or None, got {type(generation_kwargs).__name__}")
-        if not isinstance(include_naive, bool):
-            raise TypeError(f"include_naive must be True or False, got {include_naive!r}")
-        if isinstance(library, bytes) or not isinstance(library, (str, os.PathLike, Sequence, type(None))):
-            raise TypeError(f"library must be a path, a list of entries or None, got {type(library).__name__}")
+        #: The protocol; with a template file, None until compile or estimate reads it.
+        self.protocol: Protocol | None = protocol
+        if protocol is not None:
+            _check_takes_exemplars(protocol, exemplars)
         if exemplars:
-            text = template_text(self.protocol.template) if self.protocol.template != "auto" else TEMPLATES["meta2"]
-            if "{exemplars}" not in text:
-                raise ValueError(
-                    "exemplars > 0 needs a template with an {exemplars} placeholder (meta1 and meta2 have one)"
-                )
-            if library is None or isinstance(library, (str, os.PathLike)):
-                self.library = load_library(library)
-            else:
-                self.library = check_entries(list(library), "library")
-            if not self.library:
-                raise ValueError(f"exemplars={exemplars} needs an instruction library with entries; this one has none")
-        else:
-            if library is not None:
-                logger.warning("library= is unused with exemplars=0: the meta-prompt shows no library entry")
-            self.library = []
-        self.generator_lm = generator_lm
-        self.follower_lm = follower_lm
-        self.n = n
-        self.seed = seed
-        self.sampling = sampling
-        self.max_prompt_tokens = max_prompt_tokens
-        self.token_counter = token_counter
-        self.temperature = temperature
-        self.max_tokens = max_tokens
+            if library is not None and not isinstance(library, (str, os.PathLike)):
+                library = check_entries(list(library), "library")
+                if not library:
+                    raise ValueError(
+                        f"exemplars={exemplars} needs an instruction library with entries; this one has none"
+                    )
+        elif library is not None:
+            logger.warning("library= is unused with exemplars=0: the meta-prompt shows no library entry")
+        self.generator_lm, self.follower_lm, self.adapter = generator_lm, follower_lm, adapter
+        self.n, self.seed, self.sampling = n, seed, sampling
+        self.max_prompt_tokens, self.token_counter = max_prompt_tokens, token_counter
+        self.temperature, self.max_tokens = temperature, max_tokens
         self.generation_kwargs = dict(generation_kwargs or {})
-        self.exemplars = exemplars
+        self.exemplars, self.library = exemplars, library
         self.max_instruction_tokens = max_instruction_tokens
-        self.candidates = candidates
-        self.val_size = val_size
-        self.include_naive = include_naive
+        self.candidates, self.val_size, self.include_naive = candidates, val_size, include_naive
         self.demos = demos
         self.report: list[dict[str, Any]] = []
 
     @property
     def template(self) -> str:
-        """The protocol's template (a built-in name, ``"auto"``, or a template text)."""
+        """The protocol's template (a built-in name, ``"auto"``, or a template text); a
+        template file's path until compile or estimate reads it."""
+        if self.protocol is None:
+            return os.fspath(self._template_file)
         return self.protocol.template
 
-    # -- the pipeline ---------------------------------------------------------------
+    def _read_protocol(self) -> Protocol:
+        """The protocol of this compile or estimate: a template file is read now, at each
+        call, before any LM call (the errors ``Protocol(template=path)`` raises)."""
+        if self._template_file is not None:
+            protocol = Protocol(template=self._template_file)
+            _check_takes_exemplars(protocol, self.exemplars)
+            self.protocol = protocol
+        return self.protocol
 
     def compile(
         self,
@@ -389,45 +273,51 @@ class PromptMIIOptimizer(Teleprompter):
             ValueError: no generator LM (or, with ``candidates`` > 1, no follower LM); an
                 empty trainset, an example missing a field or with a label outside the
                 label set (named by index); a program with no classification predictor,
-                or one the protocol cannot render (e.g. a label spanning lines).
+                or one the protocol cannot render (e.g. a label spanning lines); a
+                library that cannot be read.
             PromptBudgetError: the meta-prompt does not fit ``max_prompt_tokens`` with even
                 one example.
             GenerationError: a reply with no instruction left after cleaning (with several
                 candidates: every one of them).
+            SelectionError: with several candidates, the follower failed on every one.
             Any error the generator or follower LM raises (e.g. ``dspy.utils.exceptions.LMError``).
         """
-        # A failed compile leaves no report: never the previous compile's.
-        self.report = []
+        self.report = []  # a failed compile leaves no report: never the previous compile's
         if kwargs:
             raise TypeError(f"compile() got unexpected keyword arguments: {sorted(kwargs)}")
-        _check_call(student, trainset, valset)
         if teacher is not None:
             logger.info("PromptMIIOptimizer ignores teacher")
         if valset is not None and self.candidates == 1:
             logger.info("PromptMIIOptimizer uses valset only to choose among candidates (candidates > 1)")
-        generator = self._generator()
-        follower = self._follower() if self.candidates > 1 else None
+        check_call(student, trainset, valset)
         program = student.deepcopy()
-
-        # Task -> examples, for every classifier, before any LM call: bad input fails fast.
-        plans = self._plans(program, trainset, valset)
-
-        # Meta-prompt -> one generator call (or k, then the follower's choice) -> instruction.
-        results = [self._induce(plan, generator, follower) for plan in plans]
-
-        # Only now, with every instruction in hand, touch the copy.
-        for plan, (instruction, demos, _) in zip(plans, results):
+        plans, generator, follower = self._plan(program, trainset, valset)  # 1. plan
+        writer, selector = self._writer(), self._selector()
+        results = []
+        for plan in plans:
+            started = time.perf_counter()
+            writing = writer.write(plan, generator)  # 2. write
+            choice = selector.choose(plan, writing, follower)  # 3. choose
+            tokens = writer.tokens(chosen_text(plan, choice), generator.model)
+            writer.check_length(plan.name, tokens, origin_of(writing, choice).reply)
+            report = predictor_report(
+                plan, writing, choice, generator_model=generator.model, n_requested=self.n,
+                template_choice=self.protocol.resolve_template(generator.model)[1], instruction_tokens=tokens,
+                seconds=round(time.perf_counter() - started, 3),
+            )
+            logger.info("predictor %r: %d example(s), template %s, candidate %d of %d (%s), %d characters",
+                        plan.name, report.n_used, report.template, choice.best.index, len(choice.candidates),
+                        choice.best.kind, len(choice.best.instruction))
+            results.append((plan, choice.best.instruction, report))
+        for plan, instruction, _ in results:  # 4. apply, only now that every step succeeded
             plan.predictor.signature = plan.predictor.signature.with_instructions(instruction)
-            if self.demos:
-                plan.predictor.demos = demos
+            if plan.demos is not None:
+                plan.predictor.demos = list(plan.demos)
         self.report = [asdict(report) for _, _, report in results]
         program.promptmii_report = self.report
         program._compiled = True
-        # Under mlflow.dspy.autolog(log_compiles=True): the report, instructions, calls, tokens.
-        log_compile(self, self.report)
+        log_compile(self, self.report)  # under mlflow.dspy.autolog(log_compiles=True)
         return program
-
-    # -- the cost, before any call ----------------------------------------------------
 
     def estimate(
         self,
@@ -440,15 +330,12 @@ class PromptMIIOptimizer(Teleprompter):
         """What :meth:`compile` with the same arguments will cost, without calling any LM.
 
         Per classification predictor: generator calls (``candidates``) and their prompt
-        tokens, counted on the meta-prompts compile would send (the same examples,
-        exemplars and templates; by ``token_counter`` plus :data:`CHAT_FRAMING` tokens of
-        chat framing a call, else by LiteLLM's counter for the generator's model), with
-        each call's reply limit as its completion bound; with ``candidates`` > 1 also the
-        follower calls that score them (candidates + the naive instruction, times the
-        validation rows), their prompt tokens (a generated instruction counted at the
-        generator's reply limit, a bound) and completion bounds (the follower's reply
-        limit). Prices come from LiteLLM's model cost map; a route it does not know (a
-        local or self-hosted model) is priced ``None`` (shown ``unknown``), never 0.
+        tokens, counted on the meta-prompts compile would send (by ``token_counter`` plus
+        :data:`CHAT_FRAMING` tokens a call, else LiteLLM's counter for the generator's
+        model), each call's reply limit as its completion bound; with ``candidates`` > 1
+        also the follower calls that score them (see :meth:`Selector.estimate
+        <dspy_promptmii.selection.Selector.estimate>`). Prices come from LiteLLM's model
+        cost map; a route it does not know is priced ``None`` (shown ``unknown``), never 0.
 
         Args:
             student: The program ``compile`` would get (not modified).
@@ -457,25 +344,32 @@ class PromptMIIOptimizer(Teleprompter):
                 LiteLLM's counter for the follower's model.
 
         Returns:
-            A :class:`~dspy_promptmii.estimate.CompileEstimate` (``.total()``,
-            ``.format()``, ``.as_dict()``).
+            A :class:`~dspy_promptmii.estimate.CompileEstimate`.
 
         Raises:
-            The errors ``compile`` raises before its first LM call (a bad argument, no
-            generator LM, an example missing a field, a program with no classifier, a
-            meta-prompt over ``max_prompt_tokens``).
+            The errors ``compile`` raises before its first LM call.
         """
-        _check_call(student, trainset, valset)
-        generator = self._generator()
-        follower = self._follower() if self.candidates > 1 else None
-        plans = self._plans(student, trainset, valset)
+        plans, generator, follower = self._plan(student, trainset, valset)
+        writer, selector = self._writer(), self._selector()
+        predictors = []
+        for plan in plans:
+            cost, n_used, first, notes = writer.estimate(plan, generator)
+            scoring, rows = None, 0
+            if follower is not None:
+                bound = writer.reply_limit(generator)
+                scoring, rows, more = selector.estimate(plan, follower, self.candidates, bound, follower_token_counter)
+                notes = [*notes, *more]
+            predictors.append(
+                PredictorEstimate(
+                    predictor=plan.name, n_used=n_used, meta_prompt_tokens=first, generator=cost,
+                    follower=(scoring or RoleCost(model=None)).priced(), validation_rows=rows, notes=notes,
+                )
+            )
         if self.token_counter is not None:
             counted_by = f"the token_counter given, plus {CHAT_FRAMING} tokens of chat framing a call"
         else:
             counted_by = f"LiteLLM's token_counter for {generator.model!r}"
-        estimate = CompileEstimate(
-            [self._estimate_plan(plan, generator, follower, follower_token_counter) for plan in plans], counted_by
-        )
+        estimate = CompileEstimate(predictors, counted_by)
         total = estimate.total()
         logger.info(
             "estimate: %d generator + %d follower calls, %s prompt tokens, at most %s completion tokens, price %s",
@@ -484,441 +378,59 @@ class PromptMIIOptimizer(Teleprompter):
         )
         return estimate
 
-    def _reply_limit(self, generator: dspy.BaseLM) -> int | None:
-        """The ``max_tokens`` a generator call is sent with (or the LM's own limit)."""
-        settings, _ = generator_settings(
-            generator,
-            temperature=self.temperature,
-            max_tokens=self.max_tokens,
-            default_max_tokens=budget_limit(self.max_instruction_tokens),
-            extra=dict(self.generation_kwargs),
-        )
-        configured = getattr(generator, "kwargs", {}) or {}
-        for source in (settings, configured):
-            for key in ("max_tokens", "max_completion_tokens"):
-                if source.get(key):
-                    return int(source[key])
-        return None
+    # -- the parts, built from the parameters at each call --------------------------------
 
-    def _estimate_plan(
-        self,
-        plan: _Plan,
-        generator: dspy.BaseLM,
-        follower: dspy.BaseLM | None,
-        follower_token_counter: Callable[[str], int] | None,
-    ) -> PredictorEstimate:
-        task = plan.task
-        notes: list[str] = []
-        chosen_exemplars = select_exemplars(
-            self.library, task.labels, [str(v) for inputs, _ in plan.examples for v in inputs.values()], self.exemplars
-        )
-        limit = self._reply_limit(generator)
-        framing = CHAT_FRAMING if self.token_counter is not None else 0
-        prompt_tokens: int | None = 0
-        first: int | None = None
-        n_used = 0
-        specs = self.candidate_specs(generator.model)
-        for spec in specs:
-            exemplars = chosen_exemplars if spec["exemplars"] else []
-            meta_prompt, shown, _ = self._fit_meta_prompt(plan, generator.model, spec["template"], exemplars)
-            try:
-                tokens = count_messages(
-                    [{"role": "user", "content": meta_prompt}], generator.model, self.token_counter, framing
-                )
-            except Exception as error:  # noqa: BLE001 - an estimate says "unknown" rather than fail
-                logger.warning("cannot count the meta-prompt's tokens for %r: %s", generator.model, error)
-                tokens = None
-            if spec["index"] == 0:
-                first, n_used = tokens, len(shown)
-            prompt_tokens = None if tokens is None or prompt_tokens is None else prompt_tokens + tokens
-        if limit is None:
-            notes.append("the generator's reply limit is unknown (the LM sets none): completion tokens unknown")
-        else:
-            notes.append(f"completion tokens are each call's reply limit ({limit} for the generator), a bound")
-        generator_cost = RoleCost(
-            model=generator.model,
-            calls=len(specs),
-            prompt_tokens=prompt_tokens,
-            completion_tokens=None if limit is None else limit * len(specs),
-        ).priced()
-
-        follower_cost = RoleCost(model=getattr(follower, "model", None))
-        rows: list[LabelledExample] = []
-        scored = len(specs) + (1 if self.include_naive else 0)
-        if follower is not None and scored > 1:
-            rows, _ = validation_rows(plan.labelled, plan.examples, self.val_size, self.seed, plan.valset)
-            follower_cost = self._estimate_scoring(plan, follower, rows, limit, follower_token_counter, notes)
-        return PredictorEstimate(
-            predictor=plan.name,
-            n_used=n_used,
-            meta_prompt_tokens=first,
-            generator=generator_cost,
-            follower=follower_cost.priced(),
-            validation_rows=len(rows),
-            notes=notes,
-        )
-
-    def _estimate_scoring(
-        self,
-        plan: _Plan,
-        follower: dspy.BaseLM,
-        rows: Sequence[LabelledExample],
-        instruction_bound: int | None,
-        token_counter: Callable[[str], int] | None,
-        notes: list[str],
-    ) -> RoleCost:
-        """The follower calls that score the candidates (and the naive instruction) on ``rows``."""
-        task = plan.task
-        adapter = dspy.settings.adapter
-        protocol = adapter.protocol if isinstance(adapter, LabelAdapter) else self.protocol
-        if adapter is not None and not isinstance(adapter, LabelAdapter):
-            notes.append(f"follower prompts counted as LabelAdapter's; the configured {type(adapter).__name__} differs")
-        if self.demos:
-            demos = list(plan.examples[: self.demos])
-        else:
-            demos = [
-                ({name: demo[name] for name in task.input_fields}, task.label_of(demo[task.label_field]))
-                for demo in plan.predictor.demos
-                if demo.get(task.label_field) is not None and task.label_of(demo[task.label_field]) is not None
-            ]
-        framing = CHAT_FRAMING if token_counter is not None else 0
-        reply = LabelAdapter(protocol=protocol)._lm_kwargs(follower, {}, task).get("max_tokens")
-        reply = reply or (getattr(follower, "kwargs", {}) or {}).get("max_tokens")
-        generated = self.candidates
-        naive = naive_instruction(task.labels) if self.include_naive else None
-        prompt: int | None = 0
-        def count(instruction: str, inputs: Mapping[str, Any]) -> int:
-            messages = protocol.messages(
-                protocol.instruction(instruction, task.labels), task.labels, inputs, task.input_fields, demos,
-                task.descriptions,
-            )
-            return count_messages(messages, follower.model, token_counter, framing)
-
-        try:
-            if instruction_bound is None:
-                raise ValueError("the generator's reply limit is unknown")
-            for inputs, _ in rows:
-                prompt += generated * (count("", inputs) + instruction_bound + 1)
-                prompt += count(naive, inputs) if naive else 0
-        except Exception as error:  # noqa: BLE001 - an estimate says "unknown" rather than fail
-            logger.warning("cannot count the follower's prompt tokens for %r: %s", follower.model, error)
-            prompt = None
-        notes.append(
-            "each generated candidate is scored with its instruction counted at the generator's reply limit, a bound"
-        )
-        calls = (generated + (1 if naive else 0)) * len(rows)
-        return RoleCost(
-            model=follower.model,
-            calls=calls,
-            prompt_tokens=prompt,
-            completion_tokens=None if reply is None else int(reply) * calls,
-        )
-
-    # -- steps ----------------------------------------------------------------------
-
-    def _generator(self) -> dspy.BaseLM:
-        lm = self.generator_lm or dspy.settings.lm
-        if lm is None:
+    def _plan(
+        self, program: Any, trainset: Any, valset: Any
+    ) -> tuple[list[Plan], dspy.BaseLM, dspy.BaseLM | None]:
+        """The plans, the generator and the follower (None with one candidate), all
+        checked before any LM call."""
+        check_call(program, trainset, valset)
+        self._read_protocol()
+        generator = self.generator_lm or dspy.settings.lm
+        if generator is None:
             raise ValueError(
                 "no generator LM: pass generator_lm=dspy.LM(...) to PromptMIIOptimizer or call dspy.configure(lm=...)"
             )
-        return lm
-
-    def _follower(self) -> dspy.BaseLM:
-        lm = self.follower_lm or dspy.settings.lm
-        if lm is None:
-            raise ValueError(
-                "candidates > 1 needs a follower LM to score them: pass follower_lm=dspy.LM(...) or call "
-                "dspy.configure(lm=...)"
-            )
-        return lm
-
-    def _plans(
-        self, program: dspy.Module, trainset: Sequence[Any], valset: Sequence[Any] | None
-    ) -> list[_Plan]:
-        plans = []
-        for name, predictor, task in classification_tasks(program):
-            if task is None:
-                logger.info("predictor %r has no classification output field; its instruction is left as is", name)
-                continue
-            problem = task.rendering_problem()
-            if problem:
-                raise ValueError(f"predictor {name!r} cannot be written as a Prompt-MII task: {problem}")
-            labelled = task.examples(trainset)
-            examples = select_examples(labelled, self.n, self.seed, self.sampling)
-            validation = task.examples(valset, "valset") if valset else None
-            plans.append(_Plan(name, predictor, task, examples, labelled, validation))
-        if not plans:
-            raise ValueError(
-                "the program has no classification predictor: PromptMIIOptimizer needs a predictor whose last "
-                "output field is a Literal[...], an Enum or a bool, or a list of a Literal or an Enum (multi-label)"
-            )
-        return plans
-
-    def candidate_specs(self, generator_model: str) -> list[dict[str, Any]]:
-        """What each of the ``candidates`` generator calls varies. Candidate 0 is the
-        plain call (the protocol's template, the exemplars, greedy); the next ones, one
-        per other built-in template (meta1, meta2, label_defs; none for a custom
-        template), also greedy; after those, candidates are sampled at
-        :data:`CANDIDATE_TEMPERATURE` with seed ``seed + index``, cycling through the
-        templates, every other one without the exemplars."""
-        template, _ = self.protocol.resolve_template(generator_model)
-        cycle = _template_cycle(template)
-        specs = []
-        for index in range(self.candidates):
-            sampled = index >= len(cycle)
-            specs.append(
-                {
-                    "index": index,
-                    "template": cycle[index % len(cycle)],
-                    "exemplars": not (sampled and (index - len(cycle)) % 2 == 0),
-                    "temperature": CANDIDATE_TEMPERATURE if sampled else None,
-                    "seed": self.seed + index if sampled else None,
-                }
-            )
-        return specs
-
-    def _induce(
-        self, plan: _Plan, generator: dspy.BaseLM, follower: dspy.BaseLM | None
-    ) -> tuple[str, list[dspy.Example], PredictorReport]:
-        started = time.perf_counter()
-        task = plan.task
-        chosen_exemplars = select_exemplars(
-            self.library, task.labels, [str(v) for inputs, _ in plan.examples for v in inputs.values()], self.exemplars
-        )
-        written: list[_Written] = []
-        for spec in self.candidate_specs(generator.model):
-            exemplars = chosen_exemplars if spec["exemplars"] else []
-            written.append(self._write(plan, generator, spec, exemplars))
-        usable = [w for w in written if w.cleaned.text]
-        if not usable:
-            raw = written[0].reply.text
-            raise GenerationError(
-                f"the generator's reply for predictor {plan.name!r} is empty after cleaning; raw reply: {raw!r}",
-                raw_reply=raw,
-            )
-        demos = as_examples(plan.examples[: self.demos], task) if self.demos else []
-        candidates = [
-            Candidate(
-                index=w.spec["index"],
-                kind="generated",
-                instruction=w.instruction,
-                template=_template_name(w.spec),
-                exemplars=[e["task"] for e in chosen_exemplars] if w.spec["exemplars"] else [],
-                # what was sent: a model that takes no temperature is not sampled
-                temperature=w.reply.settings.get("temperature") if w.spec["seed"] is not None else None,
-                seed=w.reply.settings.get("seed") if w.spec["seed"] is not None else None,
-                tokens=self._tokens(w.cleaned.text, generator.model),
-            )
-            for w in usable
-        ]
-        validation, follower_calls = None, 0
-        if follower is not None and self.include_naive:
-            naive = self.protocol.instruction(naive_instruction(task.labels), task.labels)
-            candidates.append(Candidate(index=len(written), kind="naive", instruction=naive))
-        # Replies that cleaned to nothing are reported, never scored.
-        empty = [
-            Candidate(
-                index=w.spec["index"],
-                kind="empty",
-                instruction="",
-                template=_template_name(w.spec),
-            )
-            for w in written
-            if not w.cleaned.text
-        ]
-        if empty:
-            logger.warning("predictor %r: %d of %d generator replies were empty after cleaning",
-                           plan.name, len(empty), len(written))
-        if follower is not None and len(candidates) > 1:
-            rows, validation = validation_rows(plan.labelled, plan.examples, self.val_size, self.seed, plan.valset)
-            val_examples = as_examples(rows, task)
-            adapter = dspy.settings.adapter or LabelAdapter(protocol=self.protocol)
-            scorer = plan.predictor.deepcopy()
-            scorer.lm = None  # the follower scores, not an LM the student's predictor carries
-            scorer.demos = demos if self.demos else list(plan.predictor.demos)
-            failed: list[str] = []
-            for candidate in candidates:
-                try:
-                    candidate.score = score_candidate(
-                        scorer, candidate.instruction, val_examples, lm=follower, adapter=adapter
-                    )
-                except RuntimeError as error:  # every validation row raised with this instruction
-                    failed.append(str(error))
-                    logger.warning("predictor %r: candidate %d failed on every validation row: %s",
-                                   plan.name, candidate.index, error)
-                    candidate.score = {"macro_f1": -1.0, "accuracy": 0.0, "invalid_rate": 1.0,
-                                       "calls": len(val_examples), "errors": len(val_examples), "failed": str(error)}
-                follower_calls += candidate.score["calls"]
-            if len(failed) == len(candidates):
-                raise RuntimeError(
-                    f"predictor {plan.name!r}: the follower failed on every candidate; first: {failed[0]}"
+        follower = None
+        if self.candidates > 1:
+            follower = self.follower_lm or dspy.settings.lm
+            if follower is None:
+                raise ValueError(
+                    "candidates > 1 needs a follower LM to score them: pass follower_lm=dspy.LM(...) or call "
+                    "dspy.configure(lm=...)"
                 )
-            best = best_candidate(candidates)
-        else:
-            best = candidates[0]
-        origin = next((w for w in usable if w.spec["index"] == best.index), usable[0])
-        reported = sorted([*candidates, *empty], key=lambda c: c.index)
-        report = self._report(plan, generator, written, origin, best, reported, validation, follower_calls, started)
-        logger.info(
-            "predictor %r: %d example(s), template %s, instruction of %d characters%s%s",
-            plan.name, len(origin.shown), report.template, len(best.instruction),
-            f", candidate {best.index} of {len(candidates)} ({best.kind})" if follower is not None else "",
-            f", {origin.cleaned.copied_lines} copied example line(s) dropped" if origin.cleaned.copied_lines else "",
+        plans = make_plans(
+            program, trainset, valset, n=self.n, seed=self.seed, sampling=self.sampling, demos=self.demos
         )
-        return best.instruction, demos, report
+        return plans, generator, follower
 
-    def _write(
-        self, plan: _Plan, generator: dspy.BaseLM, spec: dict[str, Any], exemplars: list[dict[str, Any]]
-    ) -> _Written:
-        """One candidate: meta-prompt, one generator call, cleaning."""
-        meta_prompt, shown, prompt_tokens = self._fit_meta_prompt(plan, generator.model, spec["template"], exemplars)
-        limit = self.max_tokens
-        limit_default = budget_limit(self.max_instruction_tokens)
-        extra = dict(self.generation_kwargs)
-        temperature = self.temperature
-        if spec["temperature"] is not None and not refuses_temperature_0(generator.model):
-            temperature = spec["temperature"]
-            extra["seed"] = spec["seed"]
-        settings, filled = generator_settings(
-            generator, temperature=temperature, max_tokens=limit, default_max_tokens=limit_default, extra=extra
-        )
-        if "seed" in extra:
-            filled = {*filled, "seed"}
-        reply = generate(generator, meta_prompt, settings, filled)
-        cleaned = self.protocol.clean(
-            reply.text, plan.task.input_fields, labels=plan.task.labels, examples=shown, truncated=reply.truncated
-        )
-        instruction = self.protocol.instruction(cleaned.text, plan.task.labels) if cleaned.text else ""
-        return _Written(spec, prompt_tokens, shown, reply, cleaned, instruction)
+    def _library(self) -> list[dict[str, Any]]:
+        """The checked library entries (read from its file now; none with ``exemplars`` = 0).
 
-    def _report(
-        self,
-        plan: _Plan,
-        generator: dspy.BaseLM,
-        written: list[_Written],
-        origin: _Written,
-        best: Candidate,
-        candidates: list[Candidate],
-        validation: str | None,
-        follower_calls: int,
-        started: float,
-    ) -> PredictorReport:
-        task = plan.task
-        naive_won = best.kind == "naive"
-        text = (
-            best.instruction.removesuffix(format_line(task.labels)).rstrip()
-            if not naive_won
-            else naive_instruction(task.labels)
-        )
-        tokens = self._tokens(text, generator.model)
-        # The budget's generation limit allows a margin over it; only an instruction past
-        # that (the LM or max_tokens set a larger limit, so the budget was only asked for
-        # in words) is worth a warning.
-        if (
-            self.max_instruction_tokens
-            and tokens is not None
-            and tokens > budget_limit(self.max_instruction_tokens)
-        ):
-            logger.warning(
-                "predictor %r: the instruction has %d tokens, over max_instruction_tokens=%d and its margin "
-                "(the generation limit was %s)",
-                plan.name,
-                tokens,
-                self.max_instruction_tokens,
-                origin.reply.settings.get("max_tokens", "the LM's own"),
-            )
-        return PredictorReport(
-            predictor=plan.name,
-            template=_template_name(origin.spec),
-            template_choice=self.protocol.resolve_template(generator.model)[1],
-            n_requested=self.n,
-            n_used=len(origin.shown),
-            n_available=len(plan.labelled),
-            labels=list(task.labels),
-            label_field=task.label_field,
-            input_fields=list(task.input_fields),
-            generator_model=generator.model,
-            generator_calls=len(written),
-            follower_calls=follower_calls,
-            prompt_tokens=origin.reply.usage.get("prompt_tokens"),
-            completion_tokens=origin.reply.usage.get("completion_tokens"),
-            cached=not origin.reply.usage,
-            finish_reason=origin.reply.finish_reason,
-            truncated=origin.reply.truncated,
-            meta_prompt_tokens=origin.meta_prompt_tokens,
-            generation_settings=origin.reply.settings,
-            exemplars=best.exemplars,
-            copied_lines=origin.cleaned.copied_lines,
-            copied_fraction=origin.cleaned.copied_fraction,
-            reasoning_removed=origin.cleaned.reasoning_removed,
-            instruction_tokens=tokens,
-            unknown_labels=unknown_labels(text, task.labels),
-            demos=self.demos and min(self.demos, len(plan.examples)),
-            chosen=best.index,
-            validation=validation,
-            candidates=[c.summary() for c in candidates] if len(candidates) > 1 else [],
-            seconds=round(time.perf_counter() - started, 3),
-            instruction=best.instruction,
-            raw_reply=origin.reply.text,
+        Raises:
+            ValueError: a library that cannot be read, or one without entries.
+        """
+        if not self.exemplars:
+            return []
+        library = self.library
+        entries = load_library(library) if library is None or isinstance(library, (str, os.PathLike)) else library
+        entries = check_entries(list(entries), "library")
+        if not entries:
+            raise ValueError(f"exemplars={self.exemplars} needs an instruction library with entries; this one has none")
+        return entries
+
+    def _writer(self) -> InstructionWriter:
+        return InstructionWriter(
+            self.protocol, candidates=self.candidates, seed=self.seed, n_exemplars=self.exemplars,
+            library=self._library(), max_prompt_tokens=self.max_prompt_tokens,
+            max_instruction_tokens=self.max_instruction_tokens, token_counter=self.token_counter,
+            temperature=self.temperature, max_tokens=self.max_tokens, generation_kwargs=self.generation_kwargs,
         )
 
-    def _count(self, text: str, model: str) -> int:
-        if self.token_counter is not None:
-            return int(self.token_counter(text))
-        import litellm  # imported lazily: only a token budget needs it
-
-        return int(litellm.token_counter(model=model, text=text))
-
-    def _tokens(self, text: str, model: str) -> int | None:
-        """Tokens of ``text`` for the report; None when no counter works (offline, unknown model)."""
-        try:
-            return self._count(text, model)
-        except Exception as error:  # noqa: BLE001 - a report figure must not fail a compile
-            logger.debug("cannot count tokens of the instruction: %s", error)
-            return None
-
-    def _fit_meta_prompt(
-        self, plan: _Plan, model: str, template: str, exemplars: list[dict[str, Any]]
-    ) -> tuple[str, list[LabelledExample], int | None]:
-        """The meta-prompt with the largest prefix of the examples that fits the budget."""
-        task, examples = plan.task, plan.examples
-        max_words = budget_words(self.max_instruction_tokens)
-
-        def render(k: int) -> str:
-            return self.protocol.meta_prompt(
-                task.labels,
-                examples[:k],
-                task.input_fields,
-                generator_model=model,
-                task_description=task.task_description,
-                descriptions=task.descriptions,
-                exemplars=exemplars,
-                max_words=max_words,
-                template=template,
-            )
-
-        if self.max_prompt_tokens is None:
-            return render(len(examples)), examples, None
-        tokens = self._count(render(len(examples)), model)
-        if tokens <= self.max_prompt_tokens:
-            return render(len(examples)), examples, tokens
-        one = self._count(render(1), model)
-        if one > self.max_prompt_tokens:
-            raise PromptBudgetError(
-                f"the meta-prompt for predictor {plan.name!r} needs {one} tokens with a single example "
-                f"(and {tokens} with {len(examples)}), over max_prompt_tokens={self.max_prompt_tokens}"
-            )
-        # Token counts grow with k: binary search for the largest k that fits.
-        low, high = 1, len(examples) - 1
-        while low < high:
-            mid = (low + high + 1) // 2
-            if self._count(render(mid), model) <= self.max_prompt_tokens:
-                low = mid
-            else:
-                high = mid - 1
-        logger.info(
-            "predictor %r: meta-prompt budget %d tokens fits %d of %d examples",
-            plan.name, self.max_prompt_tokens, low, len(examples),
+    def _selector(self) -> Selector:
+        # DSPy's convention, as for the LMs: an adapter not given is the one configured.
+        adapter = self.adapter or dspy.settings.adapter
+        return Selector(
+            self.protocol, adapter=adapter, val_size=self.val_size, seed=self.seed, include_naive=self.include_naive
         )
-        return render(low), examples[:low], self._count(render(low), model)

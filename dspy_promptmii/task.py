@@ -13,11 +13,11 @@ import enum
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, NamedTuple, get_args, get_origin
 
 import dspy
-from dspy.signatures.signature import _default_instructions
 
+from dspy_promptmii.dspy_private import default_instructions
 from dspy_promptmii.protocol import LABEL_MARKER, MultiLabels, format_line, label_array
 from dspy_promptmii.secrets import protected_logger
 
@@ -25,8 +25,13 @@ logger = protected_logger(__name__)
 
 __all__ = ["ClassificationTask", "signature_task", "classification_tasks", "LabelledExample"]
 
-#: One labelled example as the protocol uses it: the input values by field name, and the label string.
-LabelledExample = tuple[dict[str, Any], str]
+class LabelledExample(NamedTuple):
+    """One labelled example as the protocol uses it, from the plan to the evaluation: the
+    input values by field name, and the label string (a multi-label example's label is
+    the JSON array of its labels). A tuple, so ``inputs, label = example`` works."""
+
+    inputs: dict[str, Any]
+    label: str
 
 
 def _multilabel_values(annotation: Any) -> tuple[Any, ...] | None:
@@ -72,7 +77,7 @@ def _description(field_info: Any, name: str) -> str | None:
 def _task_description(signature: type[dspy.Signature], labels: Sequence[str]) -> str | None:
     """The signature's instructions if its author wrote them, without the format line."""
     text = (signature.instructions or "").strip()
-    if not text or text == _default_instructions(signature).strip():
+    if not text or text == default_instructions(signature).strip():
         return None
     line = format_line(labels)
     if text.endswith(line):
@@ -177,7 +182,7 @@ class ClassificationTask:
                 return v
         raise KeyError(f"{label!r} is not a label of {self.label_field!r}; labels: {list(self.labels)}")
 
-    def examples(self, trainset: Sequence[Any], name: str = "trainset") -> list[LabelledExample]:
+    def labelled_examples(self, trainset: Sequence[Any], name: str = "trainset") -> list[LabelledExample]:
         """Validate a trainset against this task and return its labelled examples.
 
         Raises ``ValueError`` for an empty trainset, for the first example missing an
@@ -200,7 +205,7 @@ class ClassificationTask:
             if label is None:
                 unknown[repr(values[self.label_field])] = None
                 continue
-            result.append(({name: values[name] for name in self.input_fields}, label))
+            result.append(LabelledExample({name: values[name] for name in self.input_fields}, label))
         if unknown:
             raise ValueError(
                 f"{name} has labels outside the label set of {self.predictor_name!r}."

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,19 @@ if str(ROOT) not in sys.path:  # `pytest` run without the repository root on sys
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import cli, methods  # noqa: E402
-from benchmarks.methods import Budgets, MethodSpec, parse_method, train_val_split  # noqa: E402
-from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, run_benchmark  # noqa: E402
+from benchmarks.methods import (  # noqa: E402
+    PROMPTMII_DEFAULTS,
+    Budgets,
+    MethodSpec,
+    method_options,
+    parse_method,
+    train_val_split,
+)
+from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, make_protocol, run_benchmark  # noqa: E402
 from benchmarks.store import ResultStore, cell_key, read_records  # noqa: E402
 from benchmarks.tasks import make_split, resolve_tasks  # noqa: E402
 from dspy_promptmii.data import load_task  # noqa: E402
+from dspy_promptmii.generation import BUDGET_MARGIN, DEFAULT_MAX_INSTRUCTION_TOKENS  # noqa: E402
 from dspy_promptmii.routes import Endpoint  # noqa: E402
 
 ALL = ["naive", "icl", "promptmii_zero", "gepa", "miprov2"]
@@ -107,7 +116,7 @@ def config(data_dir: Path, out: Path, **overrides) -> RunConfig:
         methods=list(ALL),
         test_rows=9,
         seed=0,
-        constrained=False,
+        follower_style="none",
         budgets=TINY,
         progress=False,
     )
@@ -223,7 +232,8 @@ def test_a_method_with_options_runs_under_its_full_name(data_dir, lms, tmp_path)
         optimizer_module.load_library = original
     [record] = ok(out).values()
     assert record["method"] == method and record["demos"] == 2
-    assert record["details"]["exemplars"] == ["other"] and record["details"]["options"]["demos"] == 2
+    assert record["details"]["exemplars"] == ["other"]
+    assert record["options"] == {**PROMPTMII_DEFAULTS, "exemplars": 1, "max_instruction_tokens": 40, "demos": 2}
     with pytest.raises(ValueError, match="takes no option"):
         run_benchmark(config(data_dir, tmp_path / "o2", methods=["icl:demos=2"]), lms["endpoints"])
 
@@ -237,7 +247,9 @@ def test_compile_calls_and_tokens_are_counted_per_role(data_dir, tmp_path, metho
     generator, generator_engine = fake_lm(generator_reply, model="fake/generator", usage=(100, 20))
     endpoints = Endpoints(follower=endpoint(follower, "fake/follower"), generator=endpoint(generator, "fake/generator"))
     out = tmp_path / "out"
+    started = time.perf_counter()
     run_benchmark(config(data_dir, out, methods=[method], tasks=resolve_tasks(data_dir, ["toy"])), endpoints)
+    wall = time.perf_counter() - started
     (record,) = ok(out).values()
 
     assert record["compile_generator_calls"] == generator_engine.calls
@@ -254,15 +266,19 @@ def test_compile_calls_and_tokens_are_counted_per_role(data_dir, tmp_path, metho
         assert record["compile_follower_calls"] == 0
     else:
         assert record["compile_generator_calls"] >= 1 and record["compile_follower_calls"] >= 4
-    assert record["compile_seconds"] >= 0 and record["eval_seconds"] >= 0
+    # Times are this cell's own: at most the run's wall time, and the evaluation's calls take some.
+    assert 0 <= record["compile_seconds"] + record["eval_seconds"] <= wall and record["eval_seconds"] > 0
     assert record["instruction"]
     # Each role got only its own kind of request: the follower labels inputs, the
     # generator writes (GEPA's reflections, MIPROv2's proposals go through DSPy adapters).
     for request in follower_engine.requests:
         text = "\n".join(message_texts(m) for m in request.messages)
         assert "[[ ## " not in text and "JSON object" not in text and "Input: row" in text
+    # Prompt-MII's meta-prompt shows the examples; GEPA's reflections and MIPROv2's proposals
+    # get DSPy's own prompts, never the follower's inputs.
+    shows = {"promptmii_zero": True}.get(method.split(":")[0], False)
     for request in generator_engine.requests:
-        assert "Input: row" not in message_texts(request.messages[-1]) or method == "promptmii_zero"
+        assert ("Input: row" in message_texts(request.messages[-1])) is shows, method
 
 
 def test_n_used_icl_fits_the_context_and_promptmii_reports_its_n(data_dir, lms, tmp_path):
@@ -350,6 +366,56 @@ def test_an_interrupted_run_resumes_and_skips_finished_cells(data_dir, lms, tmp_
     assert summary.cells_run == 0 and len(read_records(out)) == 12
 
 
+def test_a_bare_method_name_means_the_optimizers_defaults_and_every_record_stores_its_options(
+    data_dir, lms, tmp_path
+):
+    out = tmp_path / "out"
+    run_benchmark(config(data_dir, out, methods=["naive", "promptmii_zero"], tasks=resolve_tasks(data_dir, ["toy"])),
+                  lms["endpoints"])
+    records = ok(out)
+    assert records[("toy", 6, "naive", 0)]["options"] == {}
+    pmii = records[("toy", 6, "promptmii_zero", 0)]
+    assert pmii["options"] == method_options("promptmii_zero") == PROMPTMII_DEFAULTS
+    assert PROMPTMII_DEFAULTS["max_instruction_tokens"] == DEFAULT_MAX_INSTRUCTION_TOKENS
+    assert method_options("promptmii_zero:max_instruction_tokens=none")["max_instruction_tokens"] is None
+    # The optimizer's default budget: asked for in words, and the reply capped at it.
+    assert "Keep it under 120 words" in lms["generator"].prompt(0)
+    assert lms["generator"].configs[0].max_tokens == DEFAULT_MAX_INSTRUCTION_TOKENS + BUDGET_MARGIN
+
+
+def test_an_old_record_means_what_its_name_meant_and_a_resumed_old_run_keeps_that_meaning(data_dir, lms, tmp_path):
+    out = tmp_path / "out"
+    tasks = resolve_tasks(data_dir, ["toy"])
+    run_benchmark(config(data_dir, out, methods=["promptmii_zero"], n_values=[3], tasks=tasks), lms["endpoints"])
+    # Make it a folder written before records stored their options (the bare name then
+    # meant no instruction budget); its config_id and cell keys are the same as before.
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for line in lines:
+        del line["options"]
+    (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    [old] = read_records(out)
+    assert old["options"] == {**PROMPTMII_DEFAULTS, "max_instruction_tokens": None}
+    calls = lms["generator"].calls
+
+    summary = run_benchmark(config(data_dir, out, methods=["promptmii_zero"], n_values=[3, 6], tasks=tasks),
+                            lms["endpoints"])
+    assert summary.cells_already_done == 1 and summary.cells_run == 1  # the finished cell is not redone
+    assert lms["generator"].calls == calls + 1
+    assert any("no longer means" in note for note in summary.notes)
+    new = ok(out)[("toy", 6, "promptmii_zero", 0)]
+    assert new["options"] == old["options"]  # one name, one meaning in this folder
+    assert "words" not in lms["generator"].prompt(calls) and lms["generator"].configs[calls].max_tokens == 64
+    assert ok(out)[("toy", 3, "promptmii_zero", 0)]["finished_at"] == old["finished_at"]
+
+
+def test_committed_records_keep_the_meaning_their_names_had():
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "dev12-2026-11-29"
+    options = {r["method"]: r["options"] for r in read_records(folder)}
+    assert options["promptmii_zero"]["max_instruction_tokens"] is None
+    assert options["promptmii_zero:max_instruction_tokens=160"] == method_options("promptmii_zero")
+    assert options["naive"] == {}
+
+
 def test_a_run_killed_without_recording_its_end_is_marked_died_by_the_next_run(data_dir, lms, tmp_path):
     out = tmp_path / "out"
     cfg = config(data_dir, out, methods=["naive"], n_values=[3])
@@ -399,14 +465,16 @@ def test_other_settings_in_the_same_folder_are_refused(data_dir, lms, tmp_path):
 def test_manifest_records_versions_models_adapter_and_preset(data_dir, lms, tmp_path):
     out = tmp_path / "out"
     cfg = config(data_dir, out, methods=["naive"], preset={"name": "quick", "description": "d", "values": {}})
+    started = time.perf_counter()
     run_benchmark(cfg, lms["endpoints"])
+    wall = time.perf_counter() - started
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["versions"]["dspy"] and "dspy-promptmii" in manifest["versions"]
     assert manifest["models"]["follower"]["route"] == "fake/follower"
     assert manifest["adapter"] == {**manifest["adapter"], "kind": "label", "demos": "turns", "constrained": False}
     assert manifest["preset"]["name"] == "quick" and manifest["seeds"] == [0]
     assert manifest["runs"][0]["machine"]["cpu_count"] >= 1
-    assert manifest["runs"][0]["wall_seconds"] >= 0
+    assert 0 <= manifest["runs"][0]["wall_seconds"] <= round(wall, 1) + 0.1  # the run's own time, to 0.1 s
 
 
 def test_chat_adapter_runs_every_method_through_dspy_chat_prompts(data_dir, lms, tmp_path):
@@ -436,6 +504,29 @@ def test_quick_preset_fills_only_what_was_not_typed():
     assert plain == cli.DEFAULTS
 
 
+@pytest.mark.parametrize(
+    ("flags", "style"),
+    [([], "endpoint"), (["--constrained", "none"], "none"), (["--no-constrained"], "none"),
+     (["--constrained", "grammar"], "grammar"), (["--constrained", "auto"], "endpoint")],
+)
+def test_the_constrained_flags_name_the_follower_style(flags, style):
+    assert cli._follower_style(cli.build_parser().parse_args(["run", *flags])) == style
+
+
+def test_run_config_follower_style_and_its_deprecated_spelling():
+    endpoint_ = Endpoint(lm=None, route="r", token_counter=None, context_tokens=None, constrained_style="grammar")
+    base = dict(out=Path("o"), tasks=[], n_values=[1], methods=["naive"])
+    assert make_protocol(RunConfig(**base), endpoint_).constrained == "grammar"
+    assert make_protocol(RunConfig(**base, follower_style="none"), endpoint_).constrained is False
+    assert make_protocol(RunConfig(**base, follower_style="json_object"), endpoint_).constrained == "json_object"
+    for old, new in ((True, "endpoint"), (False, "none"), ("choice", "choice")):
+        with pytest.warns(DeprecationWarning, match="follower_style"):
+            config = RunConfig(**base, constrained=old)
+        assert config.follower_style == new and config.constrained is None
+    with pytest.raises(ValueError, match="follower_style must be one of"):
+        RunConfig(**base, follower_style="json")
+
+
 def test_follower_reply_limit_defaults_by_adapter():
     parse = cli.build_parser().parse_args
     assert cli._follower_max_tokens(parse(["run"])) is None  # LabelAdapter: the protocol's limit per label set
@@ -448,7 +539,7 @@ def test_count_flags_refuse_zero_before_anything_runs(capsys, flag):
     with pytest.raises(SystemExit) as exited:
         cli.main(["run", flag, "0"])
     assert exited.value.code == 2
-    assert f"argument {flag}: expected a positive integer, got 0" in capsys.readouterr().err
+    assert f"argument {flag}: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_descriptions_reach_the_signature_and_the_configuration(data_dir, lms, tmp_path):

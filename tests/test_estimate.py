@@ -14,7 +14,7 @@ from fakes import fake_lm, word_count
 from test_benchmarks import config, data_dir, endpoint, lms  # noqa: F401 - fixtures and helpers
 from test_cli import fake_pool  # noqa: F401 - a fixture
 
-from benchmarks.methods import Budgets, CompileContext, estimate_promptmii, parse_method
+from benchmarks.methods import Budgets, CompileContext, estimate_promptmii
 from benchmarks.report import estimate_rows, render_report
 from benchmarks.runner import run_benchmark
 from benchmarks.store import read_records
@@ -44,13 +44,14 @@ GENERATORS = {None: "hosted_vllm/qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.
 
 
 def _records() -> list[dict]:
-    return [json.loads(line) for line in STUDY.read_text().splitlines() if line.strip()]
+    """The study's records, each with the options it ran with (read by the store)."""
+    return read_records(STUDY)
 
 
-def _study_estimate(examples: list[dspy.Example], labels: list[str], pair: bool, method: str) -> CompileEstimate:
-    """The estimate of a dev12 cell, made as the runner makes it, with LiteLLM's counter
-    (the study counted with the embedded model's tokenizer, which is not here)."""
-    _, options = parse_method(method)
+def _study_estimate(examples: list[dspy.Example], labels: list[str], pair: bool, options: dict) -> CompileEstimate:
+    """The estimate of a dev12 cell, made as the runner makes it, with its recorded
+    options, with LiteLLM's counter (the study counted with the embedded model's
+    tokenizer, which is not here)."""
     generator = dspy.LM(GENERATORS[options.get("generator")])
     follower = dspy.LM(GENERATORS[None])
     ctx = CompileContext(
@@ -103,7 +104,7 @@ def test_the_estimate_is_within_10_percent_of_the_recorded_compile(name: str) ->
     checked = 0
     for record in records:
         assert record["split_id"] == fixture["split_id"]
-        estimate = _study_estimate(examples, fixture["labels"], fixture["pair"], record["method"])
+        estimate = _study_estimate(examples, fixture["labels"], fixture["pair"], record["options"])
         default = record["method"] == "promptmii_zero:max_instruction_tokens=160"
         _check_against_record(estimate, record, 0.10 if default else None)
         checked += default
@@ -120,7 +121,7 @@ def test_the_estimate_against_every_recorded_prompt_mii_compile(shared_datasets:
         task = load_task(shared_datasets / record["task"])
         split = make_split(task, 100, 0)
         assert split.split_id(20) == record["split_id"]
-        estimate = _study_estimate(split.examples(20), task.labels, task.pair, record["method"])
+        estimate = _study_estimate(split.examples(20), task.labels, task.pair, record["options"])
         if record["task"] in over_counted:
             assert estimate.generator.prompt_tokens > 1.5 * record["compile_generator_prompt_tokens"]
             continue

@@ -292,7 +292,7 @@ def test_the_benchmark_runs_naive_icl_and_prompt_mii_on_a_multi_label_task(tmp_p
 
     out = tmp_path / "out"
     config = RunConfig(out=out, tasks=[data], n_values=[10], methods=["naive", "icl", "promptmii_zero"], test_rows=30,
-                       constrained="json_schema", progress=False, budgets=Budgets())
+                       follower_style="json_schema", progress=False, budgets=Budgets())
     summary = run_benchmark(config, Endpoints(follower=endpoint(follower), generator=endpoint(generator)))
     assert summary.status == "finished"
     records = {r["method"]: r for r in read_records(out)}

@@ -6,6 +6,9 @@ import copy
 import enum
 import json
 import logging
+import re
+import time
+import warnings
 from typing import Literal
 
 import dspy
@@ -13,6 +16,7 @@ import pytest
 from fakes import fake_lm, word_count
 
 from dspy_promptmii import GenerationError, PromptBudgetError, PromptMIIOptimizer, choose_template
+from dspy_promptmii.generation import BUDGET_MARGIN, DEFAULT_MAX_INSTRUCTION_TOKENS
 from dspy_promptmii.protocol import TEMPLATES, build_meta_prompt, format_line, task_notes
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.task import classification_tasks, signature_task
@@ -99,13 +103,44 @@ def test_without_a_budget_the_generator_gets_1024_tokens_and_no_length_rule():
     assert "words" not in engine.prompt(0)
 
 
-def test_generator_settings_can_be_changed():
+def test_generator_settings_are_the_lms_own_as_in_dspy():
     lm, engine = fake_lm([REPLY])
-    PromptMIIOptimizer(generator_lm=lm, temperature=0.7, max_tokens=300, generation_kwargs={"top_p": 0.9}).compile(
-        dspy.Predict(Sentiment), trainset=sentiment_trainset()
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        optimizer = PromptMIIOptimizer(generator_lm=lm.copy(temperature=0.7, max_tokens=300, top_p=0.9))
+    optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset())
     config = engine.configs[0]
     assert (config.temperature, config.max_tokens, config.top_p) == (0.7, 300, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "replacement"),
+    [
+        ({"temperature": 0.7}, "generator_lm.copy(temperature=0.7)"),
+        ({"max_tokens": 300}, "generator_lm.copy(max_tokens=300)"),
+        ({"generation_kwargs": {"top_p": 0.9}}, "generator_lm.copy(**generation_kwargs)"),
+    ],
+)
+def test_generator_settings_given_to_the_optimizer_are_deprecated_and_still_applied(kwargs, replacement):
+    lm, engine = fake_lm([REPLY], temperature=0.2, max_tokens=900)  # the option still wins over the LM's own
+    with pytest.warns(DeprecationWarning, match=re.escape(replacement)) as caught:
+        optimizer = PromptMIIOptimizer(generator_lm=lm, **kwargs)
+    assert caught[0].filename == __file__  # the warning points at the caller
+    optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset())
+    config = engine.configs[0]
+    expected = {"temperature": 0.2, "max_tokens": 900, "top_p": None, **kwargs, **kwargs.get("generation_kwargs", {})}
+    assert (config.temperature, config.max_tokens, getattr(config, "top_p", None)) == (
+        expected["temperature"], expected["max_tokens"], expected["top_p"]
+    )
+
+
+def test_the_instruction_budget_caps_the_reply_only_when_the_lm_sets_no_limit():
+    lm, engine = fake_lm([REPLY, REPLY])
+    PromptMIIOptimizer(generator_lm=lm).compile(dspy.Predict(Sentiment), trainset=sentiment_trainset())
+    PromptMIIOptimizer(generator_lm=lm.copy(max_tokens=500)).compile(
+        dspy.Predict(Sentiment), trainset=sentiment_trainset()
+    )
+    assert [c.max_tokens for c in engine.configs] == [DEFAULT_MAX_INSTRUCTION_TOKENS + BUDGET_MARGIN, 500]
 
 
 def test_generator_from_dspy_settings_when_not_given():
@@ -524,7 +559,9 @@ def test_budget_too_small_for_one_example_is_a_budget_error():
 def test_report_on_optimizer_and_program():
     lm, engine = fake_lm([REPLY], model="openai/qwen2.5-7b", usage=(321, 54))
     optimizer = PromptMIIOptimizer(generator_lm=lm, n=5)
+    started = time.perf_counter()
     compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset(12))
+    wall = time.perf_counter() - started
     assert compiled.promptmii_report == optimizer.report
     (report,) = optimizer.report
     assert report["predictor"] == "self"
@@ -538,7 +575,7 @@ def test_report_on_optimizer_and_program():
     assert report["completion_tokens"] == 54
     assert report["cached"] is False
     assert report["truncated"] is False
-    assert isinstance(report["seconds"], float) and report["seconds"] >= 0
+    assert isinstance(report["seconds"], float) and 0 <= report["seconds"] <= wall + 0.001  # rounded to 3 places
     assert report["instruction"] == INSTRUCTION == compiled.signature.instructions
     assert report["raw_reply"] == REPLY
     assert json.loads(json.dumps(compiled.promptmii_report)) == optimizer.report
@@ -546,8 +583,8 @@ def test_report_on_optimizer_and_program():
 
 def test_a_reply_cut_at_the_token_limit_loses_its_unfinished_last_line():
     reply = "Decide whether the review is positive or negative.\nPraise means pos.\n- Sarcasm can look like"
-    lm, _ = fake_lm([reply], usage=(100, 64), finish_reason="length")
-    optimizer = PromptMIIOptimizer(generator_lm=lm, n=5, max_tokens=64)
+    lm, _ = fake_lm([reply], usage=(100, 64), finish_reason="length", max_tokens=64)
+    optimizer = PromptMIIOptimizer(generator_lm=lm, n=5)
     compiled = optimizer.compile(dspy.Predict(Sentiment), trainset=sentiment_trainset(8))
     assert optimizer.report[0]["truncated"] is True
     assert optimizer.report[0]["finish_reason"] == "length"

@@ -9,7 +9,7 @@ from dspy_promptmii.protocol import (
     TEMPLATES,
     build_meta_prompt,
     check_template,
-    clean_instruction,
+    clean_reply,
     field_title,
     follower_prompt,
     format_line,
@@ -133,16 +133,16 @@ BODY = "Classify the sentiment of the review."
         "Instruction:\n```\n\"" + BODY + "\"\n```\n" + FORMAT_POS_NEG,
     ],
 )
-def test_clean_instruction_removes_wrapping(reply):
-    assert clean_instruction(reply) == BODY
+def test_clean_reply_removes_wrapping(reply):
+    assert clean_reply(reply).text == BODY
 
 
-def test_clean_instruction_cuts_a_copied_pair_example_by_field_name():
+def test_clean_reply_cuts_a_copied_pair_example_by_field_name():
     reply = "Decide whether the hypothesis follows.\n\nPremise: A dog runs.\nHypothesis: An animal moves.\nLabel: yes"
-    assert clean_instruction(reply, ("premise", "hypothesis")) == "Decide whether the hypothesis follows."
+    assert clean_reply(reply, ("premise", "hypothesis")).text == "Decide whether the hypothesis follows."
 
 
-def test_clean_instruction_keeps_a_normal_multi_paragraph_instruction():
+def test_clean_reply_keeps_a_normal_multi_paragraph_instruction():
     text = (
         "These guidelines explain how to label movie reviews.\n\n"
         "A review is positive when the writer recommends the film or praises it overall; "
@@ -151,24 +151,24 @@ def test_clean_instruction_keeps_a_normal_multi_paragraph_instruction():
         "- Sarcastic praise counts as negative.\n\n"
         "Answer with the label only."
     )
-    assert clean_instruction(text) == text
-    assert clean_instruction("  \n" + text + "\n\n") == text
+    assert clean_reply(text).text == text
+    assert clean_reply("  \n" + text + "\n\n").text == text
 
 
-def test_clean_instruction_keeps_a_title_like_first_sentence_without_header_form():
+def test_clean_reply_keeps_a_title_like_first_sentence_without_header_form():
     # Names a header word ("prompt") but is neither a colon line, a heading, bold, nor "Here is".
     text = "Classify each prompt as positive or negative\nLook at the verbs."
-    assert clean_instruction(text) == text
+    assert clean_reply(text).text == text
 
 
-def test_clean_instruction_keeps_an_illustrative_example_followed_by_prose():
+def test_clean_reply_keeps_an_illustrative_example_followed_by_prose():
     text = "Label the mood.\nFor example:\nInput: great film\nLabel: positive\nPraise means positive."
-    assert clean_instruction(text) == text
+    assert clean_reply(text).text == text
 
 
-def test_clean_instruction_cuts_only_the_trailing_copy_of_examples():
+def test_clean_reply_cuts_only_the_trailing_copy_of_examples():
     text = "Label the mood.\nInput: a\nLabel: positive\nPraise means positive.\n\nInput: b\nLabel: negative"
-    assert clean_instruction(text) == "Label the mood.\nInput: a\nLabel: positive\nPraise means positive."
+    assert clean_reply(text).text == "Label the mood.\nInput: a\nLabel: positive\nPraise means positive."
 
 
 SHOWN = [
@@ -178,41 +178,41 @@ SHOWN = [
 LABELS = ["PlayMusic", "RateBook", "SearchCreativeWork"]
 
 
-def test_clean_instruction_cuts_a_markdown_copy_of_the_shown_examples():
+def test_clean_reply_cuts_a_markdown_copy_of_the_shown_examples():
     reply = (
         "Label each request with its intent.\n\nExamples:\n\n"
         "1. **give four stars to What the Day Owes the Night**\n   - **Label**: RateBook\n\n"
         "2. **SearchCreativeWork**\n\n3. **play some jazz**"
     )
-    assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == "Label each request with its intent."
+    assert clean_reply(reply, examples=SHOWN, labels=LABELS).text == "Label each request with its intent."
     # Without knowing what was shown, the numbered copy is not recognised as one.
-    assert clean_instruction(reply) != "Label each request with its intent."
+    assert clean_reply(reply).text != "Label each request with its intent."
     annotated = (
         "Label each request with its intent.\n"
         "1. **give four stars to What the Day Owes the Night**:\n   - **Label**: RateBook\n"
         "   - **Reason**: it rates a book.\n2. **play some jazz**:\n   - **Reason**: music."
     )
-    assert clean_instruction(annotated, examples=SHOWN, labels=LABELS) == "Label each request with its intent."
+    assert clean_reply(annotated, examples=SHOWN, labels=LABELS).text == "Label each request with its intent."
 
 
-def test_clean_instruction_drops_headings_left_with_nothing_after_them():
+def test_clean_reply_drops_headings_left_with_nothing_after_them():
     reply = "Label the intent.\n\n#### Examples\n1. **find me a table for two**:"
-    assert clean_instruction(reply) == "Label the intent."
-    assert clean_instruction("Intents:") == "Intents:"  # never to nothing
+    assert clean_reply(reply).text == "Label the intent."
+    assert clean_reply("Intents:").text == "Intents:"  # never to nothing
 
 
-def test_clean_instruction_keeps_a_closing_list_of_label_names():
+def test_clean_reply_keeps_a_closing_list_of_label_names():
     reply = "Label each request with its intent.\nThe intents:\n- PlayMusic\n- RateBook\n- SearchCreativeWork"
-    assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == reply
+    assert clean_reply(reply, examples=SHOWN, labels=LABELS).text == reply
 
 
-def test_clean_instruction_drops_lines_that_repeat_earlier_ones():
+def test_clean_reply_drops_lines_that_repeat_earlier_ones():
     looping = (
         "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n3. Avoid X.\n4. Prefer Y.\n"
         "- **Avoid X.**\n- Avoid  x.\n\n\n\nWatch Z."
     )
     expected = "Label the intent.\n\nRules:\n1. Avoid X.\n2. Prefer Y.\n- **Avoid X.**\n\nWatch Z."
-    assert clean_instruction(looping) == expected
+    assert clean_reply(looping).text == expected
 
 
 @pytest.mark.parametrize(
@@ -225,8 +225,8 @@ def test_clean_instruction_drops_lines_that_repeat_earlier_ones():
         "Make the call from the first sentence; reviews under 30 words are usually negative.",
     ],
 )
-def test_clean_instruction_keeps_sentences_meant_for_the_follower(reply):
-    assert clean_instruction(reply, examples=SHOWN, labels=LABELS) == reply
+def test_clean_reply_keeps_sentences_meant_for_the_follower(reply):
+    assert clean_reply(reply, examples=SHOWN, labels=LABELS).text == reply
 
 
 @pytest.mark.parametrize(
@@ -238,31 +238,31 @@ def test_clean_instruction_keeps_sentences_meant_for_the_follower(reply):
         '"Label each request with its intent.\\nPlayMusic asks for a song."',
     ],
 )
-def test_clean_instruction_unwraps_an_instruction_sent_as_json(reply):
-    assert clean_instruction(reply) == "Label each request with its intent.\nPlayMusic asks for a song."
+def test_clean_reply_unwraps_an_instruction_sent_as_json(reply):
+    assert clean_reply(reply).text == "Label each request with its intent.\nPlayMusic asks for a song."
 
 
-def test_clean_instruction_keeps_json_that_holds_no_single_instruction():
+def test_clean_reply_keeps_json_that_holds_no_single_instruction():
     reply = '{"PlayMusic": "asks for a song", "RateBook": "gives a score"}'
-    assert clean_instruction(reply) == reply
+    assert clean_reply(reply).text == reply
 
 
-def test_clean_instruction_cuts_a_one_paragraph_reply_at_its_last_full_sentence_when_truncated():
+def test_clean_reply_cuts_a_one_paragraph_reply_at_its_last_full_sentence_when_truncated():
     reply = "Label the intent. PlayMusic asks for a song. When the user men"
-    assert clean_instruction(reply, truncated=True) == "Label the intent. PlayMusic asks for a song."
-    assert clean_instruction(reply) == reply
+    assert clean_reply(reply, truncated=True).text == "Label the intent. PlayMusic asks for a song."
+    assert clean_reply(reply).text == reply
 
 
-def test_clean_instruction_drops_an_unfinished_last_line_only_when_truncated():
+def test_clean_reply_drops_an_unfinished_last_line_only_when_truncated():
     reply = "Label the intent.\nGet the weather for weather questions.\n- Overlapping: avoid the same"
-    assert clean_instruction(reply, truncated=True) == "Label the intent.\nGet the weather for weather questions."
-    assert clean_instruction(reply) == reply
-    assert clean_instruction("Label the intent and", truncated=True) == "Label the intent and"  # never to nothing
+    assert clean_reply(reply, truncated=True).text == "Label the intent.\nGet the weather for weather questions."
+    assert clean_reply(reply).text == reply
+    assert clean_reply("Label the intent and", truncated=True).text == "Label the intent and"  # never to nothing
 
 
 @pytest.mark.parametrize("reply", [None, "", "   ", "Instruction:", "```\n```", '""', "**Guidelines**\n\n"])
-def test_clean_instruction_empty_when_nothing_is_left(reply):
-    assert clean_instruction(reply) == ""
+def test_clean_reply_empty_when_nothing_is_left(reply):
+    assert clean_reply(reply).text == ""
 
 
 # --- label parsing ------------------------------------------------------------------

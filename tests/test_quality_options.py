@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dspy
 import httpx
 import pytest
 from fakes import fake_lm, message_texts
+from support.reviews import GOOD, Review, reviews
 
 from dspy_promptmii import LabelAdapter, PromptMIIOptimizer
 from dspy_promptmii.data import TaskData
@@ -49,20 +50,8 @@ LIBRARY = [
 ]
 
 
-class Review(dspy.Signature):
-    text: str = dspy.InputField()
-    label: Literal["pos", "neg"] = dspy.OutputField()
 
 
-def reviews(n: int) -> list[dspy.Example]:
-    return [
-        dspy.Example(text=f"review {i}: {'loved it' if i % 2 else 'hated it'}", label="pos" if i % 2 else "neg")
-        .with_inputs("text")
-        for i in range(n)
-    ]
-
-
-GOOD = "Praise means pos; complaints mean neg."
 
 
 # --- exemplars ---------------------------------------------------------------------------
@@ -70,8 +59,8 @@ GOOD = "Praise means pos; complaints mean neg."
 
 def test_exemplars_are_the_most_similar_library_entries() -> None:
     chosen = select_exemplars(LIBRARY, ["pos", "neg"], ["loved the film", "hated the acting"], 2)
-    assert [e["task"] for e in chosen] == ["movie_sentiment", "voice_intents"] or chosen[0]["task"] == "movie_sentiment"
-    assert chosen[0]["similarity"] >= chosen[1]["similarity"]
+    assert len(chosen) == 2 and chosen[0]["task"] == "movie_sentiment"  # the review task is the closest
+    assert chosen[0]["similarity"] > chosen[1]["similarity"]
     assert select_exemplars(LIBRARY, ["pos"], ["x"], 0) == []
     assert len(select_exemplars(LIBRARY, ["pos"], ["x"], 10)) == len(LIBRARY)
     intents = select_exemplars(LIBRARY, ["GetWeather", "PlayMusic"], ["will it rain in Oslo"], 1)
@@ -100,8 +89,13 @@ def test_exemplars_need_a_template_with_the_placeholder_and_a_readable_library(t
         PromptMIIOptimizer(exemplars=1, library=LIBRARY, template="Labels {label_names}\n{examples}")
     broken = tmp_path / "library.json"
     broken.write_text('{"entries": [{"task": "x"}]}', encoding="utf-8")
-    with pytest.raises(ValueError, match="entry 0 has no labels, instruction"):
-        PromptMIIOptimizer(exemplars=1, library=broken)
+    # The constructor reads no file; compile (and estimate) read it before any LM call.
+    lm, engine = fake_lm([GOOD])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, exemplars=1, library=broken)
+    for step in (optimizer.compile, optimizer.estimate):
+        with pytest.raises(ValueError, match="entry 0 has no labels, instruction"):
+            step(dspy.Predict(Review), trainset=reviews(4))
+    assert engine.calls == 0
     with pytest.raises(TypeError, match="exemplars"):
         PromptMIIOptimizer(exemplars="2")
 
@@ -363,11 +357,11 @@ def test_validation_rows_leave_out_duplicates_of_shown_rows_and_shown_valset_row
     from dspy_promptmii.task import signature_task
 
     task = signature_task(Review, "p")
-    labelled = task.examples(reviews(6) * 3)
+    labelled = task.labelled_examples(reviews(6) * 3)
     shown = select_examples(labelled, 6, 0)
     rows, _ = validation_rows(labelled, shown, 20, 0)
     assert rows and not [row for row in rows if row in shown]
-    valset = task.examples(reviews(10))
+    valset = task.labelled_examples(reviews(10))
     rows, where = validation_rows(labelled, shown, 20, 0, valset)
     assert not [row for row in rows if row in shown] and "did not see" in where
 
@@ -378,7 +372,7 @@ def test_validation_on_shown_rows_takes_at_most_val_size_of_them() -> None:
     from dspy_promptmii.task import signature_task
 
     task = signature_task(Review, "p")
-    labelled = task.examples(reviews(12))
+    labelled = task.labelled_examples(reviews(12))
     shown = select_examples(labelled, 12, 0)  # the generator saw every row
     rows, where = validation_rows(labelled, shown, 6, 0)
     assert rows == select_examples(shown, 6, 1)  # seeded (seed + 1, as for unseen rows), stratified
@@ -406,11 +400,11 @@ def test_a_library_list_is_checked_like_a_file() -> None:
 
 
 def test_quotes_around_two_words_are_not_a_wrapping_pair() -> None:
-    from dspy_promptmii.protocol import clean_instruction
+    from dspy_promptmii.protocol import clean_reply
 
     reply = '"pos" means the reviewer liked it.\nAnything else is "neg"'
-    assert clean_instruction(reply, labels=["pos", "neg"]) == reply
-    assert clean_instruction('"Label praise as pos."') == "Label praise as pos."
+    assert clean_reply(reply, labels=["pos", "neg"]).text == reply
+    assert clean_reply('"Label praise as pos."').text == "Label praise as pos."
 
 
 def test_candidates_are_scored_by_the_follower_with_the_demos_the_program_keeps() -> None:
@@ -450,7 +444,9 @@ def test_a_candidate_the_follower_cannot_take_is_scored_as_failed() -> None:
     with dspy.context(adapter=LabelAdapter()):
         optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
     report = optimizer.report[0]
-    assert report["chosen"] == 0 and "failed" in report["candidates"][1]["score"]
+    failed = report["candidates"][1]
+    assert report["chosen"] == 0 and failed["score"] is None and "context length exceeded" in failed["failed"]
+    assert report["candidates"][0]["score"]["macro_f1"] >= 0 and "failed" not in report["candidates"][0]
 
 
 def test_sampled_candidates_of_a_model_without_temperature_are_reported_as_not_sampled() -> None:

@@ -230,7 +230,7 @@ def test_the_reward_never_logs_or_returns_a_key_that_a_401_body_echoes(caplog):
 def config(data_dir: Path, out: Path, **changes) -> RunConfig:
     settings = dict(
         out=out, tasks=resolve_tasks(data_dir), n_values=[4], methods=["naive"], test_rows=20,
-        constrained=False, progress=False,
+        follower_style="none", progress=False,
     )
     return RunConfig(**{**settings, **changes})
 

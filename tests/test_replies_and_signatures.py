@@ -20,7 +20,6 @@ from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
 from dspy_promptmii.protocol import (
     LABEL_MARKER,
     Protocol,
-    clean_instruction,
     clean_reply,
     format_line,
     label_list,
@@ -55,7 +54,7 @@ def test_reasoning_blocks_are_removed_from_generator_replies(reply: str) -> None
 
 def test_a_reply_cut_off_while_thinking_leaves_nothing() -> None:
     assert strip_reasoning("<think>the model never stopped thinking and") == ""
-    assert clean_instruction(f"{BODY}\n<think>second thoughts that never") == BODY
+    assert clean_reply(f"{BODY}\n<think>second thoughts that never").text == BODY
 
 
 @pytest.mark.parametrize(
@@ -86,8 +85,8 @@ def test_cleaning_keeps_every_sentence_of_the_instruction() -> None:
         "- A review that praises and then pans counts by its ending.\n"
         "- Sarcasm is negative"
     )
-    assert clean_instruction(text) == text  # not truncated: the last line stays
-    assert clean_instruction(text, truncated=True) == text.rsplit("\n", 1)[0]
+    assert clean_reply(text).text == text  # not truncated: the last line stays
+    assert clean_reply(text, truncated=True).text == text.rsplit("\n", 1)[0]
 
 
 def test_copies_of_shown_inputs_are_dropped_anywhere_and_measured() -> None:
@@ -388,15 +387,30 @@ def test_a_template_file_is_read_and_checked(tmp_path: Path) -> None:
     good.write_text("Labels: {label_names}\n\n{examples}\n\nWrite the instruction.", encoding="utf-8")
     text, source = load_template(str(good))
     assert text.startswith("Labels: {label_names}") and source == f"file:{good}"
-    optimizer = PromptMIIOptimizer(template=good)
-    assert optimizer.template == text and Protocol.from_dict(optimizer.protocol.to_dict()) == optimizer.protocol
+    lm, engine = fake_lm([REPLY, REPLY])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, template=good)
+    good.write_text("Labels now: {label_names}\n\n{examples}\n\nWrite it.", encoding="utf-8")  # read when used
+    optimizer.compile(dspy.Predict(Review), trainset=TRAIN)
+    assert engine.prompt(0).startswith("Labels now: ")
+    assert optimizer.template.startswith("Labels now: ")
+    assert Protocol.from_dict(optimizer.protocol.to_dict()) == optimizer.protocol
 
     lacking = tmp_path / "lacking.txt"
     lacking.write_text("Write an instruction for {label_names}.", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"lacking.txt: the template is missing the placeholder\(s\) \{examples\}"):
-        PromptMIIOptimizer(template=str(lacking))
-    with pytest.raises(ValueError, match="is not an existing file"):
-        PromptMIIOptimizer(template=str(tmp_path / "missing.txt"))
+    missing = tmp_path / "missing.txt"
+    for path, message in (
+        (lacking, r"lacking.txt: the template is missing the placeholder\(s\) \{examples\}"),
+        (missing, "is not an existing file"),
+    ):
+        lm, engine = fake_lm([REPLY])
+        optimizer = PromptMIIOptimizer(generator_lm=lm, template=str(path))  # nothing read here
+        with pytest.raises(ValueError, match=message):
+            optimizer.compile(dspy.Predict(Review), trainset=TRAIN)
+        with pytest.raises(ValueError, match=message):
+            optimizer.estimate(dspy.Predict(Review), TRAIN)
+        assert engine.calls == 0  # raised before any LM call
+    with pytest.raises(ValueError, match="is not an existing file"):  # the same error as Protocol's
+        Protocol(template=str(missing))
     with pytest.raises(ValueError, match="either template= or protocol="):
         PromptMIIOptimizer(template="meta1", protocol=Protocol())
 

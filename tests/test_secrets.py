@@ -161,7 +161,7 @@ def test_a_benchmark_stores_and_logs_no_credential(data_dir, tmp_path, provider,
     follower = Endpoint(keyed_lm(provider), "hosted_vllm/m", None, None, "json_schema")
     config = RunConfig(
         out=tmp_path / "out", tasks=resolve_tasks(data_dir), n_values=[4], methods=["naive", "promptmii_zero"],
-        test_rows=6, constrained=False, progress=False,
+        test_rows=6, follower_style="none", progress=False,
     )
     run_benchmark(config, Endpoints(follower=follower, generator=follower))
 

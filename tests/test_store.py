@@ -89,7 +89,7 @@ def endpoints(**follower) -> Endpoints:
 def config(data_dir: Path, out: Path, **overrides) -> RunConfig:
     values = dict(
         out=out, tasks=resolve_tasks(data_dir), n_values=[4], methods=["naive", "icl"], test_rows=6,
-        constrained=False, progress=False,
+        follower_style="none", progress=False,
     )
     values.update(overrides)
     return RunConfig(**values)

@@ -256,7 +256,7 @@ def test_build_rejects_bad_config() -> None:
         BuildConfig(sampling="nope")
     with pytest.raises(ValueError, match="placeholder"):
         BuildConfig(template="no placeholders here")
-    with pytest.raises(ValueError, match="max_instruction_tokens must be a positive integer or None"):
+    with pytest.raises(ValueError, match="max_instruction_tokens must be an integer >= 1 or None"):
         BuildConfig(max_instruction_tokens=-5)
     assert BuildConfig(max_instruction_tokens=None).max_instruction_tokens is None
 

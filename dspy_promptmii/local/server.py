@@ -32,8 +32,8 @@ __all__ = ["LocalServer", "ServerError", "FOLLOWER_STYLE", "DEFAULT_N_CTX", "DEF
 
 #: The follower's decoding style on the embedded server (see LabelAdapter and
 #: :mod:`dspy_promptmii.local.label_server`): the label read off the log-probabilities,
-#: no generation. Chosen by benchmarks/results/styles-choice-2026-12-05 (as accurate as
-#: ``json_object`` on the style study's tasks) and the speed run beside it (faster).
+#: no generation. Chosen on benchmarks/results/styles-choice-2026-12-05 and
+#: benchmarks/results/speed-2026-12-05 (the figures are there and in README).
 FOLLOWER_STYLE = "choice"
 #: OpenMP wait policies a server can be given (``None``: OpenMP's own default).
 WAIT_POLICIES = (None, "active", "passive")

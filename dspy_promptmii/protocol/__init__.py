@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-from dspy_promptmii.protocol.clean import Cleaned, clean_instruction, clean_reply, strip_reasoning, unknown_labels
+from dspy_promptmii.params import SHARED, check_params
+from dspy_promptmii.protocol.clean import Cleaned, clean_reply, strip_reasoning, unknown_labels
 from dspy_promptmii.protocol.parse import normalize_label, parse_label, parse_labels
 from dspy_promptmii.protocol.render import (
     DEMO_STYLES,
@@ -67,6 +68,7 @@ from dspy_promptmii.protocol.templates import (
     length_rule,
     load_template,
     naive_instruction,
+    names_a_file,
     render_exemplars,
     task_notes,
     template_text,
@@ -103,6 +105,7 @@ __all__ = [
     "render_field_descriptions",
     "check_template",
     "load_template",
+    "names_a_file",
     "template_text",
     "task_notes",
     "length_rule",
@@ -110,7 +113,6 @@ __all__ = [
     "build_meta_prompt",
     "strip_reasoning",
     "clean_reply",
-    "clean_instruction",
     "unknown_labels",
     "follower_prompt",
     "follower_messages",
@@ -186,12 +188,7 @@ class Protocol:
         if constrained is not False and constrained not in CONSTRAINED_STYLES:
             raise ValueError(f"constrained must be False, True or one of {CONSTRAINED_STYLES}, got {constrained!r}")
         object.__setattr__(self, "constrained", constrained)
-        if self.reply_limit is not None and (
-            isinstance(self.reply_limit, bool) or not isinstance(self.reply_limit, int) or self.reply_limit < 1
-        ):
-            raise ValueError(f"reply_limit must be a positive integer or None, got {self.reply_limit!r}")
-        if self.temperature is not None and (isinstance(self.temperature, bool) or self.temperature < 0):
-            raise ValueError(f"temperature must be a non-negative number or None, got {self.temperature!r}")
+        check_params({"reply_limit": self.reply_limit, "temperature": self.temperature}, SHARED)
 
     # -- the generator side -------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from dspy_promptmii.protocol.render import Example, field_title
 
-__all__ = ["Cleaned", "strip_reasoning", "clean_reply", "clean_instruction", "unknown_labels"]
+__all__ = ["Cleaned", "strip_reasoning", "clean_reply", "unknown_labels"]
 
 _REASONING_TAGS = r"think|thinking|thought|reasoning|reflection"
 _CLOSED_BLOCK = re.compile(rf"<({_REASONING_TAGS})>.*?</\1\s*>", re.DOTALL | re.IGNORECASE)
@@ -309,20 +309,6 @@ def clean_reply(
         reasoning_removed=reasoning_removed,
         truncated_line_removed=truncated_line_removed,
     )
-
-
-def clean_instruction(
-    reply: str | None,
-    field_names: Sequence[str] = ("text",),
-    *,
-    truncated: bool = False,
-    examples: Sequence[Example] = (),
-    labels: Sequence[Any] = (),
-) -> str:
-    """The instruction text of a generator's reply (:func:`clean_reply`'s ``text``);
-    ``""`` when nothing is left."""
-    return clean_reply(reply, field_names, truncated=truncated, examples=examples, labels=labels).text
-
 
 
 # CamelCase (GetWeather) or snake_case (not_equivalent) names: how label names look.

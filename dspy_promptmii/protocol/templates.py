@@ -45,6 +45,7 @@ __all__ = [
     "OPTIONAL_PLACEHOLDERS",
     "check_template",
     "load_template",
+    "names_a_file",
     "template_text",
     "task_notes",
     "length_rule",
@@ -176,6 +177,20 @@ def check_template(template: str) -> None:
         )
 
 
+def names_a_file(template: Any) -> bool:
+    """Whether :func:`load_template` reads ``template`` from a file: a path, or a string
+    that is neither a built-in name, ``"auto"``, nor a template text (with a placeholder)."""
+    if isinstance(template, os.PathLike):
+        return True
+    return (
+        isinstance(template, str)
+        and template not in TEMPLATES
+        and template != "auto"
+        and "{examples}" not in template
+        and "{label_names}" not in template
+    )
+
+
 def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     """Resolve what a user passed as ``template`` into (template, source).
 
@@ -191,17 +206,14 @@ def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     Raises ``ValueError`` when the argument is none of these (naming the missing file or
     placeholders), ``TypeError`` when it is not a string or path.
     """
-    if isinstance(template, os.PathLike):
-        path = Path(template)
-    elif isinstance(template, str):
+    if not isinstance(template, (str, os.PathLike)):
+        raise TypeError(f"template must be a template name, a template text or a path, got {type(template).__name__}")
+    if not names_a_file(template):
         if template in TEMPLATES or template == "auto":
             return template, "built-in"
-        if "{examples}" in template or "{label_names}" in template:
-            check_template(template)
-            return template, "text"
-        path = Path(template).expanduser()
-    else:
-        raise TypeError(f"template must be a template name, a template text or a path, got {type(template).__name__}")
+        check_template(template)
+        return template, "text"
+    path = Path(template).expanduser()
     if not path.is_file():
         raise ValueError(
             f"template {str(template)!r} is not a built-in name ({', '.join(TEMPLATES)}) or 'auto', holds no "
