@@ -155,14 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--adapter", choices=["label", "chat"], default="label", help="follower prompt shape (default label)"
     )
-    run.add_argument(
+    decoding = run.add_mutually_exclusive_group()
+    decoding.add_argument(
         "--constrained",
         choices=["auto", "none", *CONSTRAINED_STYLES],
         default="auto",
         help="constrained decoding of the follower's label with LabelAdapter (default auto: the follower "
         "endpoint's default style)",
     )
-    run.add_argument("--no-constrained", action="store_true", help="same as --constrained none")
+    decoding.add_argument("--no-constrained", action="store_true", help="same as --constrained none")
     run.add_argument("--n-ctx", type=positive_int, default=None, help="context size of the local server (default 8192)")
     run.add_argument(
         "--n-threads",

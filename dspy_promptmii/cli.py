@@ -385,8 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="label",
         help="follower prompt: the compact LabelAdapter (default) or DSPy's ChatAdapter",
     )
-    demo.add_argument("--no-constrained", action="store_true", help="no constrained decoding with LabelAdapter")
-    demo.add_argument(
+    decoding = demo.add_mutually_exclusive_group()
+    decoding.add_argument("--no-constrained", action="store_true", help="no constrained decoding with LabelAdapter")
+    decoding.add_argument(
         "--constrained",
         choices=CONSTRAINED_STYLES,
         default=None,

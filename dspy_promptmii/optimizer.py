@@ -271,7 +271,7 @@ class PromptMIIOptimizer(Teleprompter):
                 is not a list or tuple of ``dspy.Example``/dict, or an unexpected keyword
                 argument.
             ValueError: no generator LM (or, with ``candidates`` > 1, no follower LM); an
-                empty trainset, an example missing a field or with a label outside the
+                empty trainset or valset, an example missing a field or with a label outside the
                 label set (named by index); a program with no classification predictor,
                 or one the protocol cannot render (e.g. a label spanning lines); a
                 library that cannot be read.

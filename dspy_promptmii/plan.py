@@ -50,13 +50,16 @@ def as_examples(rows: Sequence[LabelledExample], task: ClassificationTask) -> li
 
 def check_call(student: Any, trainset: Any, valset: Any) -> None:
     """Raise ``TypeError`` naming a student that is not a ``dspy.Module`` or a trainset
-    (valset) that is not a list or tuple."""
+    (valset) that is not a list or tuple, and ``ValueError`` for an empty valset (None,
+    not an empty list, means "no valset")."""
     if not isinstance(student, dspy.Module):
         raise TypeError(f"student must be a dspy.Module (e.g. dspy.Predict(...)), got {type(student).__name__}")
     if not isinstance(trainset, (list, tuple)):
         raise TypeError(f"trainset must be a list of dspy.Example, got {type(trainset).__name__}")
     if valset is not None and not isinstance(valset, (list, tuple)):
         raise TypeError(f"valset must be a list of dspy.Example or None, got {type(valset).__name__}")
+    if valset is not None and not valset:
+        raise ValueError("valset is empty: pass None to score candidates on trainset rows the generator did not see")
 
 
 def make_plans(

@@ -4,10 +4,13 @@ with the naive instruction, as a reference), scores each by the protocol's macro
 keeps the best (ties: the shorter instruction, then the earlier candidate).
 
 Error contract, written once here: scoring one candidate either gives a :class:`Score`
-or raises :class:`CandidateFailed` (some validation row raised: an LM call that failed,
-a context overflow); a failed candidate is reported with its error and is never chosen.
-When every candidate failed, :meth:`Selector.choose` raises :class:`SelectionError`.
-Anything else (a bug, an interrupt) propagates unchanged.
+or raises :class:`CandidateFailed` (an LM call on some validation row raised: a server
+gone, a context overflow, whatever the LM client raises); a failed candidate is reported
+with its error and is never chosen. When every candidate failed, :meth:`Selector.choose`
+raises :class:`SelectionError` (chained to the first failure). A row that fails although
+its LM call did not (the adapter's or the program's code) raises the
+:class:`~dspy_promptmii.evaluation.IncompleteEvaluation` itself: a bug is never a failed
+candidate. Anything else (an interrupt) propagates unchanged.
 """
 
 from __future__ import annotations
@@ -181,13 +184,17 @@ def score_candidate(
     """The follower's scores for ``predictor`` (its demos kept) with ``instruction``.
 
     Raises:
-        CandidateFailed: some row raised (the evaluation has no score).
+        CandidateFailed: some LM call raised on a row (the evaluation has no score).
+        IncompleteEvaluation: some row raised outside the LM call (in the adapter or the
+            program: a bug, never a failed candidate).
     """
     program = predictor.deepcopy()
     program.signature = program.signature.with_instructions(instruction)
     try:
         result = evaluate(program, rows, lm=lm, adapter=adapter, progress=False)
     except IncompleteEvaluation as error:
+        if error.evaluation.errors > error.evaluation.lm_errors:
+            raise  # a row failed although its LM call did not: not the candidate's failure
         raise CandidateFailed(str(error), calls=error.evaluation.calls) from error
     return Score(
         macro_f1=round(result.macro_f1, 4),
@@ -278,6 +285,7 @@ class Selector:
         scorer.demos = list(plan.demos) if plan.demos is not None else list(plan.predictor.demos)
         scored: dict[int, Candidate] = {}
         calls = 0
+        first_failure: CandidateFailed | None = None
         for candidate in scorable:
             try:
                 score = score_candidate(scorer, candidate.instruction, examples, lm=follower, adapter=self.adapter)
@@ -286,13 +294,16 @@ class Selector:
                                plan.name, candidate.index, error)
                 scored[candidate.index] = replace(candidate, failed=str(error))
                 calls += error.calls
+                first_failure = first_failure or error
                 continue
             scored[candidate.index] = replace(candidate, score=score)
             calls += score.calls
         every = tuple(scored.get(c.index, c) for c in candidates)
         if all(c.failed is not None for c in scored.values()):
             first = next(iter(scored.values())).failed
-            raise SelectionError(f"predictor {plan.name!r}: the follower failed on every candidate; first: {first}")
+            raise SelectionError(
+                f"predictor {plan.name!r}: the follower failed on every candidate; first: {first}"
+            ) from first_failure
         return Choice(best_candidate(every), every, validation, calls)
 
     def estimate(

@@ -365,6 +365,16 @@ def test_subcommand_help(capsys, command):
     assert capsys.readouterr().out.startswith(f"usage: promptmii {' '.join(command)}")
 
 
+def test_conflicting_decoding_flags_are_a_usage_error(capsys):
+    from benchmarks import cli as benchmarks_cli
+
+    for main, argv in ((cli.main, ["demo"]), (benchmarks_cli.main, ["run"])):
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--constrained", "choice", "--no-constrained"])
+        assert exited.value.code == 2
+        assert "not allowed with argument --constrained" in capsys.readouterr().err
+
+
 def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main([])

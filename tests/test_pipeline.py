@@ -103,9 +103,29 @@ def test_every_candidate_failing_is_a_selection_error_and_the_student_is_untouch
     student = dspy.Predict(Review)
     before = student.signature.instructions
     optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4)
-    with pytest.raises(SelectionError, match="the follower failed on every candidate"):
+    with pytest.raises(SelectionError, match="the follower failed on every candidate") as caught:
         optimizer.compile(student, trainset=reviews(12))
     assert student.signature.instructions == before and optimizer.report == []
+    assert isinstance(caught.value.__cause__, CandidateFailed)  # the first failure's traceback is kept
+
+
+def test_a_bug_in_the_adapter_on_a_row_propagates_instead_of_failing_one_candidate() -> None:
+    from dspy_promptmii.adapter import LabelAdapter
+    from dspy_promptmii.evaluation import IncompleteEvaluation
+
+    class BrokenParse(LabelAdapter):  # the LM answers; the code after it breaks
+        def parse(self, signature: Any, completion: str) -> dict[str, Any]:
+            if "Other words" in str(signature.instructions):
+                raise TypeError("'NoneType' object is not subscriptable")
+            return super().parse(signature, completion)
+
+    generator, _ = fake_lm([GOOD, "Other words."])
+    follower, _ = fake_lm(_obeying, model="fake/follower", num_retries=0)
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4,
+                                   adapter=BrokenParse())
+    with pytest.raises(IncompleteEvaluation, match="TypeError") as caught:
+        optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
+    assert not isinstance(caught.value, (CandidateFailed, SelectionError))
 
 
 def test_a_bug_while_scoring_is_not_taken_for_a_failed_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,3 +249,12 @@ def test_the_adapter_takes_demo_style_and_warns_about_its_old_name() -> None:
         assert LabelAdapter(demos="turns").protocol.demo_style == "turns"
     with pytest.raises(ValueError, match="not both"):
         LabelAdapter(demo_style="turns", protocol=Protocol())
+
+
+def test_an_empty_valset_is_refused_not_taken_for_none() -> None:
+    generator, engine = fake_lm([GOOD, "Other words."])
+    follower, _ = fake_lm(_obeying, model="fake/follower")
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, candidates=2, n=4)
+    with pytest.raises(ValueError, match="valset is empty"):
+        optimizer.compile(dspy.Predict(Review), trainset=reviews(12), valset=[])
+    assert engine.calls == 0
