@@ -141,11 +141,16 @@ def _call(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any]) -> tuple[str, 
     return valid_text(text or ""), tracker.get_total_tokens().get(lm.model, {})
 
 
+#: Errors of code, not of a server: never read as a refused setting, whatever their text says.
+_PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError)
+
+
 def generate(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any], filled: set[str] = frozenset()) -> Reply:
     """One call with ``prompt`` as a single user message.
 
-    A setting named in ``filled`` that the model refuses (an error whose text names it)
-    is dropped, with a warning, and the call made once more.
+    A setting named in ``filled`` that the model refuses (an error whose text names it;
+    not an error of code such as ``TypeError``) is dropped, with a warning, and the call
+    made once more.
 
     Raises:
         Whatever the LM raises (e.g. ``dspy.utils.exceptions.LMError``), refusals of
@@ -156,6 +161,8 @@ def generate(lm: dspy.BaseLM, prompt: str, settings: dict[str, Any], filled: set
         try:
             text, usage = _call(lm, prompt, settings)
             break
+        except _PROGRAMMING_ERRORS:
+            raise  # a bug, whatever its text names: never a refused setting
         except Exception as error:
             refused = [name for name in filled if name in settings and name in str(error).lower()]
             if not refused:

@@ -426,3 +426,19 @@ def test_protocol_round_trips_through_json_and_refuses_unknown_settings(tmp_path
     with pytest.raises(ValueError, match="reply_limit"):
         Protocol(reply_limit=0)
     assert Protocol(constrained=True).constrained == "json_schema"
+
+
+def test_a_bug_that_names_a_setting_is_not_taken_for_a_refusal() -> None:
+    class Buggy(dspy.BaseLM):
+        calls = 0
+
+        def __init__(self) -> None:
+            super().__init__(model="fake/buggy")
+
+        def __call__(self, *args, **kwargs):
+            Buggy.calls += 1
+            raise TypeError("bad temperature arithmetic")
+
+    with pytest.raises(TypeError, match="bad temperature arithmetic"):
+        PromptMIIOptimizer(generator_lm=Buggy()).compile(dspy.Predict(Review), trainset=TRAIN)
+    assert Buggy.calls == 1  # not called again without temperature
