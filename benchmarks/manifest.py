@@ -157,12 +157,14 @@ def _adapter(server: Any) -> dict[str, Any] | None:
     lora = getattr(server, "lora_path", None)
     if not lora:
         return None
+    from dspy_promptmii.local.pull import sha256_file
+
     lora = Path(lora)
-    data = lora.read_bytes() if lora.is_file() else None
+    present = lora.is_file()
     return {
         "file": lora.name,
-        "bytes": len(data) if data is not None else None,
-        "sha256": hashlib.sha256(data).hexdigest() if data is not None else None,
+        "bytes": lora.stat().st_size if present else None,
+        "sha256": sha256_file(lora) if present else None,
     }
 
 

@@ -359,13 +359,13 @@ class HashCounter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        real = pull_module._sha256
+        real = pull_module.sha256_file
 
         def counting(path):
             self.calls += 1
             return real(path)
 
-        monkeypatch.setattr(pull_module, "_sha256", counting)
+        monkeypatch.setattr(pull_module, "sha256_file", counting)
 
 
 def test_pull_records_the_verified_size_mtime_and_sha(tmp_path, wheeldir):

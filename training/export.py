@@ -39,9 +39,8 @@ from typing import Any
 
 from dspy_promptmii.files import check_writable, read_json, write_json
 from dspy_promptmii.local.lifetime import OwnedFolder, death_signal, sweep
-from dspy_promptmii.local.pull import GGUF_MAGIC
+from dspy_promptmii.local.pull import GGUF_MAGIC, sha256_file
 from dspy_promptmii.local.registry import home
-from training.runlog import sha256_file
 
 logger = logging.getLogger("training.export")
 

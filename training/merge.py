@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_promptmii.files import check_writable, write_json
-from training.runlog import sha256_file
+from dspy_promptmii.local.pull import sha256_file
 from training.sft import base_identity, clear_gguf_quantizer, load_base, require_training_packages, resolve_base
 
 logger = logging.getLogger("training.merge")

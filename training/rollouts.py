@@ -85,6 +85,7 @@ from dspy_promptmii.generation import (
     generate,
     generator_settings,
 )
+from dspy_promptmii.local.pull import sha256_file
 from dspy_promptmii.protocol import CONSTRAINED_STYLES, NAIVE_INSTRUCTION, TEMPLATES, Protocol, choose_template
 from training.build_data import BuildConfig, build
 from training.follower import (
@@ -96,7 +97,7 @@ from training.follower import (
     score_instruction,
 )
 from training.grpo_label import GRPOLabel
-from training.runlog import JsonlLog, check_settings, digest, folder_lock, sha256_file
+from training.runlog import JsonlLog, check_settings, digest, folder_lock
 from training.sources import load_local_tasks, read_overlap_groups, read_splits, resolve_task_paths
 from training.tokens import TokenCounter, load_counter
 

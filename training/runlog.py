@@ -38,7 +38,6 @@ __all__ = [
     "differences",
     "digest",
     "folder_lock",
-    "sha256_file",
 ]
 
 _CHUNK = 1 << 20
@@ -50,15 +49,6 @@ class SettingsMismatch(RuntimeError):
 
 class RunLocked(RuntimeError):
     """Another process is writing the run folder."""
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def digest(value: Any) -> str:

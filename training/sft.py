@@ -66,8 +66,9 @@ from typing import Any
 from tqdm import tqdm
 
 from dspy_promptmii.files import check_writable, write_json, write_text
+from dspy_promptmii.local.pull import sha256_file
 from training.build_data import split_valid
-from training.runlog import JsonlLog, RunLocked, SettingsMismatch, check_settings, digest, folder_lock, sha256_file
+from training.runlog import JsonlLog, RunLocked, SettingsMismatch, check_settings, digest, folder_lock
 from training.sources import read_overlap_groups
 
 logger = logging.getLogger("training.sft")

@@ -77,9 +77,10 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The sha256 (hex) of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -89,7 +90,7 @@ def verify_file(path: Path, spec: ModelSpec) -> bool:
     """True when ``path`` has the spec's size and sha256 (always reads the whole file)."""
     if not path.is_file() or path.stat().st_size != spec.size:
         return False
-    return _sha256(path) == spec.sha256
+    return sha256_file(path) == spec.sha256
 
 
 def cached_path(spec: ModelSpec | str, directory: Path | None = None) -> Path:
@@ -158,7 +159,7 @@ def cache_state(spec: ModelSpec | str, directory: Path | None = None, *, rehash:
     if not rehash and _marker_matches(path, stat, spec.sha256):
         return "cached"
     logger.info("verifying the sha256 of %s (once, then recorded in %s)", path, marker_path(path).name)
-    if _sha256(path) != spec.sha256:
+    if sha256_file(path) != spec.sha256:
         _forget_marker(path)
         return "corrupt"
     _write_marker(path, spec.sha256, stat)
