@@ -88,6 +88,30 @@ def test_the_margin_is_an_option() -> None:
         SelectionConfig(naive_target="sometimes")
 
 
+SHOWN_TEXT = "The battery died after two days and the charger never worked at all."
+
+
+@pytest.mark.parametrize(
+    ("quote", "quotes"),
+    [
+        ("battery died after two days and the charger", True),       # 43 characters of a shown input
+        ("BATTERY   died after two\ndays and the CHARGER", True),   # case and white space ignored
+        ("after two days and the charger", True),                    # exactly 30
+        ("fter two days and the charger", False),                    # 29: a common phrase, not a quote
+    ],
+)
+def test_a_sample_quoting_a_shown_input_is_never_the_target(quote, quotes) -> None:
+    quoting = f'negative: texts like "{quote}" are negative.'
+    c = context("c", 0.2, [0.9, 0.6], instructions=[quoting, "Complaints about broken products are negative."])
+    c["label"] = {"context_inputs": [[SHOWN_TEXT], ["I love it."]]}
+    decision = decide(c, SelectionConfig())
+    assert decision.kind == "sample" and decision.best["index"] == (1 if quotes else 0)
+    assert decide(c, SelectionConfig(quote_chars=0)).best["index"] == 0  # the check is off
+    assert (select.quoted_input(quoting, [SHOWN_TEXT]) is not None) is quotes
+    with pytest.raises(ValueError, match="quote_chars"):
+        SelectionConfig(quote_chars=-1)
+
+
 def test_where_naive_wins_the_option_keeps_or_drops_it() -> None:
     lost = context("c", 0.60, [0.10, 0.20])
     assert decide(lost, SelectionConfig(naive_target="keep")).kind == "naive"

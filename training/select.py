@@ -25,7 +25,12 @@ with the naive reference keeps at compile time.
   trained generator then scores the naive baseline, never above it. Read the report's
   "naive won" counts per task to decide.
 * Contexts where neither wins by the margin are dropped (no clear signal). Samples whose
-  follower calls failed, or that cleaned to nothing, are never targets.
+  follower calls failed, or that cleaned to nothing, are never targets; nor are samples that
+  repeat ``--quote-chars`` (default :data:`DEFAULT_QUOTE_CHARS` = 30) characters of a shown
+  input in a row: the meta-prompt asks for general rules, not rules about the shown texts,
+  and a generator trained on such targets learns to quote (round 1 did: on opaque labels it
+  gave shown inputs as the labels' definitions). Compile's cleaning drops lines made of a
+  shown input; a quote inside a sentence of the instruction stays, so it is checked here.
 
 Output (``--out``): ``pairs.jsonl`` (``{"prompt": <the meta-prompt exactly as compile
 sends it>, "target": <the instruction text>, "task", "n_shot", "key", "source":
@@ -61,6 +66,7 @@ logger = logging.getLogger("training.select")
 __all__ = [
     "DEFAULT_MARGIN",
     "DEFAULT_MAX_NAIVE_SHARE",
+    "DEFAULT_QUOTE_CHARS",
     "NAIVE_TARGETS",
     "SelectionConfig",
     "Decision",
@@ -74,6 +80,8 @@ __all__ = [
 #: A sample must beat the naive instruction by this much macro-F1 to become a target
 #: (about one more of the m=20 held-out rows right; see the module docstring).
 DEFAULT_MARGIN = 0.05
+#: A sample repeating this many characters of a shown input in a row is never a target.
+DEFAULT_QUOTE_CHARS = 30
 #: Most naive targets as a share of the kept pairs (see the module docstring).
 DEFAULT_MAX_NAIVE_SHARE = 0.25
 NAIVE_TARGETS = ("keep", "drop")
@@ -86,12 +94,13 @@ class SelectionConfig:
 
     Raises:
         ValueError: a margin outside [0, 1], an unknown ``naive_target``, or a
-            ``max_naive_share`` outside [0, 1].
+            ``max_naive_share`` outside [0, 1], or a negative ``quote_chars``.
     """
 
     margin: float = DEFAULT_MARGIN
     naive_target: str = "keep"
     max_naive_share: float = DEFAULT_MAX_NAIVE_SHARE
+    quote_chars: int = DEFAULT_QUOTE_CHARS  # 0: no quote check
 
     def __post_init__(self) -> None:
         if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin) and 0 <= self.margin <= 1):
@@ -100,6 +109,8 @@ class SelectionConfig:
             raise ValueError(f"naive_target must be one of {NAIVE_TARGETS}, got {self.naive_target!r}")
         if not 0 <= self.max_naive_share <= 1:
             raise ValueError(f"max_naive_share must be in [0, 1], got {self.max_naive_share!r}")
+        if not isinstance(self.quote_chars, int) or isinstance(self.quote_chars, bool) or self.quote_chars < 0:
+            raise ValueError(f"quote_chars must be a whole number >= 0 (0: off), got {self.quote_chars!r}")
 
 
 @dataclass
@@ -111,6 +122,7 @@ class Decision:
     reason: str
     best: dict[str, Any] | None
     advantage: float  # best usable sample's reward (0 without one) - naive reward
+    confirmation: dict[str, Any] | None = None  # the training.confirm record that kept it
 
     @property
     def target(self) -> str:
@@ -127,6 +139,7 @@ class Loaded:
 
     contexts: list[dict[str, Any]]
     inputs: list[dict[str, Any]] = field(default_factory=list)
+    settings: list[dict[str, Any]] = field(default_factory=list)  # each folder's manifest settings
 
 
 def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -160,6 +173,7 @@ def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
     """
     merged: dict[str, dict[str, Any]] = {}
     inputs = []
+    all_settings = []
     reference: tuple[Any, Any, str] | None = None
     for raw in paths:
         path = Path(raw)
@@ -176,6 +190,7 @@ def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
                 "comparable; select them separately"
             )
         generator = settings.get("generator")
+        all_settings.append(settings)
         inputs.append({"path": str(path), "contexts": len(records), "generator": generator,
                        "settings_sha256": digest(settings)})
         for record in records:
@@ -186,7 +201,7 @@ def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
             else:
                 merged[key] = {**record, "samples": samples}
     contexts = sorted(merged.values(), key=lambda r: r["key"])
-    return Loaded(contexts, inputs)
+    return Loaded(contexts, inputs, all_settings)
 
 
 def _wins(lead: float, margin: float) -> bool:
@@ -194,9 +209,37 @@ def _wins(lead: float, margin: float) -> bool:
     return lead > _EPS and lead >= margin - _EPS
 
 
+def _squeezed(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def quoted_input(instruction: str, inputs: Sequence[str], chars: int = DEFAULT_QUOTE_CHARS) -> str | None:
+    """The first run of ``chars`` characters of one of ``inputs`` that ``instruction`` repeats
+    (ignoring case and runs of white space), or None (also when ``chars`` is 0)."""
+    if chars <= 0:
+        return None
+    text = _squeezed(instruction)
+    for raw in inputs:
+        shown = _squeezed(raw)
+        for start in range(len(shown) - chars + 1):
+            if shown[start:start + chars] in text:
+                return shown[start:start + chars]
+    return None
+
+
+def _shown_inputs(context: Mapping[str, Any]) -> list[str]:
+    """Every input field value of the context's shown examples."""
+    return [str(value) for row in (context.get("label") or {}).get("context_inputs") or () for value in row]
+
+
 def decide(context: Mapping[str, Any], config: SelectionConfig) -> Decision:
     """The target of one context before the naive cap (see the module docstring)."""
-    usable = [s for s in context["samples"] if not s.get("follower_error") and s.get("instruction", "").strip()]
+    shown = _shown_inputs(context)
+    usable = [
+        s for s in context["samples"]
+        if not s.get("follower_error") and s.get("instruction", "").strip()
+        and quoted_input(s["instruction"], shown, config.quote_chars) is None
+    ]
     naive = float(context["naive"]["reward"])
     best = max(usable, key=lambda s: (s["reward"], -len(s["instruction"]), -s["index"]), default=None)
     # Without a usable sample the best reward is what the reward gave them: 0.
@@ -211,10 +254,60 @@ def decide(context: Mapping[str, Any], config: SelectionConfig) -> Decision:
     return Decision(ctx, "drop", "within the margin", best, advantage)
 
 
-def select(contexts: Sequence[Mapping[str, Any]], config: SelectionConfig) -> list[Decision]:
-    """Decisions for every context, with naive targets capped at ``max_naive_share`` of the
-    kept pairs (those where naive leads most are kept; ties by context key)."""
+def load_confirmations(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+    """The finished records of ``training.confirm`` folders, by context sha256 (the last wins).
+
+    Raises:
+        FileNotFoundError: a path holds no ``confirm.jsonl``.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for raw in paths:
+        file = Path(raw) / "confirm.jsonl" if Path(raw).is_dir() else Path(raw)
+        if not file.is_file():
+            raise FileNotFoundError(f"no confirm.jsonl at {raw}: pass a training.confirm --out folder")
+        for record in JsonlLog(file).read():
+            if record.get("status") == "ok":
+                found[str(record["context_sha256"])] = record
+    return found
+
+
+def apply_confirmation(decisions: Sequence[Decision], confirmations: Mapping[str, Mapping[str, Any]]) -> None:
+    """Keep a target only where ``training.confirm``'s fresh rows agree with the ranking rows:
+    a sample target must beat naive again, a naive target must beat the best sample again
+    (a strictly positive lead; the fresh rows are an unbiased estimate, the ranking rows chose
+    the winner). Other kept decisions become drops naming why (in place)."""
+    from training.confirm import instruction_sha256
+
+    for decision in decisions:
+        if decision.kind == "drop":
+            continue
+        record = confirmations.get(str(decision.context["context_sha256"]))
+        if record is None:
+            decision.kind, decision.reason = "drop", "no confirmation on fresh rows"
+            continue
+        if record.get("kind") != decision.kind or record.get("instruction_sha256") != instruction_sha256(
+            str(decision.best["instruction"])
+        ):
+            decision.kind, decision.reason = "drop", "its confirmation scored another target"
+            continue
+        sign = 1 if decision.kind == "sample" else -1
+        if sign * float(record["fresh_advantage"]) <= _EPS:
+            decision.kind, decision.reason = "drop", "not confirmed on fresh rows"
+            continue
+        decision.confirmation = dict(record)
+
+
+def select(
+    contexts: Sequence[Mapping[str, Any]],
+    config: SelectionConfig,
+    confirmations: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Decision]:
+    """Decisions for every context (with ``confirmations``, only targets the fresh rows
+    confirm: :func:`apply_confirmation`), with naive targets capped at ``max_naive_share``
+    of the kept pairs (those where naive leads most are kept; ties by context key)."""
     decisions = [decide(c, config) for c in contexts]
+    if confirmations is not None:
+        apply_confirmation(decisions, confirmations)
     samples = sum(d.kind == "sample" for d in decisions)
     naive = sorted((d for d in decisions if d.kind == "naive"), key=lambda d: (d.advantage, d.context["key"]))
     share = config.max_naive_share
@@ -246,6 +339,7 @@ def pair(decision: Decision) -> dict[str, Any]:
             else None
         ),
         "protocol": context.get("protocol"),
+        "fresh_advantage": decision.confirmation["fresh_advantage"] if decision.confirmation else None,
     }
 
 
@@ -291,10 +385,25 @@ def report(decisions: Sequence[Decision], config: SelectionConfig, inputs: Seque
         "mean_sample_reward": round(statistics.fmean(s["reward"] for s in samples), 4) if samples else None,
         "unusable_samples": sum(bool(s.get("follower_error")) or not s.get("instruction", "").strip()
                                 for s in samples),
+        "quoting_samples": sum(quoted_input(s.get("instruction", ""), _shown_inputs(d.context), config.quote_chars)
+                               is not None for d in decisions for s in d.context["samples"]),
         "dropped_by_reason": dict(Counter(d.reason for d in decisions if d.kind == "drop")),
         "by_n_shot": {str(n): block(by_n[n]) for n in sorted(by_n)},
         "by_task": {t: block(by_task[t]) for t in sorted(by_task)},
     }
+
+
+def _confirmation_lines(confirmation: Mapping[str, Any] | None) -> list[str]:
+    if not confirmation:
+        return []
+    lines = [f"Confirmation on fresh rows ({', '.join(confirmation['folders'])}): {confirmation['contexts']} contexts"]
+    for kind in ("sample", "naive"):
+        b = confirmation[kind]
+        if b["contexts"]:
+            lines.append(f"  {kind} targets: {b['confirmed']} of {b['contexts']} confirmed; mean advantage "
+                         f"{b['mean_ranking_advantage']:.3f} on the ranking rows, {b['mean_fresh_advantage']:.3f} "
+                         "on fresh rows")
+    return lines
 
 
 def report_text(summary: Mapping[str, Any]) -> str:
@@ -305,9 +414,11 @@ def report_text(summary: Mapping[str, Any]) -> str:
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
     lines = [
-        f"Selection: margin {c['margin']}, naive target {c['naive_target']}, max naive share {c['max_naive_share']}",
+        f"Selection: margin {c['margin']}, naive target {c['naive_target']}, max naive share {c['max_naive_share']}, "
+        f"quote chars {c.get('quote_chars', 0)}",
         "Inputs: " + "; ".join(f"{i['path']} ({i['contexts']} contexts)" for i in summary["inputs"]),
-        f"Contexts {summary['contexts']}, samples {summary['samples']} ({summary['unusable_samples']} unusable), "
+        f"Contexts {summary['contexts']}, samples {summary['samples']} ({summary['unusable_samples']} unusable, "
+        f"{summary.get('quoting_samples', 0)} quoting a shown input), "
         f"mean sample reward {f(summary['mean_sample_reward'])}",
         f"Kept {summary['kept']} ({f(summary['kept_fraction'])}): {summary['sample_targets']} sample targets, "
         f"{summary['naive_targets']} naive targets; dropped {summary['dropped']} {summary['dropped_by_reason']}",
@@ -317,6 +428,7 @@ def report_text(summary: Mapping[str, Any]) -> str:
         f"Any sample beat naive in {f(summary['any_sample_beat_naive'])} of contexts, by the margin in "
         f"{f(summary['sample_beat_naive_by_margin'])}; naive beat every sample by the margin in "
         f"{f(summary['naive_won_by_margin'])}",
+        *_confirmation_lines(summary.get("confirmation")),
         "",
         f"{'n':>4} {'contexts':>8} {'sample':>6} {'naive':>5} {'drop':>5} {'naive_F1':>8} {'best_F1':>7} {'adv':>6}",
     ]
@@ -345,6 +457,11 @@ def parser() -> argparse.ArgumentParser:
                    "(default) or drop the context")
     p.add_argument("--max-naive-share", type=float, default=DEFAULT_MAX_NAIVE_SHARE,
                    help=f"most naive targets as a share of the kept pairs ({DEFAULT_MAX_NAIVE_SHARE}; 1: no cap)")
+    p.add_argument("--quote-chars", type=int, default=DEFAULT_QUOTE_CHARS,
+                   help=f"a sample repeating this many characters of a shown input is never a target "
+                   f"({DEFAULT_QUOTE_CHARS}; 0: no check)")
+    p.add_argument("--confirm", nargs="+", type=Path, default=None,
+                   help="training.confirm --out folders: keep only targets their fresh rows confirm")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -353,16 +470,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = SelectionConfig(args.margin, args.naive_target, args.max_naive_share)
+        config = SelectionConfig(args.margin, args.naive_target, args.max_naive_share, args.quote_chars)
         check_writable(args.out, folder=True)
         loaded = load_rollouts(args.rollouts)
+        confirmations = load_confirmations(args.confirm) if args.confirm else None
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if not loaded.contexts:
         raise SystemExit(f"error: no finished train contexts in {', '.join(map(str, args.rollouts))}")
-    decisions = select(loaded.contexts, config)
+    decisions = select(loaded.contexts, config, confirmations)
     pairs = [pair(d) for d in decisions if d.kind != "drop"]
     summary = report(decisions, config, loaded.inputs)
+    if confirmations is not None:
+        from training.confirm import summarize as summarize_confirmations
+
+        by_sha = {str(c["context_sha256"]) for c in loaded.contexts}
+        summary["confirmation"] = {
+            "folders": [str(p) for p in args.confirm],
+            **summarize_confirmations([r for k, r in confirmations.items() if k in by_sha]),
+        }
     summary["pairs"] = len(pairs)
     summary["command"] = "python -m training.select " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
