@@ -140,7 +140,9 @@ def test_only_targets_the_fresh_rows_confirm_are_kept(kind, fresh, extra, kept, 
     if kept:
         assert decision.kind == kind and decision.confirmation["fresh_advantage"] == fresh
     else:
-        assert decision.reason == reason and decision.confirmation is None
+        assert decision.reason == reason
+        # The record of a scored target stays with the decision (for the report), confirmed or not.
+        assert (decision.confirmation is not None) is (reason == "not confirmed on fresh rows")
 
 
 def test_fresh_rows_refuse_a_task_with_too_few_left() -> None:
@@ -156,3 +158,42 @@ def test_fresh_rows_refuse_a_task_with_too_few_left() -> None:
     })
     with pytest.raises(ValueError, match="5 fresh rows left"):
         confirm.fresh_rows(task, label, 20, set())
+
+
+def test_a_naive_target_without_a_usable_sample_is_not_a_crash() -> None:
+    # Every sample quoted a shown input (or failed): select's naive target has no best sample,
+    # while a confirm folder made with another --quote-chars scored one.
+    context = {"key": "k", "context_sha256": digest("k"), "naive": {"reward": 0.4}}
+    decision = Decision(context, "naive", "naive beat every sample by the margin", None, -0.4)
+    record = {"kind": "naive", "fresh_advantage": -0.2, "instruction_sha256": instruction_sha256("a rule")}
+    apply_confirmation([decision], {digest("k"): record})
+    assert decision.kind == "drop" and decision.reason == "its confirmation scored another target"
+
+
+def test_select_refuses_a_confirmation_of_another_selection_and_confirm_checks_its_counts(
+    datasets, tmp_path, fakes
+) -> None:
+    runs = _rollouts(datasets, tmp_path / "rollouts")
+    out = tmp_path / "confirm"
+    assert _confirm(datasets, runs, out, "--margin", "0.1") == 0
+    with pytest.raises(SystemExit, match="--margin 0.1, this selection uses --margin 0.05"):
+        select.main(["--rollouts", str(runs), "--out", str(tmp_path / "s"), "--confirm", str(out)])
+    for bad in (["--m", "5"], ["--m", "x"], ["--follower-timeout", "0"]):
+        with pytest.raises(SystemExit):
+            _confirm(datasets, runs, tmp_path / "bad", *bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_naive_target_is_scored_against_the_best_sample_even_one_that_quotes() -> None:
+    shown = "Report 1 from the north: the sky looks rainy and grey all day"
+    context = {
+        "key": "k", "context_sha256": digest("k"), "naive": {"reward": 0.9},
+        "label": {"context_inputs": [[shown]]},
+        "samples": [{"index": 0, "instruction": f'Like "{shown}": rainy.', "reward": 0.3},
+                    {"index": 1, "instruction": "Name the weather.", "reward": 0.1}],
+    }
+    decision = select.decide(context, SelectionConfig())
+    assert decision.kind == "naive" and decision.best["index"] == 0  # naive beat every sample, quoting one too
+    context["samples"][0]["reward"] = 1.0  # only the quoting sample beats naive: nothing to teach
+    decision = select.decide(context, SelectionConfig())
+    assert decision.kind == "drop" and "quoting" in decision.reason

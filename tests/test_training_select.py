@@ -98,18 +98,28 @@ SHOWN_TEXT = "The battery died after two days and the charger never worked at al
         ("BATTERY   died after two\ndays and the CHARGER", True),   # case and white space ignored
         ("after two days and the charger", True),                    # exactly 30
         ("fter two days and the charger", False),                    # 29: a common phrase, not a quote
+        ("I love it, works great", True),                            # a short input repeated whole
     ],
 )
 def test_a_sample_quoting_a_shown_input_is_never_the_target(quote, quotes) -> None:
     quoting = f'negative: texts like "{quote}" are negative.'
     c = context("c", 0.2, [0.9, 0.6], instructions=[quoting, "Complaints about broken products are negative."])
-    c["label"] = {"context_inputs": [[SHOWN_TEXT], ["I love it."]]}
+    c["label"] = {"context_inputs": [[SHOWN_TEXT], ["I love it, works great"], ["Good."]]}
     decision = decide(c, SelectionConfig())
     assert decision.kind == "sample" and decision.best["index"] == (1 if quotes else 0)
     assert decide(c, SelectionConfig(quote_chars=0)).best["index"] == 0  # the check is off
-    assert (select.quoted_input(quoting, [SHOWN_TEXT]) is not None) is quotes
+    assert (select.quoted_input(quoting, [SHOWN_TEXT, "I love it, works great"]) is not None) is quotes
     with pytest.raises(ValueError, match="quote_chars"):
         SelectionConfig(quote_chars=-1)
+
+
+def test_the_quote_check_reads_wide_scripts_by_their_own_measure() -> None:
+    shown = ["这个手机真的很好用，电池也耐用", "好"]
+    # 10 wide characters in a row are a quote (30 Latin ones would be a sentence and a half).
+    assert select.quoted_input('正面：像"这个手机真的很好用，电池"这样的评论', shown) == "这个手机真的很好用，"
+    assert select.quoted_input('正面：像"手机真的很好用"这样的评论', shown) is None  # 7
+    assert select.quoted_input("正面：称赞产品的评论；负面：抱怨的评论。", shown) is None
+    assert select.quoted_input("Good. Label the sentiment.", ["Good."]) is None  # too short to be a quote
 
 
 def test_where_naive_wins_the_option_keeps_or_drops_it() -> None:

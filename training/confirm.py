@@ -87,12 +87,14 @@ def fresh_rows(task: TaskData, label: GRPOLabel, m: int, excluded: set[int]) -> 
         ValueError: a label without row ids (an older data builder's line), or fewer than
             :data:`MIN_FRESH_ROWS` such rows.
     """
-    if not label.test_ids or label.context_seed is None:
-        raise ValueError(f"{task.name}: the context's label has no row ids or seed: rebuild it (training.build_data)")
+    if not label.test_ids or label.context_seed is None or len(label.context_ids) != (label.n_shot or 0):
+        raise ValueError(f"{task.name}: the context's label lacks its row ids or seed: rebuild it with build_data")
     used = set(label.context_ids) | set(label.test_ids) | excluded
     usable = [i for i in range(len(task.rows)) if i not in used]
     if len(usable) < MIN_FRESH_ROWS:
         raise ValueError(f"{task.name}: {len(usable)} fresh rows left, fewer than {MIN_FRESH_ROWS}")
+    if len(usable) < m:
+        logger.warning("%s: only %d fresh rows left; scoring those instead of %d", task.name, len(usable), m)
     random.Random(f"{label.context_seed}|confirm").shuffle(usable)
     return sorted(usable[:m])
 
@@ -133,11 +135,11 @@ async def confirm_context(
     }
 
 
-def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def summarize(records: Sequence[Mapping[str, Any]], skipped: int | None = None) -> dict[str, Any]:
     """How many targets the fresh rows confirmed (a sample target: it beat naive again; a
     naive target: naive beat the best sample again), by kind, and the mean advantage on the
-    ranking rows against the fresh rows."""
-    out: dict[str, Any] = {"contexts": len(records)}
+    ranking rows against the fresh rows; ``skipped``: targets that could not be scored."""
+    out: dict[str, Any] = {"contexts": len(records), **({"skipped": skipped} if skipped is not None else {})}
     for kind, sign in (("sample", 1), ("naive", -1)):
         group = [r for r in records if r["kind"] == kind]
         confirmed = [r for r in group if sign * r["fresh_advantage"] > 0]
@@ -152,6 +154,48 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _fresh_count(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else None
+    if value is None or value < MIN_FRESH_ROWS:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {MIN_FRESH_ROWS}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def score_all(
+    todo: Sequence[tuple[Mapping[str, Any], str, Mapping[str, Any], HeldOutSet, list[int]]],
+    follower: ModelChoice,
+    args: argparse.Namespace,
+    log: JsonlLog,
+    settings_sha256: str,
+) -> None:
+    """Score every (context, kind, target, fresh rows) of ``todo`` with one follower server,
+    appending a record as each finishes."""
+    with open_endpoints(follower, follower, n_ctx=args.n_ctx, n_threads=args.n_threads, follower_concurrency=1,
+                        follower_timeout=args.follower_timeout) as endpoints:
+
+        async def run() -> None:
+            try:
+                for context, kind, target, tests, rows in tqdm(todo, desc="confirm", unit="context",
+                                                               disable=args.no_progress):
+                    record = await confirm_context(context, kind, target, tests, rows, endpoints.follower)
+                    record["settings_sha256"] = settings_sha256
+                    log.append(record)
+            finally:
+                await endpoints.follower.aclose()
+
+        asyncio.run(run())
+
+
 def parser() -> argparse.ArgumentParser:
     from dspy_promptmii.cli import positive_int
 
@@ -160,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for confirm.jsonl, manifest.json, summary.json")
     p.add_argument("--datasets", type=Path, default=None,
                    help="the rollouts' task folders (default: $PROMPTMII_SHARED_DATASETS or ../shared/datasets)")
-    p.add_argument("--m", type=positive_int, default=20, help="fresh rows scored per context (20)")
+    p.add_argument("--m", type=_fresh_count, default=20, help=f"fresh rows scored per context (20; at least "
+                   f"{MIN_FRESH_ROWS})")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"the selection margin: which contexts have a target to confirm ({DEFAULT_MARGIN})")
     p.add_argument("--quote-chars", type=int, default=DEFAULT_QUOTE_CHARS,
@@ -168,7 +213,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--follower", default="local", help="the rollouts' follower: local, a registry model or a .gguf")
     p.add_argument("--n-ctx", type=positive_int, default=8192, help="context size of the local server (8192)")
     p.add_argument("--n-threads", type=positive_int, default=None, help="threads of the local server (all)")
-    p.add_argument("--follower-timeout", type=float, default=300.0, help="seconds per follower request (300)")
+    p.add_argument("--follower-timeout", type=positive_float, default=300.0, help="seconds per follower request (300)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -196,27 +241,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rollout_follower != identity:
         raise SystemExit(f"error: --follower {args.follower} is not the follower that scored the rollouts "
                          f"({rollout_follower}); fresh rewards would not be comparable")
-    todo = []
-    for context in loaded.contexts:
-        decision = decide(context, config)
-        if decision.kind != "drop" and decision.best is not None:
-            todo.append((context, decision.kind, decision.best))
-    if not todo:
+    kept = [(c, d) for c in loaded.contexts if (d := decide(c, config)).kind != "drop"]
+    if not kept:
         raise SystemExit("error: no context has a target to confirm (see python -m training.select)")
 
-    tasks_needed = sorted({c["task"] for c, _, _ in todo})
+    tasks_needed = sorted({c["task"] for c, _ in kept})
     try:
         tasks = {t.name: t for t, _ in load_local_tasks(resolve_task_paths(tasks_needed, datasets))}
         dev = [t for t, _ in load_local_tasks(resolve_task_paths(sorted(splits.get("dev") or []), datasets))]
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    recorded = first.get("data", {}).get("tasks", {})
-    for name in tasks_needed:
+    data = first.get("data", {})
+    recorded = data.get("tasks", {})
+    dev_names = sorted(splits.get("dev") or [])
+    for name in [*tasks_needed, *dev_names]:  # dev tasks decide which rows are left out
         path = datasets / name / "data.jsonl"
         if recorded.get(name) and path.is_file() and sha256_file(path) != recorded[name]:
             raise SystemExit(f"error: {path} changed since the rollouts were drawn: its rows are not the same")
+    if data.get("splits_sha256") and sha256_file(datasets / "SPLITS.json") != data["splits_sha256"]:
+        raise SystemExit(f"error: {datasets / 'SPLITS.json'} changed since the rollouts were drawn")
     hashes = eval_hashes(dev) if dev else set()
     excluded = {name: overlapping_rows(task, hashes) if hashes else set() for name, task in tasks.items()}
+    todo, skipped = [], 0
+    for context, decision in kept:
+        if decision.best is None:  # a naive target where every sample failed: nothing to score against
+            logger.warning("%s: no scored sample to compare naive with; not confirmed", context["key"])
+            skipped += 1
+            continue
+        task = tasks[context["task"]]
+        label = GRPOLabel.from_json(context["label"])
+        try:
+            rows = fresh_rows(task, label, args.m, excluded[task.name])
+        except ValueError as error:
+            logger.warning("%s: %s; not confirmed", context["key"], error)
+            skipped += 1
+            continue
+        todo.append((context, decision.kind, decision.best, fresh_held_out(task, label, rows), rows))
 
     settings = {
         "version": RECORD_VERSION,
@@ -238,33 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             done = {r["context_sha256"] for r in log.read()
                     if r.get("status") == "ok" and r.get("settings_sha256") == sha}
             left = [t for t in todo if t[0]["context_sha256"] not in done]
-            logger.info("%d contexts with a target, %d confirmed before; scoring %d now", len(todo),
-                        len(todo) - len(left), len(left))
+            logger.info("%d contexts with a target (%d cannot be scored), %d scored before; scoring %d now",
+                        len(kept), skipped, len(todo) - len(left), len(left))
             started = time.perf_counter()
             try:
-                with open_endpoints(follower, follower, n_ctx=args.n_ctx, n_threads=args.n_threads,
-                                    follower_concurrency=1, follower_timeout=args.follower_timeout) as endpoints:
-
-                    async def run() -> None:
-                        try:
-                            for context, kind, target in tqdm(left, desc="confirm", unit="context",
-                                                              disable=args.no_progress):
-                                label = GRPOLabel.from_json(context["label"])
-                                task = tasks[context["task"]]
-                                try:
-                                    rows = fresh_rows(task, label, args.m, excluded[task.name])
-                                except ValueError as error:
-                                    logger.warning("%s: %s; not confirmed", context["key"], error)
-                                    continue
-                                record = await confirm_context(context, kind, target,
-                                                               fresh_held_out(task, label, rows), rows,
-                                                               endpoints.follower)
-                                record["settings_sha256"] = sha
-                                log.append(record)
-                        finally:
-                            await endpoints.follower.aclose()
-
-                    asyncio.run(run())
+                if left:
+                    score_all(left, follower, args, log, sha)
             except KeyboardInterrupt:
                 logger.warning("interrupted: finished contexts are saved in %s; run the same command to resume",
                                log.path)
@@ -272,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except FollowerOutage as error:
                 raise SystemExit(f"error: {error}; finished contexts are saved in {log.path}") from None
             records = [r for r in log.read() if r.get("status") == "ok" and r.get("settings_sha256") == sha]
-            summary = summarize(records)
+            summary = summarize(records, skipped)
             write_json(summary, out / SUMMARY)
     except (RunLocked, SettingsMismatch, ValueError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -50,6 +50,7 @@ import logging
 import math
 import statistics
 import sys
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -122,7 +123,7 @@ class Decision:
     reason: str
     best: dict[str, Any] | None
     advantage: float  # best usable sample's reward (0 without one) - naive reward
-    confirmation: dict[str, Any] | None = None  # the training.confirm record that kept it
+    confirmation: dict[str, Any] | None = None  # the training.confirm record of its target (kept or not)
 
     @property
     def target(self) -> str:
@@ -213,17 +214,31 @@ def _squeezed(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _wide(text: str) -> bool:
+    """Mostly East Asian wide characters (Chinese, Japanese, Korean): about a word each."""
+    letters = [c for c in text if not c.isspace()]
+    return bool(letters) and sum(unicodedata.east_asian_width(c) in "WF" for c in letters) * 2 >= len(letters)
+
+
 def quoted_input(instruction: str, inputs: Sequence[str], chars: int = DEFAULT_QUOTE_CHARS) -> str | None:
-    """The first run of ``chars`` characters of one of ``inputs`` that ``instruction`` repeats
-    (ignoring case and runs of white space), or None (also when ``chars`` is 0)."""
+    """The first run of one of ``inputs`` that ``instruction`` repeats (ignoring case and runs
+    of white space), or None (also when ``chars`` is 0).
+
+    A run is ``chars`` characters, a third of that in wide scripts (a Chinese character is
+    about a word); a shown input shorter than a run counts when repeated whole and at least
+    half a run long (shorter ones are phrases anyone may write)."""
     if chars <= 0:
         return None
     text = _squeezed(instruction)
     for raw in inputs:
         shown = _squeezed(raw)
-        for start in range(len(shown) - chars + 1):
-            if shown[start:start + chars] in text:
-                return shown[start:start + chars]
+        run = -(-chars // 3) if _wide(shown) else chars
+        if len(shown) * 2 < run:
+            continue
+        need = min(run, len(shown))
+        for start in range(len(shown) - need + 1):
+            if shown[start:start + need] in text:
+                return shown[start:start + need]
     return None
 
 
@@ -233,20 +248,30 @@ def _shown_inputs(context: Mapping[str, Any]) -> list[str]:
 
 
 def decide(context: Mapping[str, Any], config: SelectionConfig) -> Decision:
-    """The target of one context before the naive cap (see the module docstring)."""
+    """The target of one context before the naive cap (see the module docstring).
+
+    A sample target is the best sample that does not quote a shown input; a naive target
+    needs naive to beat every scored sample, quoting ones included (their rewards still say
+    whether an instruction helps; they only may not be taught). ``Decision.best`` is the
+    target (sample targets) or the best scored sample (otherwise; None without one), and
+    ``Decision.advantage`` the best scored sample's reward minus naive's."""
     shown = _shown_inputs(context)
-    usable = [
-        s for s in context["samples"]
-        if not s.get("follower_error") and s.get("instruction", "").strip()
-        and quoted_input(s["instruction"], shown, config.quote_chars) is None
-    ]
+    scored = [s for s in context["samples"] if not s.get("follower_error") and s.get("instruction", "").strip()]
+    eligible = [s for s in scored if quoted_input(s["instruction"], shown, config.quote_chars) is None]
     naive = float(context["naive"]["reward"])
-    best = max(usable, key=lambda s: (s["reward"], -len(s["instruction"]), -s["index"]), default=None)
+
+    def best_of(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+        found = max(samples, key=lambda s: (s["reward"], -len(s["instruction"]), -s["index"]), default=None)
+        return dict(found) if found is not None else None
+
+    best, best_eligible = best_of(scored), best_of(eligible)
     # Without a usable sample the best reward is what the reward gave them: 0.
     advantage = (float(best["reward"]) if best is not None else 0.0) - naive
     ctx = dict(context)
-    if best is not None and _wins(advantage, config.margin):
-        return Decision(ctx, "sample", "a sample beat naive by the margin", best, advantage)
+    if best_eligible is not None and _wins(float(best_eligible["reward"]) - naive, config.margin):
+        return Decision(ctx, "sample", "a sample beat naive by the margin", best_eligible, advantage)
+    if _wins(advantage, config.margin):
+        return Decision(ctx, "drop", "only samples quoting a shown input beat naive by the margin", best, advantage)
     if _wins(-advantage, config.margin):
         if config.naive_target == "keep":
             return Decision(ctx, "naive", "naive beat every sample by the margin", best, advantage)
@@ -254,19 +279,30 @@ def decide(context: Mapping[str, Any], config: SelectionConfig) -> Decision:
     return Decision(ctx, "drop", "within the margin", best, advantage)
 
 
-def load_confirmations(paths: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
+def load_confirmations(paths: Sequence[str | Path], config: SelectionConfig) -> dict[str, dict[str, Any]]:
     """The finished records of ``training.confirm`` folders, by context sha256 (the last wins).
 
     Raises:
-        FileNotFoundError: a path holds no ``confirm.jsonl``.
+        FileNotFoundError: a path holds no ``confirm.jsonl`` and ``manifest.json``.
+        ValueError: a folder was made with another margin or quote check than ``config``
+            (it confirmed the targets of another selection).
     """
     found: dict[str, dict[str, Any]] = {}
     for raw in paths:
-        file = Path(raw) / "confirm.jsonl" if Path(raw).is_dir() else Path(raw)
-        if not file.is_file():
-            raise FileNotFoundError(f"no confirm.jsonl at {raw}: pass a training.confirm --out folder")
+        folder = Path(raw)
+        file, manifest = folder / "confirm.jsonl", folder / "manifest.json"
+        if not file.is_file() or not manifest.is_file():
+            raise FileNotFoundError(f"no confirm.jsonl and manifest.json in {raw}: pass a training.confirm --out")
+        data = read_json(manifest)
+        settings = data.get("settings", {}) if isinstance(data, dict) else {}
+        for key, ours in (("margin", config.margin), ("quote_chars", config.quote_chars)):
+            if key in settings and settings[key] != ours:
+                option = "--" + key.replace("_", "-")
+                raise ValueError(f"{raw} confirmed the targets of {option} {settings[key]}, this selection uses "
+                                 f"{option} {ours}: run training.confirm with the same options")
+        sha = data.get("settings_sha256") or digest(settings)
         for record in JsonlLog(file).read():
-            if record.get("status") == "ok":
+            if record.get("status") == "ok" and record.get("settings_sha256") == sha:
                 found[str(record["context_sha256"])] = record
     return found
 
@@ -275,7 +311,8 @@ def apply_confirmation(decisions: Sequence[Decision], confirmations: Mapping[str
     """Keep a target only where ``training.confirm``'s fresh rows agree with the ranking rows:
     a sample target must beat naive again, a naive target must beat the best sample again
     (a strictly positive lead; the fresh rows are an unbiased estimate, the ranking rows chose
-    the winner). Other kept decisions become drops naming why (in place)."""
+    the winner). Other kept decisions become drops naming why (in place); a decision whose
+    target was scored gets its record (``Decision.confirmation``), confirmed or not."""
     from training.confirm import instruction_sha256
 
     for decision in decisions:
@@ -285,16 +322,21 @@ def apply_confirmation(decisions: Sequence[Decision], confirmations: Mapping[str
         if record is None:
             decision.kind, decision.reason = "drop", "no confirmation on fresh rows"
             continue
-        if record.get("kind") != decision.kind or record.get("instruction_sha256") != instruction_sha256(
-            str(decision.best["instruction"])
+        if (
+            decision.best is None
+            or record.get("kind") != decision.kind
+            or record.get("instruction_sha256") != instruction_sha256(str(decision.best["instruction"]))
         ):
             decision.kind, decision.reason = "drop", "its confirmation scored another target"
             continue
+        decision.confirmation = dict(record)
         sign = 1 if decision.kind == "sample" else -1
         if sign * float(record["fresh_advantage"]) <= _EPS:
             decision.kind, decision.reason = "drop", "not confirmed on fresh rows"
-            continue
-        decision.confirmation = dict(record)
+    missing = sum(d.reason == "no confirmation on fresh rows" for d in decisions)
+    if missing:
+        logger.warning("%d kept targets have no confirmation record (an unfinished training.confirm run, or "
+                       "rollouts added since?); they are dropped", missing)
 
 
 def select(
@@ -352,7 +394,7 @@ def report(decisions: Sequence[Decision], config: SelectionConfig, inputs: Seque
         naive = [float(d.context["naive"]["reward"]) for d in group]
         best = [float(d.best["reward"]) if d.best else None for d in group]
         advantages = [d.advantage for d in group]
-        kept_adv = [d.advantage for d in group if d.kind == "sample"]
+        kept_adv = [float(d.best["reward"]) - float(d.context["naive"]["reward"]) for d in group if d.kind == "sample"]
         return {
             "contexts": n,
             "kept": kinds["sample"] + kinds["naive"],
@@ -396,7 +438,8 @@ def report(decisions: Sequence[Decision], config: SelectionConfig, inputs: Seque
 def _confirmation_lines(confirmation: Mapping[str, Any] | None) -> list[str]:
     if not confirmation:
         return []
-    lines = [f"Confirmation on fresh rows ({', '.join(confirmation['folders'])}): {confirmation['contexts']} contexts"]
+    lines = [f"Confirmation on fresh rows ({', '.join(confirmation['folders'])}): {confirmation['contexts']} targets "
+             f"scored; {confirmation['kept_without_record']} kept targets without a record (dropped)"]
     for kind in ("sample", "naive"):
         b = confirmation[kind]
         if b["contexts"]:
@@ -473,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = SelectionConfig(args.margin, args.naive_target, args.max_naive_share, args.quote_chars)
         check_writable(args.out, folder=True)
         loaded = load_rollouts(args.rollouts)
-        confirmations = load_confirmations(args.confirm) if args.confirm else None
+        confirmations = load_confirmations(args.confirm, config) if args.confirm else None
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if not loaded.contexts:
@@ -484,10 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if confirmations is not None:
         from training.confirm import summarize as summarize_confirmations
 
-        by_sha = {str(c["context_sha256"]) for c in loaded.contexts}
         summary["confirmation"] = {
             "folders": [str(p) for p in args.confirm],
-            **summarize_confirmations([r for k, r in confirmations.items() if k in by_sha]),
+            **summarize_confirmations([d.confirmation for d in decisions if d.confirmation]),
+            "kept_without_record": sum(d.reason == "no confirmation on fresh rows" for d in decisions),
         }
     summary["pairs"] = len(pairs)
     summary["command"] = "python -m training.select " + " ".join(sys.argv[1:] if argv is None else argv)
