@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -157,15 +158,20 @@ def _adapter(server: Any) -> dict[str, Any] | None:
     lora = getattr(server, "lora_path", None)
     if not lora:
         return None
+    lora = Path(lora)
+    if not lora.is_file():
+        return {"file": lora.name, "bytes": None, "sha256": None}
+    stat = lora.stat()
+    return {"file": lora.name, "bytes": stat.st_size,
+            "sha256": _file_sha256(str(lora.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's sha256, hashed once per (path, size, mtime): a run records the adapter twice."""
     from dspy_promptmii.local.pull import sha256_file
 
-    lora = Path(lora)
-    present = lora.is_file()
-    return {
-        "file": lora.name,
-        "bytes": lora.stat().st_size if present else None,
-        "sha256": sha256_file(lora) if present else None,
-    }
+    return sha256_file(path)
 
 
 def model_info(endpoint: Endpoint | None) -> dict[str, Any] | None:
