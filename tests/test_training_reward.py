@@ -494,3 +494,27 @@ def test_good_instruction_beats_a_wrong_one_with_the_real_follower(local_server:
     assert good["extra_logs"]["follower_error"] == wrong["extra_logs"]["follower_error"] == 0.0
     assert good["rewards"] >= 0.7
     assert good["rewards"] > wrong["rewards"] + 0.2
+
+
+def test_a_stopped_scoring_leaves_no_unretrieved_exception(caplog) -> None:
+    """Ctrl-C or SIGTERM in the middle of scoring cancels the follower calls: the run says it
+    was interrupted, and asyncio must not add an "exception was never retrieved" traceback."""
+    import gc
+
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(3600)
+        raise AssertionError("never answered")
+
+    async def run() -> None:
+        follower = _follower(hang)
+        task = asyncio.ensure_future(score_instruction(follower, GOOD, _tests(4)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await follower.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(run())
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -453,10 +453,12 @@ async def score_instruction(follower: Follower, instruction: str, tests: HeldOut
         return ScoreResult(reward=0.0, empty_instruction=True, n=len(tests.gold), invalid_rate=1.0)
     bodies = [follower.body(instruction, inputs, tests) for inputs in tests.test_inputs()]
     calls = [asyncio.ensure_future(follower.complete(body)) for body in bodies]
+    gathered = asyncio.gather(*calls, return_exceptions=True)
+    # A run stopped by Ctrl-C or SIGTERM cancels it; its outcome is then read here, so asyncio
+    # logs no "exception was never retrieved" traceback after the run's own message.
+    gathered.add_done_callback(lambda future: future.cancelled() or future.exception())
     try:
-        replies = await asyncio.wait_for(
-            asyncio.gather(*calls, return_exceptions=True), timeout=follower.config.sample_timeout
-        )
+        replies = await asyncio.wait_for(gathered, timeout=follower.config.sample_timeout)
     except asyncio.TimeoutError:
         replies = [
             FollowerError(f"the sample ran past its {follower.config.sample_timeout:g} s deadline")
