@@ -3,13 +3,15 @@
 # (never beside a llama.cpp server: stop run_round1.sh first), export the adapter as a GGUF LoRA,
 # then the validation reward of the round-1 generator (greedy, the same 12 held-out contexts as
 # round 0). Every step resumes or redoes cheaply; run from the repository root.
+# OUT (default training/rft/round1) is the folder of this try; SELECT_ARGS go to training.select.
 set -euo pipefail
 R=training/rft
-python -m training.select --rollouts $R/round1/rollouts --out $R/round1/select
-python -m training.sft --pairs $R/round1/select --out $R/round1/sft --seed 1 \
+OUT=${OUT:-$R/round1}
+python -m training.select --rollouts $R/round1/rollouts --out $OUT/select ${SELECT_ARGS:-}
+python -m training.sft --pairs $OUT/select --out $OUT/sft --seed 1 \
   --lora-r 8 --lora-alpha 16 --epochs "${EPOCHS:-3}" --batch-size "${BATCH:-4}" --lr "${LR:-0.0002}" \
   --valid-fraction 0 \
   --no-progress ${SFT_ARGS:-}
-python -m training.export --run $R/round1/sft --out $R/round1/adapter.gguf --round 1 \
+python -m training.export --run $OUT/sft --out $OUT/adapter.gguf --round 1 \
   --name promptmii-qwen2.5-0.5b
-python -m training.rollouts --split valid --out $R/round1/valid --lora $R/round1/adapter.gguf --no-progress
+python -m training.rollouts --split valid --out $OUT/valid --lora $OUT/adapter.gguf --no-progress
