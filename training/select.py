@@ -122,7 +122,7 @@ class Decision:
     kind: str
     reason: str
     best: dict[str, Any] | None
-    advantage: float  # best usable sample's reward (0 without one) - naive reward
+    advantage: float  # best scored sample's reward (0 without one) - naive reward, quoting samples included
     confirmation: dict[str, Any] | None = None  # the training.confirm record of its target (kept or not)
 
     @property
@@ -392,7 +392,8 @@ def report(decisions: Sequence[Decision], config: SelectionConfig, inputs: Seque
         n = len(group)
         kinds = Counter(d.kind for d in group)
         naive = [float(d.context["naive"]["reward"]) for d in group]
-        best = [float(d.best["reward"]) if d.best else None for d in group]
+        # The best scored sample (quoting ones included), as ``advantage`` counts it.
+        best = [float(d.context["naive"]["reward"]) + d.advantage if d.best else None for d in group]
         advantages = [d.advantage for d in group]
         kept_adv = [float(d.best["reward"]) - float(d.context["naive"]["reward"]) for d in group if d.kind == "sample"]
         return {
