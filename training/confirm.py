@@ -161,16 +161,6 @@ def _fresh_count(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
-    return value
-
-
 def score_all(
     todo: Sequence[tuple[Mapping[str, Any], str, Mapping[str, Any], HeldOutSet, list[int]]],
     follower: ModelChoice,
@@ -197,7 +187,7 @@ def score_all(
 
 
 def parser() -> argparse.ArgumentParser:
-    from dspy_promptmii.cli import positive_int
+    from dspy_promptmii.cli import non_negative_int, positive_float, positive_int
 
     p = argparse.ArgumentParser(prog="python -m training.confirm", description=__doc__.split("\n\n")[0])
     p.add_argument("--rollouts", nargs="+", type=Path, required=True, help="training.rollouts --out folders")
@@ -208,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
                    f"{MIN_FRESH_ROWS})")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"the selection margin: which contexts have a target to confirm ({DEFAULT_MARGIN})")
-    p.add_argument("--quote-chars", type=int, default=DEFAULT_QUOTE_CHARS,
+    p.add_argument("--quote-chars", type=non_negative_int, default=DEFAULT_QUOTE_CHARS,
                    help=f"the selection's quote check, as training.select's ({DEFAULT_QUOTE_CHARS})")
     p.add_argument("--follower", default="local", help="the rollouts' follower: local, a registry model or a .gguf")
     p.add_argument("--n-ctx", type=positive_int, default=8192, help="context size of the local server (8192)")

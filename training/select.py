@@ -490,6 +490,8 @@ def report_text(summary: Mapping[str, Any]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    from dspy_promptmii.cli import non_negative_int
+
     p = argparse.ArgumentParser(prog="python -m training.select", description=__doc__.split("\n\n")[0])
     p.add_argument("--rollouts", nargs="+", type=Path, required=True,
                    help="training.rollouts --out folders (several: their samples of the same context are merged)")
@@ -501,7 +503,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default) or drop the context")
     p.add_argument("--max-naive-share", type=float, default=DEFAULT_MAX_NAIVE_SHARE,
                    help=f"most naive targets as a share of the kept pairs ({DEFAULT_MAX_NAIVE_SHARE}; 1: no cap)")
-    p.add_argument("--quote-chars", type=int, default=DEFAULT_QUOTE_CHARS,
+    p.add_argument("--quote-chars", type=non_negative_int, default=DEFAULT_QUOTE_CHARS,
                    help=f"a sample repeating this many characters of a shown input is never a target "
                    f"({DEFAULT_QUOTE_CHARS}; 0: no check)")
     p.add_argument("--confirm", nargs="+", type=Path, default=None,
