@@ -154,13 +154,6 @@ def summarize(records: Sequence[Mapping[str, Any]], skipped: int | None = None) 
     return out
 
 
-def _fresh_count(text: str) -> int:
-    value = int(text) if text.strip().lstrip("-").isdigit() else None
-    if value is None or value < MIN_FRESH_ROWS:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= {MIN_FRESH_ROWS}, got {text!r}")
-    return value
-
-
 def score_all(
     todo: Sequence[tuple[Mapping[str, Any], str, Mapping[str, Any], HeldOutSet, list[int]]],
     follower: ModelChoice,
@@ -188,14 +181,15 @@ def score_all(
 
 def parser() -> argparse.ArgumentParser:
     from dspy_promptmii.cli import non_negative_int, positive_float, positive_int
+    from dspy_promptmii.params import Integer
 
     p = argparse.ArgumentParser(prog="python -m training.confirm", description=__doc__.split("\n\n")[0])
     p.add_argument("--rollouts", nargs="+", type=Path, required=True, help="training.rollouts --out folders")
     p.add_argument("--out", type=Path, required=True, help="folder for confirm.jsonl, manifest.json, summary.json")
     p.add_argument("--datasets", type=Path, default=None,
                    help="the rollouts' task folders (default: $PROMPTMII_SHARED_DATASETS or ../shared/datasets)")
-    p.add_argument("--m", type=_fresh_count, default=20, help=f"fresh rows scored per context (20; at least "
-                   f"{MIN_FRESH_ROWS})")
+    p.add_argument("--m", type=Integer(low=MIN_FRESH_ROWS).argparse_type("fresh_rows"), default=20,
+                   help=f"fresh rows scored per context (20; at least {MIN_FRESH_ROWS})")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"the selection margin: which contexts have a target to confirm ({DEFAULT_MARGIN})")
     p.add_argument("--quote-chars", type=non_negative_int, default=DEFAULT_QUOTE_CHARS,
@@ -236,14 +230,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("error: no context has a target to confirm (see python -m training.select)")
 
     tasks_needed = sorted({c["task"] for c, _ in kept})
+    dev_names = sorted(splits.get("dev") or [])
     try:
         tasks = {t.name: t for t, _ in load_local_tasks(resolve_task_paths(tasks_needed, datasets))}
-        dev = [t for t, _ in load_local_tasks(resolve_task_paths(sorted(splits.get("dev") or []), datasets))]
+        dev = [t for t, _ in load_local_tasks(resolve_task_paths(dev_names, datasets))]
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     data = first.get("data", {})
     recorded = data.get("tasks", {})
-    dev_names = sorted(splits.get("dev") or [])
     for name in [*tasks_needed, *dev_names]:  # dev tasks decide which rows are left out
         path = datasets / name / "data.jsonl"
         if recorded.get(name) and path.is_file() and sha256_file(path) != recorded[name]:
