@@ -282,3 +282,18 @@ def test_held_out_tasks_and_validation_contexts_stay_the_same_across_rounds(data
     assert {c.sha256 for c in valid1} == {c.sha256 for c in valid2} and {c.label["task"] for c in valid1} == set(held1)
     _, other = plan(seed=1, split_seed=5)
     assert other != held1 or len(TRAIN_TASKS) == 1  # (5 tasks: another seed holds out another one)
+
+
+def test_a_larger_validation_set_keeps_the_smaller_ones_contexts(datasets) -> None:
+    # --repeats draws more validation contexts per held-out task; repeat 0 stays the same
+    # context, so a validation reward on the larger set extends the one already measured.
+    tasks = load_local_tasks(resolve_task_paths(TRAIN_TASKS, datasets))
+
+    def plan(repeats):
+        config = RolloutConfig(valid_fraction=0.2, split="valid", samples=1, temperature=0.0, repeats=repeats)
+        return rollouts.plan_contexts(tasks, config, ApproxCounter())[0]
+
+    small, large = plan(1), plan(3)
+    assert len(large) == 3 * len(small) and len({c.sha256 for c in large}) == len(large)
+    assert {c.sha256 for c in small} <= {c.sha256 for c in large}
+    assert {c.label["repeat"] for c in large} == {0, 1, 2}

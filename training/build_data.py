@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import random
 import statistics
 import sys
@@ -55,6 +54,7 @@ from dspy_promptmii.secrets import protected_logger
 from training.contamination import eval_hashes, overlapping_rows
 from training.grpo_label import GRPOLabel
 from training.sources import (
+    default_datasets_dir,
     load_hub_task,
     load_local_tasks,
     read_overlap_groups,
@@ -222,14 +222,16 @@ def split_valid(
 def plan_contexts(available: Mapping[str, int], config: BuildConfig, split: str) -> list[ContextSpec]:
     """The contexts to sample. Train: a ``base_shots`` context per task, plus for each extra
     n a seeded draw of round(fraction x tasks) tasks among those with at least n + m rows;
-    each ``repeats`` times. Valid: every ``valid_shots`` n that the task's rows allow, once."""
+    each ``repeats`` times. Valid: every ``valid_shots`` n that the task's rows allow, ``repeats``
+    times (repeat 0 is the same context whatever ``repeats``, so a larger validation set keeps
+    the smaller one's contexts)."""
     names = sorted(available)
     specs: list[ContextSpec] = []
     if split == "valid":
         for name in names:
             for k in sorted(set(config.valid_shots)):
                 if available[name] >= k + config.m:
-                    specs.append(ContextSpec(name, k, 0, split))
+                    specs.extend(ContextSpec(name, k, r, split) for r in range(config.repeats))
         return specs
     for name in names:
         specs.extend(ContextSpec(name, config.base_shots, r, split) for r in range(config.repeats))
@@ -502,13 +504,6 @@ def write_outputs(out_dir: str | Path, result: BuildResult) -> dict[str, Path]:
 # --- command line --------------------------------------------------------------------------
 
 
-def _default_datasets_dir() -> Path:
-    env = os.environ.get("PROMPTMII_SHARED_DATASETS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
 def _parse_extra_shots(text: str) -> dict[int, float]:
     """``"10:0.3,20:0.2,50:0.1"`` -> {10: 0.3, 20: 0.2, 50: 0.1}; ``""`` or ``"none"`` -> {}."""
     if text.strip().lower() in ("", "none"):
@@ -591,7 +586,7 @@ def parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=1,
-        help="independent draws of every planned context (more prompts from few datasets)",
+        help="independent draws of every planned context (more prompts from few datasets; validation contexts too)",
     )
     smp.add_argument(
         "--sampling",
@@ -718,7 +713,7 @@ def _main(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as error:
         raise SystemExit(f"--template: {error}") from None
     logger.info("template %s (%s)", template if template in TEMPLATES else "custom", why)
-    datasets_dir = args.datasets or _default_datasets_dir()
+    datasets_dir = args.datasets or default_datasets_dir()
     if not datasets_dir.is_dir():
         if args.datasets is not None:
             raise SystemExit(f"--datasets {datasets_dir} is not a folder")

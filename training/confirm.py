@@ -56,10 +56,10 @@ from dspy_promptmii.protocol import NAIVE_INSTRUCTION
 from training.contamination import eval_hashes, overlapping_rows
 from training.follower import Follower, FollowerOutage, HeldOutSet, score_instruction
 from training.grpo_label import GRPOLabel
-from training.rollouts import ModelChoice, _default_datasets, _score_fields, model_identity, open_endpoints
+from training.rollouts import ModelChoice, model_identity, open_endpoints
 from training.runlog import JsonlLog, RunLocked, SettingsMismatch, check_settings, digest, folder_lock
 from training.select import DEFAULT_MARGIN, DEFAULT_QUOTE_CHARS, SelectionConfig, decide, load_rollouts
-from training.sources import load_local_tasks, read_splits, resolve_task_paths
+from training.sources import default_datasets_dir, load_local_tasks, read_splits, resolve_task_paths
 
 logger = logging.getLogger("training.confirm")
 
@@ -129,8 +129,8 @@ async def confirm_context(
         "sample_index": target.get("index"),
         "rows": list(rows),
         "ranking_advantage": round(float(target["reward"]) - float(context["naive"]["reward"]), 6),
-        "target": _score_fields(scored),
-        "naive": _score_fields(naive),
+        "target": scored.record(),
+        "naive": naive.record(),
         "fresh_advantage": round(float(scored.reward) - float(naive.reward), 6),
     }
 
@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    datasets = (args.datasets or _default_datasets()).expanduser().resolve()
+    datasets = (args.datasets or default_datasets_dir()).expanduser().resolve()
     try:
         config = SelectionConfig(margin=args.margin, quote_chars=args.quote_chars)
         check_writable(args.out, folder=True)

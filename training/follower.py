@@ -424,6 +424,18 @@ class ScoreResult:
     seconds: float = 0.0
     predictions: list[str | None] = field(default_factory=list, repr=False)
 
+    def record(self) -> dict[str, Any]:
+        """The fields a rollout or confirmation record keeps of this score (rounded to 6
+        decimals; ``follower_seconds`` in seconds)."""
+        return {
+            "reward": round(float(self.reward), 6),
+            "accuracy": round(float(self.accuracy), 6),
+            "invalid_rate": round(float(self.invalid_rate), 6),
+            "follower_error": self.follower_error,
+            "empty_instruction": self.empty_instruction,
+            "follower_seconds": round(self.seconds, 3),
+        }
+
     def extra_logs(self, instruction_tokens: int | None = None) -> dict[str, float]:
         """Scalar logs for OpenRLHF (averaged over the batch in its metrics)."""
         logs = {

@@ -93,12 +93,17 @@ from training.follower import (
     FollowerConfig,
     FollowerOutage,
     HeldOutSet,
-    ScoreResult,
     score_instruction,
 )
 from training.grpo_label import GRPOLabel
 from training.runlog import JsonlLog, check_settings, digest, folder_lock
-from training.sources import load_local_tasks, read_overlap_groups, read_splits, resolve_task_paths
+from training.sources import (
+    default_datasets_dir,
+    load_local_tasks,
+    read_overlap_groups,
+    read_splits,
+    resolve_task_paths,
+)
 from training.tokens import TokenCounter, load_counter
 
 logger = logging.getLogger("training.rollouts")
@@ -474,17 +479,6 @@ def open_endpoints(
 # --- one context ------------------------------------------------------------------------------------
 
 
-def _score_fields(result: ScoreResult) -> dict[str, Any]:
-    return {
-        "reward": round(float(result.reward), 6),
-        "accuracy": round(float(result.accuracy), 6),
-        "invalid_rate": round(float(result.invalid_rate), 6),
-        "follower_error": result.follower_error,
-        "empty_instruction": result.empty_instruction,
-        "follower_seconds": round(result.seconds, 3),
-    }
-
-
 async def rollout_context(
     context: Context,
     config: RolloutConfig,
@@ -528,7 +522,7 @@ async def rollout_context(
                 "instruction": cleaned.text,
                 "copied_lines": cleaned.copied_lines,
                 "generation_seconds": round(generation_seconds, 3),
-                **_score_fields(score),
+                **score.record(),
             }
         )
         logger.debug("%s sample %d: reward %.3f (naive %.3f)", context.key, index, score.reward, naive.reward)
@@ -547,7 +541,7 @@ async def rollout_context(
         "meta_prompt": context.meta_prompt,
         "label": dict(context.label),  # as the data builder wrote it
         "protocol": dict(context.label["protocol"]),
-        "naive": {"instruction": NAIVE_INSTRUCTION, **_score_fields(naive)},
+        "naive": {"instruction": NAIVE_INSTRUCTION, **naive.record()},
         "samples": samples,
         "seconds": round(time.perf_counter() - started, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -689,7 +683,9 @@ def parser() -> argparse.ArgumentParser:
                      help="train contexts, sample seeds and order (use a new one per round)")
     src.add_argument("--split-seed", type=int, default=0,
                      help="which tasks are held out, and the valid contexts (keep it across rounds; 0)")
-    src.add_argument("--repeats", type=positive_int, default=1, help="independent draws of every planned context")
+    src.add_argument("--repeats", type=positive_int, default=1,
+                     help="independent draws of every planned context (validation contexts too; repeat 0 stays "
+                     "the same)")
     src.add_argument("--m", type=positive_int, default=20, help="held-out rows scored per context (20)")
     src.add_argument("--base-shots", type=positive_int, default=5, help="shots of every task's context (5)")
     src.add_argument("--extra-shots", type=_extra_shots, default=dict(DEFAULT_EXTRA_SHOTS),
@@ -738,11 +734,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _default_datasets() -> Path:
-    env = os.environ.get("PROMPTMII_SHARED_DATASETS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "datasets"
-
-
 def _task_files(tasks: Sequence[tuple[TaskData, str]]) -> dict[str, str]:
     """Task name -> sha256 of its data file (what the contexts were drawn from)."""
     hashes = {}
@@ -772,7 +763,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
     Raises:
         SystemExit: with a message naming the problem.
     """
-    datasets = (args.datasets or _default_datasets()).expanduser().resolve()
+    datasets = (args.datasets or default_datasets_dir()).expanduser().resolve()
     splits = read_splits(datasets) if datasets.is_dir() else None
     if not splits or not splits.get("train"):
         raise SystemExit(f"error: no SPLITS.json with a 'train' list in {datasets}: pass --datasets DIR")

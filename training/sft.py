@@ -69,7 +69,7 @@ from dspy_promptmii.files import check_writable, write_json, write_text
 from dspy_promptmii.local.pull import sha256_file
 from training.build_data import split_valid
 from training.runlog import JsonlLog, RunLocked, SettingsMismatch, check_settings, digest, folder_lock
-from training.sources import read_overlap_groups
+from training.sources import default_datasets_dir, read_overlap_groups
 
 logger = logging.getLogger("training.sft")
 
@@ -701,8 +701,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _default_datasets() -> Path | None:
-    env = os.environ.get("PROMPTMII_SHARED_DATASETS")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    path = default_datasets_dir()
     return path if path.is_dir() else None
 
 

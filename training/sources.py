@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,6 +89,13 @@ class ColumnDetectionError(ValueError):
 
 
 # --- local folders ------------------------------------------------------------------
+
+
+def default_datasets_dir() -> Path:
+    """The shared task folders: ``$PROMPTMII_SHARED_DATASETS``, else ``shared/datasets`` beside
+    the repository checkout (absent on a user's clone: callers check before reading it)."""
+    env = os.environ.get("PROMPTMII_SHARED_DATASETS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 def read_overlap_groups(datasets_dir: str | Path) -> dict[str, str]:
