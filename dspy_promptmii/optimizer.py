@@ -24,7 +24,14 @@ from dspy_promptmii.generation import DEFAULT_GENERATOR_MAX_TOKENS, DEFAULT_MAX_
 from dspy_promptmii.library import check_entries, load_library
 from dspy_promptmii.params import SHARED, Constraint, InstanceOf, OneOf, check_params
 from dspy_promptmii.plan import Plan, check_call, make_plans
-from dspy_promptmii.protocol import TEMPLATES, Protocol, choose_template, names_a_file, template_text
+from dspy_promptmii.protocol import (
+    TEMPLATES,
+    Protocol,
+    check_template_file,
+    choose_template,
+    names_a_file,
+    template_text,
+)
 from dspy_promptmii.report import PredictorReport, chosen_text, origin_of, predictor_report
 from dspy_promptmii.sampling import SAMPLING, Sampling
 from dspy_promptmii.secrets import protected_logger
@@ -204,8 +211,11 @@ class PromptMIIOptimizer(Teleprompter):
         _warn_deprecated_settings(temperature=temperature, max_tokens=max_tokens, generation_kwargs=generation_kwargs)
         if protocol is not None and template is not None:
             raise ValueError("pass either template= or protocol= (which holds a template), not both")
-        # A template file is read when it is used (compile, estimate), not here.
+        # A template file is read when it is used (compile, estimate), not here; but a name
+        # that is no file (a misspelled built-in, "meta3") is refused now.
         self._template_file = template if protocol is None and names_a_file(template) else None
+        if self._template_file is not None:
+            check_template_file(self._template_file)
         if protocol is None and self._template_file is None:
             protocol = Protocol(template="auto" if template is None else template)
         #: The protocol; with a template file, None until compile or estimate reads it.

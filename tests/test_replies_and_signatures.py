@@ -398,19 +398,24 @@ def test_a_template_file_is_read_and_checked(tmp_path: Path) -> None:
     lacking = tmp_path / "lacking.txt"
     lacking.write_text("Write an instruction for {label_names}.", encoding="utf-8")
     missing = tmp_path / "missing.txt"
-    for path, message in (
-        (lacking, r"lacking.txt: the template is missing the placeholder\(s\) \{examples\}"),
-        (missing, "is not an existing file"),
-    ):
-        lm, engine = fake_lm([REPLY])
-        optimizer = PromptMIIOptimizer(generator_lm=lm, template=str(path))  # nothing read here
-        with pytest.raises(ValueError, match=message):
-            optimizer.compile(dspy.Predict(Review), trainset=TRAIN)
-        with pytest.raises(ValueError, match=message):
-            optimizer.estimate(dspy.Predict(Review), TRAIN)
-        assert engine.calls == 0  # raised before any LM call
-    with pytest.raises(ValueError, match="is not an existing file"):  # the same error as Protocol's
-        Protocol(template=str(missing))
+    message = r"lacking.txt: the template is missing the placeholder\(s\) \{examples\}"
+    lm, engine = fake_lm([REPLY])
+    optimizer = PromptMIIOptimizer(generator_lm=lm, template=str(lacking))  # nothing read here
+    with pytest.raises(ValueError, match=message):
+        optimizer.compile(dspy.Predict(Review), trainset=TRAIN)
+    with pytest.raises(ValueError, match=message):
+        optimizer.estimate(dspy.Predict(Review), TRAIN)
+    assert engine.calls == 0  # raised before any LM call
+    optimizer = PromptMIIOptimizer(generator_lm=lm, template=good)
+    good.unlink()  # a file gone after construction: refused at compile, before any LM call
+    with pytest.raises(ValueError, match="is not an existing file"):
+        optimizer.compile(dspy.Predict(Review), trainset=TRAIN)
+    assert engine.calls == 0
+    for name in (missing, "meta3"):  # no such file, or a misspelled built-in: refused at once
+        with pytest.raises(ValueError, match=r"is not a built-in name \(meta1, meta2, .*is not an existing file"):
+            PromptMIIOptimizer(generator_lm=lm, template=name)
+        with pytest.raises(ValueError, match="is not an existing file"):  # the same error as Protocol's
+            Protocol(template=str(name))
     with pytest.raises(ValueError, match="either template= or protocol="):
         PromptMIIOptimizer(template="meta1", protocol=Protocol())
 

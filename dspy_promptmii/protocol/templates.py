@@ -191,6 +191,21 @@ def names_a_file(template: Any) -> bool:
     )
 
 
+def check_template_file(template: str | os.PathLike[str]) -> Path:
+    """The file a ``template`` that :func:`names_a_file` stands for, without reading it.
+
+    Raises ``ValueError`` when there is no such file: most often a misspelled built-in name
+    (``"meta3"``), so the message lists the built-in names."""
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise ValueError(
+            f"template {str(template)!r} is not a built-in name ({', '.join(TEMPLATES)}) or 'auto', holds no "
+            f"{PLACEHOLDERS[1]} placeholder, "
+            "and is not an existing file"
+        )
+    return path
+
+
 def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
     """Resolve what a user passed as ``template`` into (template, source).
 
@@ -213,13 +228,7 @@ def load_template(template: str | os.PathLike[str]) -> tuple[str, str]:
             return template, "built-in"
         check_template(template)
         return template, "text"
-    path = Path(template).expanduser()
-    if not path.is_file():
-        raise ValueError(
-            f"template {str(template)!r} is not a built-in name ({', '.join(TEMPLATES)}) or 'auto', holds no "
-            f"{PLACEHOLDERS[1]} placeholder, "
-            "and is not an existing file"
-        )
+    path = check_template_file(template)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
