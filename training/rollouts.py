@@ -78,7 +78,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dspy_promptmii.data import TaskData
-from dspy_promptmii.files import check_writable, write_json
+from dspy_promptmii.files import check_writable, read_json, write_json
 from dspy_promptmii.generation import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
     budget_limit,
@@ -123,6 +123,7 @@ __all__ = [
     "rollout_context",
     "run_rollouts",
     "finished_records",
+    "read_run",
     "summarize",
     "main",
 ]
@@ -592,6 +593,31 @@ def summarize(records: Sequence[Mapping[str, Any]], planned: int | None = None) 
         "by_n_shot": {str(n): block(by_n[n]) for n in sorted(by_n)},
         "by_task": {task: block(by_task[task]) for task in sorted(by_task)},
     }
+
+
+def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The finished records of one rollout folder (or its rollouts.jsonl) and the settings of
+    its manifest (``split``, generator, follower, protocol, ...).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a ``training.rollouts --out`` folder.
+        ValueError: its manifest is broken or not a manifest.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no rollouts folder or file at {path}: pass a training.rollouts --out folder")
+    folder = path if path.is_dir() else path.parent
+    file = folder / ROLLOUTS if path.is_dir() else path
+    manifest = folder / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"no {ROLLOUTS} in {folder}: pass a training.rollouts --out folder")
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} beside {file}: pass a training.rollouts --out folder")
+    data = read_json(manifest)  # a broken file: ValueError naming it, with line and column
+    if not isinstance(data, dict):
+        raise ValueError(f"{manifest}: not a training.rollouts manifest (a JSON object), got {type(data).__name__}")
+    settings, sha = data.get("settings", {}), data.get("settings_sha256") or digest(data.get("settings", {}))
+    return list(finished_records(JsonlLog(file).read(), sha).values()), settings
 
 
 def run_rollouts(

@@ -59,7 +59,7 @@ from typing import Any
 
 from dspy_promptmii.files import check_writable, read_json, write_json, write_jsonl, write_text
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION
-from training.rollouts import MANIFEST, ROLLOUTS, finished_records
+from training.rollouts import read_run
 from training.runlog import JsonlLog, digest
 
 logger = logging.getLogger("training.select")
@@ -143,24 +143,6 @@ class Loaded:
     settings: list[dict[str, Any]] = field(default_factory=list)  # each folder's manifest settings
 
 
-def _records_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The finished records of one rollout folder (or its rollouts.jsonl) and its settings."""
-    if not path.exists():
-        raise FileNotFoundError(f"no rollouts folder or file at {path}: pass a training.rollouts --out folder")
-    folder = path if path.is_dir() else path.parent
-    file = folder / ROLLOUTS if path.is_dir() else path
-    manifest = folder / MANIFEST
-    if not file.is_file():
-        raise FileNotFoundError(f"no {ROLLOUTS} in {folder}: pass a training.rollouts --out folder")
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} beside {file}: pass a training.rollouts --out folder")
-    data = read_json(manifest)  # a broken file: ValueError naming it, with line and column
-    if not isinstance(data, dict):
-        raise ValueError(f"{manifest}: not a training.rollouts manifest (a JSON object), got {type(data).__name__}")
-    settings, sha = data.get("settings", {}), data.get("settings_sha256") or digest(data.get("settings", {}))
-    return list(finished_records(JsonlLog(file).read(), sha).values()), settings
-
-
 def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
     """Finished ``train`` contexts of one or more rollout folders, merged by content: the
     samples of every folder (each tagged with its folder's generator), the naive reward of
@@ -178,7 +160,7 @@ def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
     reference: tuple[Any, Any, str] | None = None
     for raw in paths:
         path = Path(raw)
-        records, settings = _records_of(path)
+        records, settings = read_run(path)
         split = settings.get("config", {}).get("split", "train")
         if split != "train":
             raise ValueError(f"{path} holds {split!r} rollouts: held-out validation contexts are never SFT data")
