@@ -210,7 +210,9 @@ def test_incomparable_or_held_out_rollouts_are_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "text, problem", [('{"settings":', r"manifest\.json:1:13: not valid JSON"), ("[1]", "got list")]
+    "text, problem",
+    [('{"settings":', r"manifest\.json:1:13: not valid JSON"), ("[1]", "not a training.rollouts manifest"),
+     ('{"settings": [1]}', "not a training.rollouts manifest"), ('{"settings": {"config": null}}', "and their config")],
 )
 def test_a_broken_manifest_is_named_in_a_one_line_error(tmp_path: Path, text: str, problem: str) -> None:
     folder = write_folder(tmp_path / "train", [context("a", 0.4, [0.5])])

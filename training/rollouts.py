@@ -606,6 +606,8 @@ def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no rollouts folder or file at {path}: pass a training.rollouts --out folder")
+    if path.is_file() and path.name != ROLLOUTS:
+        raise FileNotFoundError(f"{path} is not a {ROLLOUTS}: pass a training.rollouts --out folder")
     folder = path if path.is_dir() else path.parent
     file = folder / ROLLOUTS if path.is_dir() else path
     manifest = folder / MANIFEST
@@ -614,9 +616,10 @@ def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if not manifest.is_file():
         raise FileNotFoundError(f"no {MANIFEST} beside {file}: pass a training.rollouts --out folder")
     data = read_json(manifest)  # a broken file: ValueError naming it, with line and column
-    if not isinstance(data, dict):
-        raise ValueError(f"{manifest}: not a training.rollouts manifest (a JSON object), got {type(data).__name__}")
-    settings, sha = data.get("settings", {}), data.get("settings_sha256") or digest(data.get("settings", {}))
+    settings = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
+        raise ValueError(f"{manifest}: not a training.rollouts manifest (an object with settings and their config)")
+    sha = data.get("settings_sha256") or digest(settings)
     return list(finished_records(JsonlLog(file).read(), sha).values()), settings
 
 

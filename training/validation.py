@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -44,6 +46,7 @@ __all__ = ["ValidationRun", "Comparison", "NAIVE", "load_runs", "compare", "rend
 
 #: The name of the naive instruction in comparisons.
 NAIVE = "naive"
+NAME = re.compile(r"[\w.+\- ]+")
 #: Non-zero paired differences below which the Wilcoxon test cannot reach p < 0.05 (two-sided).
 MIN_WILCOXON_PAIRS = 6
 BOOTSTRAP_SEED = 0
@@ -73,8 +76,8 @@ class ValidationRun:
 @dataclass(frozen=True)
 class Comparison:
     """``a`` against ``b`` over the ``n`` contexts both finished: mean rewards, the mean
-    difference (a - b) with its 95% bootstrap interval, wins/ties/losses of ``a`` and the
-    Wilcoxon p-value (None when every difference is zero)."""
+    difference (a - b) with its 95% bootstrap interval (None for one context), wins/ties/losses
+    of ``a`` and the Wilcoxon p-value (None when every difference is zero)."""
 
     a: str
     b: str
@@ -82,8 +85,8 @@ class Comparison:
     mean_a: float
     mean_b: float
     mean_difference: float
-    ci_low: float
-    ci_high: float
+    ci_low: float | None
+    ci_high: float | None
     wins: int
     ties: int
     losses: int
@@ -91,12 +94,21 @@ class Comparison:
 
 
 def _parse_named(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep:
-        return Path(text).parent.name or text, Path(text)
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER or FOLDER, got {text!r}")
-    return name, Path(path)
+    """``NAME=FOLDER``, or a bare ``FOLDER`` (also one whose path holds ``=``) named by the folder
+    above the run folder (``training/rft/round0/valid``: ``round0``)."""
+    if not Path(text).exists():
+        name, sep, path = text.partition("=")
+        if sep:
+            if not name or not path:
+                raise argparse.ArgumentTypeError(f"expected NAME=FOLDER or FOLDER, got {text!r}")
+            if not NAME.fullmatch(name):
+                raise argparse.ArgumentTypeError(
+                    f"run name {name!r}: use letters, digits, spaces and . _ + - (it goes into Markdown tables)")
+            return name, Path(path)
+    folder = Path(os.path.realpath(text))
+    if folder.is_file():
+        folder = folder.parent
+    return folder.parent.name or str(folder), Path(text)
 
 
 def load_runs(named: Sequence[tuple[str, str | Path]]) -> list[ValidationRun]:
@@ -114,10 +126,15 @@ def load_runs(named: Sequence[tuple[str, str | Path]]) -> list[ValidationRun]:
             raise ValueError(f"run name {name!r} is {'reserved' if name == NAIVE else 'given twice'}: "
                              "name each run once (NAME=FOLDER)")
         records, settings = read_run(path)
-        split = settings.get("config", {}).get("split", "train")
+        config = settings["config"]
+        split = config.get("split", "train")
         if split != "valid":
             raise ValueError(f"{path} holds {split!r} rollouts: the validation curve compares "
                              "training.rollouts --split valid runs")
+        if config.get("samples", 1) != 1 or config.get("temperature", 0.0) != 0:
+            raise ValueError(f"{path} sampled {config.get('samples')} instruction(s) per context at temperature "
+                             f"{config.get('temperature')}: the validation reward is one greedy instruction "
+                             "(training.rollouts --split valid with its defaults)")
         scorer = (settings.get("follower"), settings.get("protocol"))
         if reference is None:
             reference = (*scorer, str(path))
@@ -128,16 +145,40 @@ def load_runs(named: Sequence[tuple[str, str | Path]]) -> list[ValidationRun]:
             raise ValueError(f"{path} has no finished validation context yet")
         rewards, naive, tasks = {}, {}, {}
         for record in records:
-            key = str(record["context_sha256"])
-            rewards[key] = float(record["samples"][0]["reward"])  # greedy: one sample per context
-            naive[key] = float(record["naive"]["reward"])
-            tasks[key] = str(record["task"])
+            key, reward, naive_reward, task = _context_fields(record, path)
+            if key in rewards:
+                raise ValueError(f"{path}: context {record.get('key')!r} repeats another's context_sha256")
+            rewards[key], naive[key], tasks[key] = reward, naive_reward, task
         runs.append(ValidationRun(name, str(path), settings.get("generator") or {}, rewards, naive, tasks))
     return runs
 
 
-def _interval(differences: Sequence[float]) -> tuple[float, float]:
-    if len(set(differences)) == 1:  # no spread: the bootstrap has nothing to resample
+def _reward(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{what} is {value!r}, not a macro-F1 in [0, 1]")
+    return float(value)
+
+
+def _context_fields(record: Mapping[str, Any], path: str | Path) -> tuple[str, float, float, str]:
+    """(context sha256, greedy reward, naive reward, task) of one finished record; ValueError
+    naming the run and context when the record is not a validation record."""
+    where = f"{path}: context {record.get('key')!r}"
+    samples, naive = record.get("samples"), record.get("naive")
+    if not isinstance(samples, list) or len(samples) != 1 or not isinstance(samples[0], dict):
+        raise ValueError(f"{where}: a validation record has one (greedy) sample, got {samples!r:.80}")
+    if not isinstance(naive, dict):
+        raise ValueError(f"{where}: no naive reward")
+    key, task = record.get("context_sha256"), record.get("task")
+    if not isinstance(key, str) or not key or not isinstance(task, str):
+        raise ValueError(f"{where}: no context_sha256 or task")
+    return (key, _reward(samples[0].get("reward"), f"{where}: the sample's reward"),
+            _reward(naive.get("reward"), f"{where}: the naive reward"), task)
+
+
+def _interval(differences: Sequence[float]) -> tuple[float | None, float | None]:
+    if len(differences) < 2:  # nothing to resample
+        return None, None
+    if len(set(differences)) == 1:  # no spread: every resample has the same mean
         return differences[0], differences[0]
     import numpy as np
     from scipy.stats import bootstrap
@@ -157,8 +198,9 @@ def compare(a: ValidationRun, b: ValidationRun | None) -> Comparison:
     other = a.naive if b is None else b.rewards
     keys = sorted(set(a.rewards) & set(other))
     if not keys:
-        raise ValueError(f"{a.name} and {b.name if b else NAIVE} share no validation context: "
-                         "were they drawn with the same --split-seed, --m and --repeats?")
+        raise ValueError(f"{a.name} and {b.name if b else NAIVE} share no validation context: draw them from the "
+                         "same datasets with the same --split-seed, --valid-fraction/--valid-tasks, --valid-shots, "
+                         "--repeats and --m")
     x = [a.rewards[k] for k in keys]
     y = [other[k] for k in keys]
     differences = [xi - yi for xi, yi in zip(x, y)]
@@ -176,68 +218,90 @@ def compare(a: ValidationRun, b: ValidationRun | None) -> Comparison:
     )
 
 
-def naive_disagreements(runs: Sequence[ValidationRun]) -> list[tuple[str, str, float]]:
-    """(run, context sha256, |difference|) where a run's naive reward differs from the first
-    run's on the same context: the rows or the follower's scoring were not the same."""
-    first = runs[0].naive
-    return [(run.name, key, abs(value - first[key])) for run in runs[1:] for key, value in run.naive.items()
-            if key in first and abs(value - first[key]) > 1e-6]
+def naive_disagreements(runs: Sequence[ValidationRun]) -> dict[str, float]:
+    """Context sha256 -> the largest |difference| between a run's naive reward and the first
+    run's on that context, where one differs: the rows or the follower's scoring differed."""
+    first, found = runs[0].naive, {}
+    for run in runs[1:]:
+        for key, value in run.naive.items():
+            if key in first and abs(value - first[key]) > 1e-6:
+                found[key] = max(found.get(key, 0.0), abs(value - first[key]))
+    return found
 
 
 def _p(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None else "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _d(value: float | None) -> str:
+    return "n/a" if value is None else f"{round(value, 3) + 0.0:+.3f}"  # + 0.0: no "-0.000"
 
 
 def report(runs: Sequence[ValidationRun]) -> dict[str, Any]:
-    """The figures of :func:`render` as a JSON-ready dict."""
+    """The figures of :func:`render`, unrounded: the runs, each comparison, and the mean reward
+    per held-out task over the contexts every run finished (paired), naive included."""
     comparisons = [compare(run, runs[0]) for run in runs[1:]] + [compare(run, None) for run in runs]
+    common = sorted(set.intersection(*(set(run.rewards) for run in runs)))
     by_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        for key, reward in run.rewards.items():
-            by_task[run.tasks[key]][run.name].append(reward)
-    for key, reward in runs[0].naive.items():
-        by_task[runs[0].tasks[key]][NAIVE].append(reward)
+    for key in common:
+        task = runs[0].tasks[key]
+        for run in runs:
+            by_task[task][run.name].append(run.rewards[key])
+        by_task[task][NAIVE].append(runs[0].naive[key])
     return {
         "runs": [{"name": r.name, "path": r.path, "generator": dict(r.generator), "contexts": len(r.rewards),
-                  "mean_reward": round(r.mean_reward, 4), "mean_naive_reward": round(r.mean_naive, 4)}
-                 for r in runs],
-        "comparisons": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(c).items()}
-                        for c in comparisons],
-        "by_task": {task: {name: round(statistics.fmean(v), 4) for name, v in cols.items()}
+                  "mean_reward": r.mean_reward, "mean_naive_reward": r.mean_naive} for r in runs],
+        "comparisons": [asdict(c) for c in comparisons],
+        "common_contexts": len(common),
+        "by_task": {task: {name: statistics.fmean(v) for name, v in cols.items()}
                     for task, cols in sorted(by_task.items())},
         "naive_disagreements": len(naive_disagreements(runs)),
     }
 
 
-def render(runs: Sequence[ValidationRun]) -> str:
-    """A Markdown report: each run's validation reward, the paired comparisons and a per-task
-    table."""
-    data = report(runs)
+def render(runs: Sequence[ValidationRun], data: Mapping[str, Any] | None = None) -> str:
+    """A Markdown report of :func:`report`'s figures: each run's validation reward, the paired
+    comparisons and a per-task table."""
+    data = data or report(runs)
     lines = ["# Validation reward", "",
-             "Greedy instruction per held-out context, the follower's macro-F1 on the context's held-out rows.",
-             "", "| run | generator adapter | contexts | validation reward | naive (same rows) |",
+             "One greedy instruction per held-out context; its reward is the follower's macro-F1 on the "
+             "context's held-out rows.", "",
+             "| run | generator adapter | contexts | validation reward | naive (same rows) |",
              "|---|---|---:|---:|---:|"]
     for r in data["runs"]:
         adapter = (r["generator"].get("adapter_sha256") or "none (base)")[:12]
         lines.append(f"| {r['name']} | {adapter} | {r['contexts']} | {r['mean_reward']:.3f} | "
                      f"{r['mean_naive_reward']:.3f} |")
     lines += ["", "Paired over the contexts both finished: mean difference (a - b) with its 95% bootstrap "
-              "interval (BCa), wins/ties/losses of a, two-sided Wilcoxon signed-rank p.", "",
+              "interval (BCa; n/a for one context), wins/ties/losses of a, two-sided Wilcoxon signed-rank p "
+              f"(below {MIN_WILCOXON_PAIRS} non-zero differences it cannot reach 0.05).", "",
               "| a | b | contexts | mean a | mean b | difference | 95% interval | W/T/L | Wilcoxon p |",
               "|---|---|---:|---:|---:|---:|---|---|---:|"]
     for c in data["comparisons"]:
+        interval = "n/a" if c["ci_low"] is None else f"[{_d(c['ci_low'])}, {_d(c['ci_high'])}]"
         lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['mean_a']:.3f} | {c['mean_b']:.3f} | "
-                     f"{c['mean_difference']:+.3f} | [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | "
-                     f"{c['wins']}/{c['ties']}/{c['losses']} | {_p(c['p_value'])} |")
+                     f"{_d(c['mean_difference'])} | {interval} | {c['wins']}/{c['ties']}/{c['losses']} | "
+                     f"{_p(c['p_value'])} |")
     names = [r["name"] for r in data["runs"]] + [NAIVE]
-    lines += ["", "Mean reward per held-out task:", "", "| task | " + " | ".join(names) + " |",
-              "|---|" + "---:|" * len(names)]
+    lines += ["", f"Mean reward per held-out task, over the {data['common_contexts']} contexts every run finished:",
+              "", "| task | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for task, cols in data["by_task"].items():
-        lines.append(f"| {task} | " + " | ".join(f"{cols[n]:.3f}" if n in cols else "" for n in names) + " |")
+        lines.append(f"| {task} | " + " | ".join(f"{cols[n]:.3f}" for n in names) + " |")
     if data["naive_disagreements"]:
         lines += ["", f"Warning: on {data['naive_disagreements']} context(s) a run's naive reward differs from "
                   f"{runs[0].name}'s: the rows or the follower's scoring differed."]
     return "\n".join(lines) + "\n"
+
+
+def _check_out(out: Path, runs: Sequence[tuple[str, Path]]) -> None:
+    if out.suffix != ".md":
+        raise ValueError(f"--out names the Markdown report (a .md file; its figures go beside it as .json), got {out}")
+    folders = {Path(os.path.realpath(p if Path(p).is_dir() else Path(p).parent)) for _, p in runs}
+    for target in (out, out.with_suffix(".json")):
+        if Path(os.path.realpath(target)).parent in folders:
+            raise ValueError(f"cannot write {target}: it is inside a run folder given as input, which is never "
+                             "written; give a file elsewhere")
+        check_writable(target)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -254,19 +318,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.out is not None:
-            if args.out.suffix != ".md":
-                raise ValueError(f"--out names the Markdown report (a .md file; its figures go beside it as "
-                                 f".json), got {args.out}")
-            check_writable(args.out)
-            check_writable(args.out.with_suffix(".json"))
+            _check_out(args.out, args.runs)
         runs = load_runs(args.runs)
-        text = render(runs)
+        data = report(runs)
+        text = render(runs, data)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
-    sys.stdout.write(text)
     if args.out is not None:
         write_text(text, args.out)
-        write_json(report(runs), args.out.with_suffix(".json"))
+        write_json(data, args.out.with_suffix(".json"))
+        logger.info("wrote %s and %s", args.out, args.out.with_suffix(".json"))
+    sys.stdout.write(text)
     return 0
 
 
