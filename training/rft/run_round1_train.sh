@@ -2,7 +2,9 @@
 # Round 1, second half (issue 18): select the targets from the round-1 rollouts, LoRA SFT on them
 # (never beside a llama.cpp server: stop run_round1.sh first), export the adapter as a GGUF LoRA,
 # then the validation reward of the round-1 generator (greedy, the same 12 held-out contexts as
-# round 0). Every step resumes or redoes cheaply; run from the repository root.
+# round 0, then the larger set of run_valid_large.sh: 24 contexts x 40 rows) and the validation
+# curve against round 0 (training.validation). Every step resumes or redoes cheaply; run from the
+# repository root.
 # OUT (default training/rft/round1) is the folder of this try; SELECT_ARGS go to training.select.
 set -euo pipefail
 R=training/rft
@@ -15,3 +17,7 @@ python -m training.sft --pairs $OUT/select --out $OUT/sft --seed 1 \
 python -m training.export --run $OUT/sft --out $OUT/adapter.gguf --round 1 \
   --name promptmii-qwen2.5-0.5b
 python -m training.rollouts --split valid --out $OUT/valid --lora $OUT/adapter.gguf --no-progress
+python -m training.rollouts --split valid --repeats 2 --m 40 --out $OUT/valid_large --lora $OUT/adapter.gguf \
+  --no-progress
+python -m training.validation round0=$R/round0/valid_large "$(basename "$OUT")=$OUT/valid_large" \
+  --out $OUT/valid_large.md
