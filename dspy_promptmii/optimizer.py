@@ -162,9 +162,10 @@ class PromptMIIOptimizer(Teleprompter):
         ValueError: a bad value (named): ``n`` < 1, an unknown template or sampling, a
             template without its placeholders, ``protocol`` together with ``template``,
             exemplars with a template that has no ``{exemplars}`` placeholder, or an
-            empty or malformed library given as a list. Files (a library, a template) are
-            read by ``compile`` and ``estimate``, before any LM call, and their errors
-            raised there.
+            empty or malformed library given as a list, or a template that is no built-in
+            name, no template text and no existing file (a misspelled ``"meta3"``). Files
+            (a library, a template) are read by ``compile`` and ``estimate``, before any LM
+            call, and their errors raised there.
     """
 
     #: Each constructor argument's rule (see :mod:`dspy_promptmii.params`).
