@@ -124,6 +124,7 @@ __all__ = [
     "run_rollouts",
     "finished_records",
     "read_run",
+    "read_comparable_runs",
     "summarize",
     "main",
 ]
@@ -621,6 +622,28 @@ def read_run(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise ValueError(f"{manifest}: not a training.rollouts manifest (an object with settings and their config)")
     sha = data.get("settings_sha256") or digest(settings)
     return list(finished_records(JsonlLog(file).read(), sha).values()), settings
+
+
+def read_comparable_runs(
+    paths: Sequence[str | Path], split: str, why: str, hint: str = ""
+) -> list[tuple[Path, list[dict[str, Any]], dict[str, Any]]]:
+    """:func:`read_run` of each path, checked to hold ``split`` rollouts (``why`` ends the error
+    otherwise) scored with the first one's follower and protocol (else their rewards are not
+    comparable; ``hint`` ends that error). Raises what :func:`read_run` raises, and ``ValueError`` naming the folder."""
+    runs = []
+    for raw in paths:
+        path = Path(raw)
+        records, settings = read_run(path)
+        found = settings["config"].get("split", "train")
+        if found != split:
+            raise ValueError(f"{path} holds {found!r} rollouts: {why}")
+        if runs and (settings.get("follower"), settings.get("protocol")) != (
+            runs[0][2].get("follower"), runs[0][2].get("protocol")
+        ):
+            raise ValueError(f"{path} was scored with another follower or protocol than {runs[0][0]}: their rewards "
+                             f"are not comparable{hint}")
+        runs.append((path, records, settings))
+    return runs
 
 
 def run_rollouts(

@@ -59,7 +59,7 @@ from typing import Any
 
 from dspy_promptmii.files import check_writable, read_json, write_json, write_jsonl, write_text
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION
-from training.rollouts import read_run
+from training.rollouts import read_comparable_runs
 from training.runlog import JsonlLog, digest
 
 logger = logging.getLogger("training.select")
@@ -157,21 +157,9 @@ def load_rollouts(paths: Sequence[str | Path]) -> Loaded:
     merged: dict[str, dict[str, Any]] = {}
     inputs = []
     all_settings = []
-    reference: tuple[Any, Any, str] | None = None
-    for raw in paths:
-        path = Path(raw)
-        records, settings = read_run(path)
-        split = settings.get("config", {}).get("split", "train")
-        if split != "train":
-            raise ValueError(f"{path} holds {split!r} rollouts: held-out validation contexts are never SFT data")
-        scorer = (settings.get("follower"), settings.get("protocol"))
-        if reference is None:
-            reference = (*scorer, str(path))
-        elif scorer != reference[:2]:
-            raise ValueError(
-                f"{path} was scored with another follower or protocol than {reference[2]}: their rewards are not "
-                "comparable; select them separately"
-            )
+    runs = read_comparable_runs(paths, "train", "held-out validation contexts are never SFT data",
+                                "; select them separately")
+    for path, records, settings in runs:
         generator = settings.get("generator")
         all_settings.append(settings)
         inputs.append({"path": str(path), "contexts": len(records), "generator": generator,

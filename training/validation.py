@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dspy_promptmii.files import check_writable, write_json, write_text
-from training.rollouts import read_run
+from training.rollouts import read_comparable_runs
 
 logger = logging.getLogger("training.validation")
 
@@ -120,27 +120,19 @@ def load_runs(named: Sequence[tuple[str, str | Path]]) -> list[ValidationRun]:
             context, or the runs used different followers or protocols.
     """
     runs: list[ValidationRun] = []
-    reference: tuple[Any, Any, str] | None = None
-    for name, path in named:
-        if any(run.name == name for run in runs) or name == NAIVE:
+    names = [name for name, _ in named]
+    for name in names:
+        if names.count(name) > 1 or name == NAIVE:
             raise ValueError(f"run name {name!r} is {'reserved' if name == NAIVE else 'given twice'}: "
                              "name each run once (NAME=FOLDER)")
-        records, settings = read_run(path)
+    read = read_comparable_runs([path for _, path in named], "valid",
+                                "the validation curve compares training.rollouts --split valid runs")
+    for name, (path, records, settings) in zip(names, read):
         config = settings["config"]
-        split = config.get("split", "train")
-        if split != "valid":
-            raise ValueError(f"{path} holds {split!r} rollouts: the validation curve compares "
-                             "training.rollouts --split valid runs")
         if config.get("samples", 1) != 1 or config.get("temperature", 0.0) != 0:
             raise ValueError(f"{path} sampled {config.get('samples')} instruction(s) per context at temperature "
                              f"{config.get('temperature')}: the validation reward is one greedy instruction "
                              "(training.rollouts --split valid with its defaults)")
-        scorer = (settings.get("follower"), settings.get("protocol"))
-        if reference is None:
-            reference = (*scorer, str(path))
-        elif scorer != reference[:2]:
-            raise ValueError(f"{path} was scored with another follower or protocol than {reference[2]}: "
-                             "their rewards are not comparable")
         if not records:
             raise ValueError(f"{path} has no finished validation context yet")
         rewards, naive, tasks = {}, {}, {}
