@@ -16,11 +16,16 @@ characters, and errors as one line.
   traceback only when asked (``-v``), and returns the exit code 2.
 * :func:`command` runs a command line's body the same way for every command: signals
   (:mod:`dspy_promptmii.stopping`), ``interrupted`` (exit 130), one-line errors.
+* :func:`write_stdout` writes a command's report to stdout after its files are written: a
+  reader that went away (``| head``) or a closed stdout ends the command quietly, a stdout
+  that cannot take the text (a full disk) is one warning, never a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import sys
 import traceback
@@ -39,7 +44,10 @@ __all__ = [
     "error_line",
     "fail",
     "command",
+    "write_stdout",
 ]
+
+logger = logging.getLogger("dspy_promptmii.console")
 
 # C0 controls but \t and \n, DEL, C1 controls, and the bidirectional embeddings, overrides
 # and isolates (text that reorders what follows it on the screen).
@@ -151,3 +159,38 @@ def command(prog: str, body: Callable[[], int], *, verbose: bool = False, progra
         except Exception as error:  # noqa: BLE001 - every error is one line (a traceback only when verbose)
             code = fail(prog, error, verbose=verbose)
     return exit_process(code) if program else code
+
+
+def write_stdout(text: str) -> bool:
+    """Write ``text`` to stdout and flush it; meant for a report whose files are already
+    written, so a failing stdout loses nothing.
+
+    Returns ``True`` when the text was written or nobody reads it (stdout closed, or the
+    reader of a pipe went away: ``| head``; stdout is then pointed at the null device so
+    the interpreter's last flush stays quiet), ``False`` after logging one warning when
+    stdout refused the text (``OSError``, e.g. ``[Errno 28]`` on a full disk). Never raises
+    for a failing stdout.
+    """
+    stream = sys.stdout
+    if stream is None:
+        return True
+    try:
+        stream.write(text)
+        stream.flush()
+        return True
+    except (OSError, ValueError) as error:  # ValueError: a closed file object
+        _silence(stream)
+        if isinstance(error, BrokenPipeError) or getattr(error, "errno", None) == errno.EBADF:
+            return True  # the reader went away, or the stdout descriptor was closed
+        logger.warning("could not write the report to stdout: %s", error)
+        return False
+
+
+def _silence(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at the null device, so nothing more fails on it."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

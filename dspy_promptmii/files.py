@@ -80,7 +80,9 @@ def check_writable(
         with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as error:
-        raise ValueError(f"cannot write {target}: {existing} is not writable ({error.strerror or error})") from None
+        raise ValueError(
+            f"cannot write {target}: no file can be created in {existing} ({error.strerror or error})"
+        ) from None
     return path
 
 

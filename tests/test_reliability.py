@@ -794,3 +794,41 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_only_with_v(capsys, t
     assert code == 2 and one_line(err) == "promptmii: error: TypeError: something unforeseen"
     code, out, err = run_promptmii(capsys, "-v", "induce", "--data", str(data), "--generator", "m")
     assert code == 2 and "Traceback" in err and err.rstrip().endswith("TypeError: something unforeseen")
+
+
+_WRITE_REPORT = (
+    "import sys\n"
+    "from dspy_promptmii.console import write_stdout\n"
+    "sys.exit(0 if write_stdout('report line\\n' * 100000) else 1)\n"
+)
+
+
+def _report_process(stdout: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _WRITE_REPORT], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_a_report_to_a_reader_that_went_away_ends_quietly():
+    # `python -m training.validation ... | head -1`: the reader closes the pipe mid-report
+    reader = subprocess.Popen(["head", "-c", "5"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = _report_process(reader.stdin)
+    reader.stdin.close()
+    reader.wait(timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_a_report_with_stdout_closed_ends_quietly():
+    done = subprocess.run([sys.executable, "-c", "import os; os.close(1)\n" + _WRITE_REPORT],
+                          stderr=subprocess.PIPE, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
+def test_a_report_to_a_full_disk_is_one_warning_and_exit_1():
+    with open("/dev/full", "w") as full:
+        done = _report_process(full)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "could not write the report to stdout" in done.stderr and "No space left" in done.stderr

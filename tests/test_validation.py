@@ -330,6 +330,9 @@ def test_check_writable(tmp_path):
         files.check_writable(tmp_path / "f", folder=True)
     assert files.check_writable(tmp_path, folder=True) == tmp_path
     assert list(tmp_path.iterdir()) == [tmp_path / "f"]  # no probe file left
+    if Path("/proc/self").is_dir():  # a folder where no file can be made (even by root)
+        with pytest.raises(ValueError, match=r"cannot write /proc/x\.md: no file can be created in /proc \("):
+            files.check_writable("/proc/x.md")
 
 
 def test_a_failed_write_leaves_no_partial_and_keeps_the_old_file(tmp_path, monkeypatch):

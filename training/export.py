@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dspy_promptmii.console import write_stdout
 from dspy_promptmii.files import check_writable, read_json, write_json
 from dspy_promptmii.local.lifetime import OwnedFolder, death_signal, sweep
 from dspy_promptmii.local.pull import GGUF_MAGIC, sha256_file
@@ -371,10 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dspy_promptmii.local.registry import REGISTRY
 
     base_name = next((name for name, spec in REGISTRY.items() if spec.filename == base), base)
-    print(json.dumps({"adapter": str(args.out), "source": str(source), "bytes": record["adapter"]["bytes"],
-                      "sha256": record["adapter"]["sha256"], "tensors": lora["tensors"]}))
-    print(registry_entry(args.name, base_name, args.out, source))
-    return 0
+    summary = json.dumps({"adapter": str(args.out), "source": str(source), "bytes": record["adapter"]["bytes"],
+                          "sha256": record["adapter"]["sha256"], "tensors": lora["tensors"]})
+    return 0 if write_stdout(summary + "\n" + registry_entry(args.name, base_name, args.out, source) + "\n") else 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dspy_promptmii.console import write_stdout
 from dspy_promptmii.files import check_writable, read_json, write_json, write_jsonl, write_text
 from dspy_promptmii.protocol import NAIVE_INSTRUCTION
 from training.rollouts import read_comparable_runs
@@ -512,9 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(summary, args.out / "selection.json")
     text = report_text(summary)
     write_text(text, args.out / "selection.txt")
-    print(text, end="")
     logger.info("wrote %d pairs to %s", len(pairs), args.out / "pairs.jsonl")
-    return 0
+    return 0 if write_stdout(text) else 1
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dspy_promptmii.console import write_stdout
 from dspy_promptmii.files import check_writable, write_json, write_text
 from training.rollouts import read_comparable_runs
 
@@ -320,8 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_text(text, args.out)
         write_json(data, args.out.with_suffix(".json"))
         logger.info("wrote %s and %s", args.out, args.out.with_suffix(".json"))
-    sys.stdout.write(text)
-    return 0
+    return 0 if write_stdout(text) else 1
 
 
 if __name__ == "__main__":
