@@ -40,7 +40,7 @@ from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import TaskData, load_task
 from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
-from dspy_promptmii.protocol import CONSTRAINED_STYLES, Protocol
+from dspy_promptmii.protocol import FOLLOWER_STYLES, Protocol, follower_decoding
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger, redact, remember, scrub
 from dspy_promptmii.stopping import stop_on_signals
@@ -63,10 +63,6 @@ __all__ = [
 
 #: Consecutive machinery errors after which the run stops (a dead server fails every cell).
 MAX_CONSECUTIVE_ERRORS = 3
-
-
-#: What ``RunConfig.follower_style`` takes.
-FOLLOWER_STYLES = ("endpoint", "none", *CONSTRAINED_STYLES)
 
 
 class ConfigMismatch(RuntimeError):
@@ -156,12 +152,7 @@ def make_protocol(config: RunConfig, follower: Endpoint) -> Protocol:
     """The one protocol of a run: the template, demos as chat turns (ICL), the follower's
     constrained decoding (``follower_style``: the endpoint's, none, or a named style) and
     the reply limit."""
-    if config.adapter != "label" or config.follower_style == "none":
-        style: str | bool = False
-    elif config.follower_style == "endpoint":
-        style = follower.constrained_style or False
-    else:
-        style = config.follower_style
+    style = follower_decoding(config.follower_style, follower.constrained_style) if config.adapter == "label" else False
     return Protocol(
         template=config.template,
         demo_style="turns",

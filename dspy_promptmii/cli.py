@@ -118,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
         n=args.n,
         test_rows=args.test_rows,
         seed=args.seed,
-        constrained=False if args.no_constrained else (args.constrained or True),
+        follower_style="none" if args.no_constrained else (args.constrained or "endpoint"),
         adapter=args.adapter,
         n_ctx=args.n_ctx,
         exemplars=args.exemplars,

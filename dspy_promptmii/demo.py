@@ -9,6 +9,7 @@ same labelled examples, all followed by the local model through ``LabelAdapter``
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -26,7 +27,7 @@ from dspy_promptmii.optimizer import (
     PromptMIIOptimizer,
     meta_prompt_budget,
 )
-from dspy_promptmii.protocol import Protocol
+from dspy_promptmii.protocol import Protocol, follower_decoding
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.secrets import protected_logger
@@ -72,7 +73,7 @@ def run_demo(
     n: int = 20,
     test_rows: int = 100,
     seed: int = 0,
-    constrained: bool | str = True,
+    follower_style: str = "endpoint",
     adapter: str = "label",
     n_ctx: int = DEFAULT_N_CTX,
     progress: bool = True,
@@ -80,25 +81,36 @@ def run_demo(
     max_instruction_tokens: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS,
     candidates: int = 1,
     timeout: float | None = None,
+    constrained: bool | str | None = None,
 ) -> dict[str, Any]:
     """Run the demo and return its results (instruction, per-method rows, settings).
 
-    ``generator`` defaults to the follower's route. ``constrained``: the follower's
-    decoding style with LabelAdapter, ``True`` for the follower endpoint's own (see
-    :class:`~dspy_promptmii.protocol.Protocol`), ``False`` for none. ``exemplars``,
+    ``generator`` defaults to the follower's route. ``follower_style``: the follower's
+    constrained decoding with LabelAdapter, as ``RunConfig.follower_style`` takes it
+    (:data:`~dspy_promptmii.protocol.FOLLOWER_STYLES`): ``"endpoint"`` for the follower
+    endpoint's own style, ``"none"``, or a style name. ``constrained`` is its deprecated
+    spelling (``True``: ``"endpoint"``, ``False``: ``"none"``, or a style name). ``exemplars``,
     ``max_instruction_tokens`` and ``candidates`` are PromptMIIOptimizer's; with
     ``candidates`` > 1 they are scored on labelled rows the generator did not see (never
     a test row). ``timeout`` is each LM request's limit in seconds (default: the
     route's, see :func:`dspy_promptmii.routes.default_timeout`).
 
     Raises:
-        ValueError: a bad adapter or row count.
+        ValueError: a bad adapter, follower style or row count.
         IncompleteEvaluation: follower calls failed while a method was evaluated (no
             score is made up from the rows that got a reply).
         KeyboardInterrupt: Ctrl-C or SIGTERM under :func:`dspy_promptmii.stopping.stop_on_signals`.
     """
     if adapter not in ("label", "chat"):
         raise ValueError(f"adapter must be 'label' or 'chat', got {adapter!r}")
+    if constrained is not None:
+        warnings.warn(
+            "run_demo(constrained=...) is deprecated: use follower_style='endpoint', 'none' or a style name",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        follower_style = "endpoint" if constrained is True else "none" if constrained is False else str(constrained)
+    follower_decoding(follower_style, None)  # a bad style fails here, before any server starts
     task = demo_task()
     if not 1 <= test_rows <= len(task.rows) - n:
         raise ValueError(
@@ -121,8 +133,8 @@ def run_demo(
         gen = pool.endpoint(generator or follower, max_tokens=budget_limit(max_instruction_tokens), cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
-        style = follow.constrained_style if constrained is True else constrained
-        protocol = Protocol(constrained=style if adapter == "label" else False, demo_style="turns")
+        style = follower_decoding(follower_style, follow.constrained_style) if adapter == "label" else False
+        protocol = Protocol(constrained=style, demo_style="turns")
         chosen = LabelAdapter(protocol=protocol) if adapter == "label" else dspy.ChatAdapter()
 
         rows: list[MethodResult] = []

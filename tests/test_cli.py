@@ -342,6 +342,22 @@ def test_demo_gives_chat_adapter_replies_room_for_its_field_markers(capsys, tmp_
     assert result["adapter"] == "chat" and all(row["invalid_rate"] == 0.0 for row in result["results"])
 
 
+def test_run_demo_takes_the_follower_style_as_benchmarks_do(fake_pool):
+    fake_pool()
+    result = demo.run_demo(n=7, test_rows=2, follower_style="json_schema", progress=False)
+    assert result["constrained"] == "json_schema"
+    none = demo.run_demo(n=7, test_rows=2, follower_style="none", progress=False)
+    assert none["constrained"] is False
+    # the deprecated spelling: True was the endpoint's style (not Protocol(True), json_schema)
+    with pytest.warns(DeprecationWarning, match="follower_style"):
+        old = demo.run_demo(n=7, test_rows=2, constrained=True, progress=False)
+    assert old["constrained"] == demo.run_demo(n=7, test_rows=2, progress=False)["constrained"]
+    made = len(FakePool.instances)
+    with pytest.raises(ValueError, match="follower_style must be one of"):
+        demo.run_demo(n=7, test_rows=2, follower_style="json", progress=False)
+    assert len(FakePool.instances) == made  # refused before any LM pool was made
+
+
 # -- help -------------------------------------------------------------------------------
 
 SUBCOMMANDS = [["demo"], ["induce"], ["models"], ["models", "pull"], ["models", "list"], ["serve"]]

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ConstrainedStyle",
     "CONSTRAINED_STYLES",
+    "FOLLOWER_STYLES",
+    "follower_decoding",
     "label_grammar",
     "label_response_format",
     "constrained_body",
@@ -38,6 +40,29 @@ ConstrainedStyle = Literal["json_schema", "json_object", "grammar", "choice"]
 #: read off the follower's log-probabilities after the JSON answer's opening (the embedded
 #: server, :mod:`dspy_promptmii.local.label_server`).
 CONSTRAINED_STYLES: tuple[str, ...] = ("json_schema", "json_object", "grammar", "choice")
+#: What a run's ``follower_style`` takes: ``"endpoint"`` (the follower endpoint's own
+#: style, :attr:`dspy_promptmii.routes.Endpoint.constrained_style`), ``"none"`` (no
+#: constrained decoding), or one of :data:`CONSTRAINED_STYLES`.
+FOLLOWER_STYLES: tuple[str, ...] = ("endpoint", "none", *CONSTRAINED_STYLES)
+
+
+def follower_decoding(follower_style: str, endpoint_style: str | None) -> ConstrainedStyle | Literal[False]:
+    """The ``Protocol(constrained=...)`` a ``follower_style`` means for a follower endpoint
+    whose own style is ``endpoint_style`` (``None``: it has none, so ``"endpoint"`` means
+    no constrained decoding).
+
+    Raises:
+        ValueError: ``follower_style`` is not one of :data:`FOLLOWER_STYLES`.
+    """
+    if follower_style not in FOLLOWER_STYLES:
+        raise ValueError(f"follower_style must be one of {FOLLOWER_STYLES}, got {follower_style!r}")
+    if follower_style == "none":
+        return False
+    if follower_style == "endpoint":
+        return endpoint_style or False  # type: ignore[return-value]
+    return follower_style  # type: ignore[return-value]
+
+
 #: The answer the ``choice`` style scores a label in: what ``json_object`` has the
 #: follower write, ``{"label": "<label>"}``, opened before the label and closed after it.
 CHOICE_PREFIX = '{"label": "'
