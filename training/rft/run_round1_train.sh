@@ -5,11 +5,13 @@
 # round 0, then the larger set of run_valid_large.sh: 24 contexts x 40 rows) and the validation
 # curve against round 0 (training.validation). Every step resumes or redoes cheaply; run from the
 # repository root.
-# OUT (default training/rft/round1) is the folder of this try; SELECT_ARGS go to training.select.
+# OUT (default training/rft/round1) is the folder of this try; SELECT_ARGS go to training.select;
+# ROLLOUTS (space-separated) are the rollouts folders to pool.
 set -euo pipefail
 R=training/rft
 OUT=${OUT:-$R/round1}
-python -m training.select --rollouts $R/round1/rollouts --out $OUT/select ${SELECT_ARGS:-}
+# shellcheck disable=SC2086 # ROLLOUTS is a list of folders (default the seed-1 folder)
+python -m training.select --rollouts ${ROLLOUTS:-$R/round1/rollouts} --out $OUT/select ${SELECT_ARGS:-}
 python -m training.sft --pairs $OUT/select --out $OUT/sft --seed 1 \
   --lora-r 8 --lora-alpha 16 --epochs "${EPOCHS:-3}" --batch-size "${BATCH:-4}" --lr "${LR:-0.0002}" \
   --valid-fraction 0 \
