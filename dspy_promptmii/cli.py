@@ -301,7 +301,9 @@ def _models_list(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from dspy_promptmii.local import LocalServer
 
-    server = LocalServer(args.model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True)
+    server = LocalServer(
+        args.model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True, lora=args.lora
+    )
     with server:
         print(f"serving {server.model_path} at {server.base_url}", flush=True)
         route = f'dspy.LM("hosted_vllm/{server.alias}", api_base="{server.base_url}", api_key="local")'
@@ -492,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=positive_int, default=None, help="port (default: a free one)")
     serve.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX)
     serve.add_argument("--threads", type=positive_int, default=None)
+    serve.add_argument(
+        "--lora",
+        default=None,
+        metavar="ADAPTER.gguf",
+        help="a GGUF LoRA adapter (python -m training.export) applied to every request; the route's model "
+        "name becomes MODEL+ADAPTER",
+    )
     serve.set_defaults(func=_serve)
     return parser
 

@@ -296,6 +296,37 @@ def test_serve_runs_until_ctrl_c(capsys, tmp_path, monkeypatch):
     assert server.port is None  # an automatically chosen port is chosen again on restart
 
 
+def test_serve_takes_a_lora_adapter_and_names_the_route_after_both(capsys, tmp_path, monkeypatch):
+    model = tmp_path / "tiny-model.gguf"
+    model.write_bytes(b"GGUF")
+    adapter = tmp_path / "round1d.gguf"
+    adapter.write_bytes(b"GGUF")
+    servers = []
+
+    def fake_local_server(*args, **kwargs):
+        servers.append(LocalServer(*args, command=[sys.executable, str(FAKE_SERVER)], startup_timeout=20, **kwargs))
+        return servers[-1]
+
+    def ctrl_c(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dspy_promptmii.local, "LocalServer", fake_local_server)
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=ctrl_c))
+
+    code, out, err = run(capsys, "serve", "--model", str(model), "--lora", str(adapter))
+
+    assert code == 0, err
+    [server] = servers
+    assert server.lora_path == adapter
+    assert 'dspy.LM("hosted_vllm/tiny-model+round1d", api_base=' in out  # never the base model's name
+
+    not_gguf = tmp_path / "adapter.safetensors"
+    not_gguf.write_bytes(b"\x00" * 16)
+    code, out, err = run(capsys, "serve", "--model", str(model), "--lora", str(not_gguf))
+    assert_one_line_error(code, err)
+    assert "adapter.safetensors" in err
+
+
 # -- demo -------------------------------------------------------------------------------
 
 

@@ -170,9 +170,11 @@ class LocalServer:
 
     @property
     def alias(self) -> str:
-        """The model name the LM route carries (registry or trained-generator name, or the
-        file's stem)."""
-        return self.model if self.model in REGISTRY or self.model in ADAPTERS else Path(self.model).stem
+        """The model name the LM route carries: the registry or trained-generator name, or
+        the file's stem; with a ``lora`` given here, ``"<that>+<adapter file's stem>"``, so
+        that base and base + adapter never share a route name (nor a DSPy cache entry)."""
+        name = self.model if self.model in REGISTRY or self.model in ADAPTERS else Path(self.model).stem
+        return f"{name}+{Path(self.lora).stem}" if self.lora is not None else name
 
     @property
     def base_url(self) -> str:
