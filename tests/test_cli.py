@@ -269,21 +269,29 @@ def test_models_pull_unknown_name(capsys, tmp_path, monkeypatch):
 # -- serve ------------------------------------------------------------------------------
 
 
-def test_serve_runs_until_ctrl_c(capsys, tmp_path, monkeypatch):
+@pytest.fixture
+def serve_fake(tmp_path, monkeypatch):
+    """``promptmii serve`` on the fake llama.cpp server, stopped by a Ctrl-C at its first wait;
+    gives the model file and the list of LocalServers the command made."""
     model = tmp_path / "tiny-model.gguf"
     model.write_bytes(b"GGUF")
-    servers = []
+    servers: list[LocalServer] = []
 
     def fake_local_server(*args, **kwargs):
         servers.append(LocalServer(*args, command=[sys.executable, str(FAKE_SERVER)], startup_timeout=20, **kwargs))
         return servers[-1]
 
     def ctrl_c(seconds):
-        assert servers[0].running  # serving while it waits
+        assert servers[-1].running  # serving while it waits
         raise KeyboardInterrupt
 
     monkeypatch.setattr(dspy_promptmii.local, "LocalServer", fake_local_server)
     monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=ctrl_c))
+    return model, servers
+
+
+def test_serve_runs_until_ctrl_c(capsys, serve_fake):
+    model, servers = serve_fake
 
     code, out, err = run(capsys, "serve", "--model", str(model), "--n-ctx", "1024", "--threads", "1")
 
@@ -296,22 +304,10 @@ def test_serve_runs_until_ctrl_c(capsys, tmp_path, monkeypatch):
     assert server.port is None  # an automatically chosen port is chosen again on restart
 
 
-def test_serve_takes_a_lora_adapter_and_names_the_route_after_both(capsys, tmp_path, monkeypatch):
-    model = tmp_path / "tiny-model.gguf"
-    model.write_bytes(b"GGUF")
+def test_serve_takes_a_lora_adapter_and_names_the_route_after_both(capsys, tmp_path, serve_fake):
+    model, servers = serve_fake
     adapter = tmp_path / "round1d.gguf"
     adapter.write_bytes(b"GGUF")
-    servers = []
-
-    def fake_local_server(*args, **kwargs):
-        servers.append(LocalServer(*args, command=[sys.executable, str(FAKE_SERVER)], startup_timeout=20, **kwargs))
-        return servers[-1]
-
-    def ctrl_c(seconds):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dspy_promptmii.local, "LocalServer", fake_local_server)
-    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=ctrl_c))
 
     code, out, err = run(capsys, "serve", "--model", str(model), "--lora", str(adapter))
 
