@@ -40,7 +40,7 @@ from benchmarks.tasks import SPLIT_PROTOCOL, Split, make_split
 from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import TaskData, load_task
 from dspy_promptmii.evaluation import IncompleteEvaluation, evaluate
-from dspy_promptmii.protocol import Protocol, follower_decoding
+from dspy_promptmii.protocol import Protocol, follower_decoding, follower_style_from_constrained
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger, redact, remember, scrub
 from dspy_promptmii.stopping import stop_on_signals
@@ -104,8 +104,7 @@ class RunConfig:
                 DeprecationWarning,
                 stacklevel=3,
             )
-            style = self.constrained
-            self.follower_style = "endpoint" if style is True else "none" if style is False else str(style)
+            self.follower_style = follower_style_from_constrained(self.constrained)
             self.constrained = None
         follower_decoding(self.follower_style, None)  # a style it does not know raises ValueError
 

@@ -27,7 +27,7 @@ from dspy_promptmii.optimizer import (
     PromptMIIOptimizer,
     meta_prompt_budget,
 )
-from dspy_promptmii.protocol import Protocol, follower_decoding
+from dspy_promptmii.protocol import Protocol, follower_decoding, follower_style_from_constrained
 from dspy_promptmii.routes import LMPool
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.secrets import protected_logger
@@ -109,7 +109,7 @@ def run_demo(
             DeprecationWarning,
             stacklevel=2,
         )
-        follower_style = "endpoint" if constrained is True else "none" if constrained is False else str(constrained)
+        follower_style = follower_style_from_constrained(constrained)
     follower_decoding(follower_style, None)  # a bad style fails here, before any server starts
     task = demo_task()
     if not 1 <= test_rows <= len(task.rows) - n:

@@ -24,6 +24,7 @@ __all__ = [
     "CONSTRAINED_STYLES",
     "FOLLOWER_STYLES",
     "follower_decoding",
+    "follower_style_from_constrained",
     "label_grammar",
     "label_response_format",
     "constrained_body",
@@ -61,6 +62,13 @@ def follower_decoding(follower_style: str, endpoint_style: str | None) -> Constr
     if follower_style == "endpoint":
         return endpoint_style or False  # type: ignore[return-value]
     return follower_style  # type: ignore[return-value]
+
+
+def follower_style_from_constrained(constrained: bool | str) -> str:
+    """The ``follower_style`` that the deprecated ``constrained=`` argument of
+    ``RunConfig`` and ``run_demo`` meant: True the endpoint's own style (not the protocol's
+    ``constrained=True``, which is json_schema), False none, a string that style."""
+    return "endpoint" if constrained is True else "none" if constrained is False else str(constrained)
 
 
 #: The answer the ``choice`` style scores a label in: what ``json_object`` has the
