@@ -277,9 +277,12 @@ def _models_pull(args: argparse.Namespace) -> int:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    """Each registry model, cached (intact), corrupt (size or sha256 off) or not cached.
-    A model's sha256 is computed only when it changed since it was last verified."""
-    from dspy_promptmii.local import REGISTRY, cache_state, cached_path, models_dir
+    """Each registry model, cached (intact), corrupt (size or sha256 off) or not cached;
+    then each trained generator, whether its shipped adapter is intact. A model's sha256
+    is computed only when it changed since it was last verified (an adapter's, 9 MB, always)."""
+    from dspy_promptmii.local import ADAPTERS, REGISTRY, CorruptModelError, cache_state, cached_path, models_dir
+    from dspy_promptmii.local.adapters import resolve_adapter
+    from dspy_promptmii.local.registry import adapters_dir
 
     print(f"cache: {models_dir()}")
     for name, spec in REGISTRY.items():
@@ -292,6 +295,14 @@ def _models_list(args: argparse.Namespace) -> int:
         else:
             shown = "not cached"
         print(f"  {name:30s} {spec.size / 1e6:8.1f} MB  {shown}\n      {spec.description}")
+    print(f"trained generators (base model + LoRA shipped in the package: {adapters_dir()}):")
+    for name, adapter in ADAPTERS.items():
+        try:
+            resolve_adapter(adapter)
+            shown = f"adapter intact, base {adapter.base}"
+        except (FileNotFoundError, CorruptModelError) as error:
+            shown = f"adapter unusable: {error}"
+        print(f"  {name:30s} {adapter.size / 1e6:8.1f} MB  {shown}\n      {adapter.description}")
     return 0
 
 
@@ -358,7 +369,7 @@ def _timeout_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dspy_promptmii.demo import DEMO_CANDIDATES, DEMO_EXEMPLARS, DEMO_GENERATOR, DEMO_MAX_INSTRUCTION_TOKENS
-    from dspy_promptmii.local.registry import DEFAULT_MODEL
+    from dspy_promptmii.local.registry import DEFAULT_GENERATOR, DEFAULT_MODEL
     from dspy_promptmii.local.server import DEFAULT_N_CTX
     from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS
     from dspy_promptmii.protocol import CONSTRAINED_STYLES
@@ -376,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--generator",
         default=DEMO_GENERATOR,
-        help=f"the generator LM (default: {DEMO_GENERATOR or 'the follower'})",
+        help=f"the generator LM: {lm_help}, or a trained generator (default: {DEMO_GENERATOR or 'the follower'}, "
+        "the embedded model with the shipped Prompt-MII LoRA; 'local' is the same model untrained, Prompt-MII-Zero)",
     )
     demo.add_argument("--n", type=positive_int, default=20, help="labelled examples every method sees (default 20)")
     demo.add_argument("--test-rows", type=positive_int, default=100, help="held-out rows to evaluate on (default 100)")
@@ -490,7 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=_models_list)
 
     serve = commands.add_parser("serve", help="run llama.cpp's OpenAI-compatible server for a local model")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help="registry name or .gguf path")
+    serve.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registry name, trained generator (e.g. {DEFAULT_GENERATOR}) or .gguf path",
+    )
     serve.add_argument("--port", type=positive_int, default=None, help="port (default: a free one)")
     serve.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX)
     serve.add_argument("--threads", type=positive_int, default=None)

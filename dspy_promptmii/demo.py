@@ -1,9 +1,10 @@
 """``promptmii demo``: the main job on the embedded model, end to end, offline.
 
 A ``dspy.Predict`` intent classifier (SNIPS, shipped with the package) is compiled by
-PromptMIIOptimizer with the local model as generator (Prompt-MII-Zero: an untrained
-generator), and compared on held-out rows with a naive instruction and with ICL on the
-same labelled examples, all followed by the local model through ``LabelAdapter``.
+PromptMIIOptimizer with the trained generator (``promptmii-qwen2.5-0.5b``: the local model
+plus the shipped Prompt-MII LoRA; ``--generator local`` gives the untrained Prompt-MII-Zero),
+and compared on held-out rows with a naive instruction and with ICL on the same labelled
+examples, all followed by the local model through ``LabelAdapter``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.generation import budget_limit
+from dspy_promptmii.local.adapters import resolve_adapter
+from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_GENERATOR, DEFAULT_MODEL, REGISTRY
 from dspy_promptmii.local.server import DEFAULT_N_CTX
 from dspy_promptmii.optimizer import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
@@ -35,13 +38,14 @@ from dspy_promptmii.usage import metered
 
 logger = protected_logger(__name__)
 
-__all__ = ["demo_task", "run_demo", "format_table", "format_cost"]
+__all__ = ["demo_task", "run_demo", "generator_name", "format_table", "format_cost"]
 
-#: The demo's Prompt-MII settings: the optimizer's defaults, which the dev-task study chose
-#: (README, "Which settings are the defaults, and why"; benchmarks/results/dev12-2026-11-29):
-#: the 0.5B model also as generator (the 1.5B one scored lower), no exemplars (no gain,
-#: twice the compile time), the 160-token instruction budget, one generator call.
-DEMO_GENERATOR: str | None = None  # None: the follower's model
+#: The demo's Prompt-MII settings: the optimizer's defaults, which the dev-task studies chose
+#: (README, "Which settings are the defaults, and why"; benchmarks/results/dev12-2026-11-29,
+#: dev12-choice-2026-12-05): the trained generator on the 0.5B model (the untrained 1.5B one
+#: scored lower), no exemplars (no gain, twice the compile time), the 160-token instruction
+#: budget, one generator call.
+DEMO_GENERATOR: str | None = DEFAULT_GENERATOR  # None: the follower's model
 DEMO_EXEMPLARS = 0
 DEMO_MAX_INSTRUCTION_TOKENS: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS
 DEMO_CANDIDATES = 1
@@ -69,7 +73,7 @@ class MethodResult:
 def run_demo(
     *,
     follower: str = "local",
-    generator: str | None = None,
+    generator: str | None = DEMO_GENERATOR,
     n: int = 20,
     test_rows: int = 100,
     seed: int = 0,
@@ -85,7 +89,8 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its results (instruction, per-method rows, settings).
 
-    ``generator`` defaults to the follower's route. ``follower_style``: the follower's
+    ``generator`` defaults to the trained generator :data:`DEMO_GENERATOR` (its llama.cpp
+    server runs only for the compile); ``None`` means the follower's route. ``follower_style``: the follower's
     constrained decoding with LabelAdapter, as ``RunConfig.follower_style`` takes it
     (:data:`~dspy_promptmii.protocol.FOLLOWER_STYLES`): ``"endpoint"`` for the follower
     endpoint's own style, ``"none"``, or a style name. ``constrained`` is its deprecated
@@ -111,6 +116,9 @@ def run_demo(
         )
         follower_style = follower_style_from_constrained(constrained)
     follower_decoding(follower_style, None)  # a bad style fails here, before any server starts
+    generator_route = generator or follower
+    if generator_route in ADAPTERS:
+        resolve_adapter(generator_route)  # a missing or corrupt adapter fails before any server starts
     task = demo_task()
     if not 1 <= test_rows <= len(task.rows) - n:
         raise ValueError(
@@ -129,8 +137,6 @@ def run_demo(
         # With LabelAdapter the follower's temperature and reply limit are the protocol's.
         limit = FOLLOWER_REPLY_LIMIT[adapter]
         follow = pool.endpoint(follower, cache=False, **({"temperature": 0.0, "max_tokens": limit} if limit else {}))
-        # The generator's reply limit enforces the instruction budget (budget + margin).
-        gen = pool.endpoint(generator or follower, max_tokens=budget_limit(max_instruction_tokens), cache=False)
         # ICL's demos go in as chat turns: the 0.5B follower copes with 20 of them far
         # better than inline (README). Methods without demos get the one-message prompt.
         style = follower_decoding(follower_style, follow.constrained_style) if adapter == "label" else False
@@ -158,6 +164,9 @@ def run_demo(
         run("naive", naive_program(student), 0, 0.0)
         run(f"icl (n={len(shown)})", icl_program(student, shown), 0, 0.0)
 
+        # The generator's reply limit enforces the instruction budget (budget + margin). A
+        # generator other than the follower's model gets its own server, for the compile only.
+        gen = pool.endpoint(generator_route, max_tokens=budget_limit(max_instruction_tokens), cache=False)
         generator_lm, meter = metered(gen.lm)
         follower_lm, follower_meter = metered(follow.lm)
         budget = meta_prompt_budget(gen.context_tokens, budget_limit(max_instruction_tokens))
@@ -181,6 +190,8 @@ def run_demo(
         # (same seeded order) and, with several candidates, scores them on the rest.
         compiled = optimizer.compile(student, trainset=labelled)
         compile_seconds = time.perf_counter() - started
+        if gen.server is not None and gen.server is not follow.server:
+            gen.server.stop()
         spent = [meter.snapshot(), follower_meter.snapshot()]
         calls = sum(usage.calls for usage in spent)
         measured = {
@@ -191,12 +202,14 @@ def run_demo(
             "completion_tokens": sum(usage.completion_tokens for usage in spent),
             "calls_without_usage": sum(usage.calls_without_usage for usage in spent),
         }
-        run(f"prompt-mii (n={optimizer.report[0]['n_used']})", compiled, calls, compile_seconds)
+        written_by = generator_name(generator_route)
+        run(f"prompt-mii (n={optimizer.report[0]['n_used']}, {written_by})", compiled, calls, compile_seconds)
 
     return {
         "task": task.name,
         "follower": follow.route,
         "generator": gen.route,
+        "generator_name": written_by,
         "optimizer": {
             "exemplars": exemplars,
             "max_instruction_tokens": max_instruction_tokens,
@@ -213,6 +226,16 @@ def run_demo(
         "measured": measured,
         "results": [row.__dict__ for row in rows],
     }
+
+
+def generator_name(route: str) -> str:
+    """How the demo's table names a generator: a trained generator by its name, the
+    registry's base models as untrained (Prompt-MII-Zero), any other route as given."""
+    if route in ADAPTERS:
+        return route
+    if route == "local" or route in REGISTRY:
+        return f"{DEFAULT_MODEL if route == 'local' else route}, untrained"
+    return route
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

@@ -17,7 +17,9 @@ from fakes import fake_lm, word_count
 
 import dspy_promptmii.local
 from dspy_promptmii import cli, demo, routes
-from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY, get_spec
+from dspy_promptmii.local import adapters as adapters_module
+from dspy_promptmii.local.pull import CorruptModelError
+from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_GENERATOR, DEFAULT_MODEL, REGISTRY, get_spec
 from dspy_promptmii.local.server import LocalServer
 from dspy_promptmii.protocol import format_line
 from dspy_promptmii.routes import Endpoint
@@ -243,6 +245,13 @@ def test_models_list_shows_the_registry_and_the_cache(capsys, tmp_path, monkeypa
     assert f"cached  {cached}" in lines["smollm2-135m-instruct"]
     assert "not cached" in lines[DEFAULT_MODEL]
     assert "98.4 MB" in lines["smollm2-135m-instruct"]
+    trained = next(line for line in out.splitlines() if line.strip().startswith(DEFAULT_GENERATOR))
+    assert "adapter intact" in trained and "8.8 MB" in trained
+
+    monkeypatch.setattr(adapters_module, "adapters_dir", lambda: tmp_path / "no-adapters")
+    code, out, err = run(capsys, "models", "list")
+    trained = next(line for line in out.splitlines() if line.strip().startswith(DEFAULT_GENERATOR))
+    assert code == 0 and "adapter unusable" in trained and "reinstall" in trained
 
 
 def test_models_pull(capsys, tmp_path, monkeypatch):
@@ -337,7 +346,11 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
 
     assert code == 0, err
     result = json.loads(out_file.read_text())
-    assert [row["method"] for row in result["results"]] == ["naive", "icl (n=7)", "prompt-mii (n=7)"]
+    # the table names the generator that wrote the instruction: by default the trained one
+    assert [row["method"] for row in result["results"]] == [
+        "naive", "icl (n=7)", f"prompt-mii (n=7, {DEFAULT_GENERATOR})"
+    ]
+    assert result["generator_name"] == DEFAULT_GENERATOR
     assert result["results"][-1]["compile_calls"] == 1
     [pool] = FakePool.instances
     assert pool.closed
@@ -350,6 +363,7 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
     # The follower LM sets no limit or temperature: LabelAdapter's protocol does, per label set.
     # the generator's limit enforces the default instruction budget: 160 + 64 tokens
     assert [kwargs.get("max_tokens") for _, kwargs in pool.requests] == [None, 224]
+    assert [route for route, _ in pool.requests] == ["local", DEFAULT_GENERATOR]
     assert "temperature" not in pool.requests[0][1]
     limits = {config.max_tokens for config in pool.follower_engine.configs}
     temperatures = {config.temperature for config in pool.follower_engine.configs}
@@ -367,6 +381,27 @@ def test_demo_gives_chat_adapter_replies_room_for_its_field_markers(capsys, tmp_
     assert [kwargs["max_tokens"] for _, kwargs in pool.requests] == [128, 224]
     result = json.loads(out_file.read_text())
     assert result["adapter"] == "chat" and all(row["invalid_rate"] == 0.0 for row in result["results"])
+
+
+def test_demo_names_an_untrained_generator_and_checks_the_trained_one_before_any_server(
+    capsys, tmp_path, fake_pool, monkeypatch
+):
+    fake_pool()
+    code, out, err = run(capsys, "demo", "--test-rows", "2", "--n", "7", "--generator", "local")
+    assert code == 0, err
+    assert f"prompt-mii (n=7, {DEFAULT_MODEL}, untrained)" in out
+    assert [route for route, _ in FakePool.instances[0].requests] == ["local", "local"]
+
+    # a damaged install: the trained generator's adapter fails its sha256 before a server starts
+    bad = tmp_path / "adapters"
+    bad.mkdir()
+    spec = ADAPTERS[DEFAULT_GENERATOR]
+    (bad / spec.filename).write_bytes(b"GGUF" + b"\0" * (spec.size - 4))
+    monkeypatch.setattr(adapters_module, "adapters_dir", lambda: bad)
+    FakePool.instances.clear()
+    with pytest.raises(CorruptModelError, match="reinstall"):
+        demo.run_demo(n=7, test_rows=2, progress=False)
+    assert FakePool.instances == []
 
 
 def test_run_demo_takes_the_follower_style_as_benchmarks_do(fake_pool):

@@ -157,3 +157,20 @@ def test_a_base_model_with_an_extra_adapter_has_its_own_cache_scope(files) -> No
     assert routes._model_file(plain) == {"sha256": registry.REGISTRY[registry.DEFAULT_MODEL].sha256}
     assert routes._model_file(adapted)["adapter"]["bytes"] == len(b"GGUF adapter")
     assert routes._model_file(plain) != routes._model_file(adapted)
+
+
+def test_the_shipped_trained_generator_is_packaged_verified_and_documented() -> None:
+    """The default trained generator's adapter is in the package (pyproject's package data
+    takes ``data/adapters/*.gguf``), matches its registry entry by size and sha256, and has
+    its provenance file beside it naming the same bytes and base model."""
+    spec = registry.ADAPTERS[registry.DEFAULT_GENERATOR]
+    assert spec.base == registry.DEFAULT_MODEL
+    path = resolve_adapter(spec.name)  # raises unless size and sha256 match
+    assert path.parent == registry.adapters_dir() and path.read_bytes()[:4] == b"GGUF"
+    source = json.loads((path.parent / spec.source).read_text())
+    assert source["adapter"]["sha256"] == spec.sha256 and source["adapter"]["bytes"] == spec.size
+    assert source["adapter"]["file"] == spec.filename
+    assert source["base"]["sha256"] == registry.REGISTRY[spec.base].sha256
+    assert source["commands"]["sft"].startswith("python -m training.sft")
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"data/adapters/*.gguf"' in pyproject and '"data/adapters/*.json"' in pyproject

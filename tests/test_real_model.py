@@ -19,9 +19,10 @@ from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.data import split_rows
 from dspy_promptmii.demo import demo_task
 from dspy_promptmii.evaluation import evaluate
+from dspy_promptmii.generation import budget_limit
 from dspy_promptmii.local import DEFAULT_MODEL, LocalServer, ModelFileError, ServerError
 from dspy_promptmii.local.server import FOLLOWER_STYLE
-from dspy_promptmii.optimizer import PromptMIIOptimizer
+from dspy_promptmii.optimizer import DEFAULT_MAX_INSTRUCTION_TOKENS, PromptMIIOptimizer
 from dspy_promptmii.protocol import format_line
 from dspy_promptmii.usage import metered
 
@@ -174,3 +175,28 @@ def test_choice_style_gives_each_labels_probability(local_server, compiled, snip
     )
     reply = httpx.post(f"{local_server.base_url}/chat/completions", json=body, timeout=60)
     assert reply.status_code == 400 and "duplicates" in reply.json()["error"]["message"]
+
+
+def test_the_shipped_trained_generator_loads_and_changes_what_the_model_writes(local_server, compiled, snips):
+    """The demo's default generator (the base model plus the shipped LoRA, both verified by
+    sha256) starts under llama.cpp with the adapter applied, writes a usable instruction in
+    one call, and writes something other than the untrained model given the same request."""
+    from dspy_promptmii.local import DEFAULT_GENERATOR
+
+    task, trainset, _ = snips
+    server = LocalServer(DEFAULT_GENERATOR, startup_timeout=300)
+    with server as lm:
+        assert server.lora_path is not None and server.lora_path.name.endswith(".gguf")
+        generator, meter = metered(lm.copy(cache=False, max_tokens=budget_limit(DEFAULT_MAX_INSTRUCTION_TOKENS)))
+        optimizer = PromptMIIOptimizer(generator_lm=generator, n=20, seed=0, token_counter=server.count_tokens)
+        program = optimizer.compile(dspy.Predict(task.signature()), trainset=trainset)
+        request = "Define the intent label PlayMusic in one sentence."
+        trained_reply = lm.copy(cache=False, max_tokens=48)(request)[0]
+    untrained_reply = local_server.lm(cache=False, max_tokens=48, temperature=0.0)(request)[0]
+
+    assert meter.snapshot().calls == 1
+    instruction = program.predictors()[0].signature.instructions
+    line = format_line(task.labels)
+    assert instruction.endswith(line) and len(instruction[: -len(line)].strip()) >= 20, instruction
+    assert trained_reply != untrained_reply, "the adapter changed nothing: was it applied?"
+    print(f"\ntrained: {trained_reply!r}\nuntrained: {untrained_reply!r}\n{instruction}")

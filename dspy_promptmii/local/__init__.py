@@ -14,6 +14,7 @@ from dspy_promptmii.local.pull import (
 )
 from dspy_promptmii.local.registry import (
     ADAPTERS,
+    DEFAULT_GENERATOR,
     DEFAULT_MODEL,
     REGISTRY,
     AdapterSpec,
@@ -29,6 +30,7 @@ __all__ = [
     "ADAPTERS",
     "AdapterSpec",
     "CorruptModelError",
+    "DEFAULT_GENERATOR",
     "DEFAULT_MODEL",
     "DEFAULT_N_CTX",
     "REGISTRY",

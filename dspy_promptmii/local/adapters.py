@@ -1,6 +1,6 @@
 """Trained generators: a registry base model plus a LoRA adapter, each verified by sha256.
 
-A name in :data:`~dspy_promptmii.local.registry.ADAPTERS` (e.g. a future
+A name in :data:`~dspy_promptmii.local.registry.ADAPTERS` (e.g. the shipped
 ``promptmii-qwen2.5-0.5b``) stands for its base model (a :data:`REGISTRY` entry, pulled and
 verified as usual) and its adapter file, shipped as package data and checked against its
 size and sha256 before llama.cpp loads it. A model name of the base registry stands for

@@ -13,6 +13,7 @@ __all__ = [
     "REGISTRY",
     "ADAPTERS",
     "DEFAULT_MODEL",
+    "DEFAULT_GENERATOR",
     "home",
     "models_dir",
     "adapters_dir",
@@ -112,8 +113,27 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-#: Trained generators (base + adapter) by name; filled when a trained adapter ships.
-ADAPTERS: dict[str, AdapterSpec] = {}
+#: The trained generator the demo uses by default (README, "Meta-training").
+DEFAULT_GENERATOR = "promptmii-qwen2.5-0.5b"
+
+#: Trained generators (base + adapter) by name.
+ADAPTERS: dict[str, AdapterSpec] = {
+    spec.name: spec
+    for spec in (
+        AdapterSpec(
+            name="promptmii-qwen2.5-0.5b",
+            base="qwen2.5-coder-0.5b-instruct",
+            filename="promptmii-qwen2.5-0.5b.gguf",
+            size=8_821_664,
+            sha256="c321904654d0be786a8057d8b8185f15a153cdda01002953e85060d341315647",
+            # Round 1 of rejection-sampling fine-tuning on CPU (training/README.md, round 1d):
+            # LoRA r=8 (f16) on the generator's own best instructions, chosen by the 0.5B
+            # follower's macro-F1 over 88 contexts of the train tasks.
+            description="Qwen2.5-Coder-0.5B-Instruct + the Prompt-MII LoRA of round 1 (the demo's generator)",
+            source="promptmii-qwen2.5-0.5b.source.json",
+        ),
+    )
+}
 
 
 def _check_adapters(adapters: dict[str, AdapterSpec]) -> None:
