@@ -101,16 +101,17 @@ def _require_room(n_ctx: int | None, max_tokens: int, max_prompt_tokens: int | N
 
 def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.console import echo
-    from dspy_promptmii.demo import format_cost, format_table, run_demo
+    from dspy_promptmii.demo import demo_generator, format_cost, format_table, run_demo
     from dspy_promptmii.generation import budget_limit
 
     # Every option is checked before a model is pulled or a server started; the
     # generator's reply limit is the one run_demo sets (the budget plus a margin).
     _check_out(args.out)
-    _check_context(args.generator or args.follower, args.n_ctx, budget_limit(args.max_instruction_tokens or None))
+    generator = demo_generator(args.generator, args.follower)
+    _check_context(generator, args.n_ctx, budget_limit(args.max_instruction_tokens or None))
     echo(
         f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
-        f"{args.test_rows} held-out rows; follower {args.follower}, generator {args.generator or args.follower}."
+        f"{args.test_rows} held-out rows; follower {args.follower}, generator {generator}."
     )
     result = run_demo(
         follower=args.follower,
@@ -386,9 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--follower", default="local", help=f"the follower LM: {lm_help}")
     demo.add_argument(
         "--generator",
-        default=DEMO_GENERATOR,
-        help=f"the generator LM: {lm_help}, or a trained generator (default: {DEMO_GENERATOR or 'the follower'}, "
-        "the embedded model with the shipped Prompt-MII LoRA; 'local' is the same model untrained, Prompt-MII-Zero)",
+        default=None,
+        help=f"the generator LM: a trained generator, 'local' (the embedded model, untrained: Prompt-MII-Zero), a "
+        f"registry model, a .gguf path, or a LiteLLM route (default: {DEMO_GENERATOR}, the embedded model with the "
+        "shipped Prompt-MII LoRA, when the follower is local; else the follower)",
     )
     demo.add_argument("--n", type=positive_int, default=20, help="labelled examples every method sees (default 20)")
     demo.add_argument("--test-rows", type=positive_int, default=100, help="held-out rows to evaluate on (default 100)")
@@ -498,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull = model_commands.add_parser("pull", help="download, verify and cache a model")
     pull.add_argument("name", nargs="?", default=DEFAULT_MODEL, help=f"registry name (default {DEFAULT_MODEL})")
     pull.set_defaults(func=_models_pull)
-    listing = model_commands.add_parser("list", help="registry models, cached or not")
+    listing = model_commands.add_parser("list", help="registry models (cached or not) and trained generators")
     listing.set_defaults(func=_models_list)
 
     serve = commands.add_parser("serve", help="run llama.cpp's OpenAI-compatible server for a local model")

@@ -22,30 +22,29 @@ from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.generation import budget_limit
-from dspy_promptmii.local.adapters import resolve_adapter
 from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_GENERATOR, DEFAULT_MODEL, REGISTRY
-from dspy_promptmii.local.server import DEFAULT_N_CTX
+from dspy_promptmii.local.server import DEFAULT_N_CTX, LocalServer
 from dspy_promptmii.optimizer import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
     PromptMIIOptimizer,
     meta_prompt_budget,
 )
 from dspy_promptmii.protocol import Protocol, follower_decoding, follower_style_from_constrained
-from dspy_promptmii.routes import LMPool
+from dspy_promptmii.routes import LMPool, is_local
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.usage import metered
 
 logger = protected_logger(__name__)
 
-__all__ = ["demo_task", "run_demo", "generator_name", "format_table", "format_cost"]
+__all__ = ["demo_task", "run_demo", "demo_generator", "generator_name", "format_table", "format_cost"]
 
 #: The demo's Prompt-MII settings: the optimizer's defaults, which the dev-task studies chose
 #: (README, "Which settings are the defaults, and why"; benchmarks/results/dev12-2026-11-29,
 #: dev12-choice-2026-12-05): the trained generator on the 0.5B model (the untrained 1.5B one
 #: scored lower), no exemplars (no gain, twice the compile time), the 160-token instruction
 #: budget, one generator call.
-DEMO_GENERATOR: str | None = DEFAULT_GENERATOR  # None: the follower's model
+DEMO_GENERATOR: str = DEFAULT_GENERATOR  # with a local follower; else the follower's route
 DEMO_EXEMPLARS = 0
 DEMO_MAX_INSTRUCTION_TOKENS: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS
 DEMO_CANDIDATES = 1
@@ -73,7 +72,7 @@ class MethodResult:
 def run_demo(
     *,
     follower: str = "local",
-    generator: str | None = DEMO_GENERATOR,
+    generator: str | None = None,
     n: int = 20,
     test_rows: int = 100,
     seed: int = 0,
@@ -89,8 +88,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo and return its results (instruction, per-method rows, settings).
 
-    ``generator`` defaults to the trained generator :data:`DEMO_GENERATOR` (its llama.cpp
-    server runs only for the compile); ``None`` means the follower's route. ``follower_style``: the follower's
+    ``generator`` (None): with a local follower the trained generator :data:`DEMO_GENERATOR`,
+    else the follower's route; a local generator's server runs only for the compile, and
+    what would stop it starting is checked before any evaluation. ``follower_style``: the follower's
     constrained decoding with LabelAdapter, as ``RunConfig.follower_style`` takes it
     (:data:`~dspy_promptmii.protocol.FOLLOWER_STYLES`): ``"endpoint"`` for the follower
     endpoint's own style, ``"none"``, or a style name. ``constrained`` is its deprecated
@@ -101,7 +101,9 @@ def run_demo(
     route's, see :func:`dspy_promptmii.routes.default_timeout`).
 
     Raises:
-        ValueError: a bad adapter, follower style or row count.
+        ValueError: a bad adapter, follower style, row count or an empty generator.
+        ServerError, FileNotFoundError, ModelFileError, CorruptModelError, PullError: a
+            local follower or generator cannot start (see ``LocalServer.prepare``).
         IncompleteEvaluation: follower calls failed while a method was evaluated (no
             score is made up from the rows that got a reply).
         KeyboardInterrupt: Ctrl-C or SIGTERM under :func:`dspy_promptmii.stopping.stop_on_signals`.
@@ -116,9 +118,13 @@ def run_demo(
         )
         follower_style = follower_style_from_constrained(constrained)
     follower_decoding(follower_style, None)  # a bad style fails here, before any server starts
-    generator_route = generator or follower
-    if generator_route in ADAPTERS:
-        resolve_adapter(generator_route)  # a missing or corrupt adapter fails before any server starts
+    if generator is not None and not generator.strip():
+        raise ValueError("generator must be a route, a registry model, a trained generator or None, got ''")
+    generator_route = demo_generator(generator, follower)
+    if is_local(generator_route) and generator_route != follower:
+        # Its server starts only for the compile; whatever would stop it starting (no
+        # llama.cpp, a missing or damaged model or adapter) fails here, before any evaluation.
+        LocalServer(DEFAULT_MODEL if generator_route == "local" else generator_route, auto_pull=True).prepare()
     task = demo_task()
     if not 1 <= test_rows <= len(task.rows) - n:
         raise ValueError(
@@ -226,6 +232,13 @@ def run_demo(
         "measured": measured,
         "results": [row.__dict__ for row in rows],
     }
+
+
+def demo_generator(generator: str | None, follower: str) -> str:
+    """The demo's generator route: ``generator`` if given, else the trained generator
+    :data:`DEMO_GENERATOR` with a local follower, else the follower's route (a remote
+    follower's run needs no llama.cpp)."""
+    return generator or (DEMO_GENERATOR if is_local(follower) else follower)
 
 
 def generator_name(route: str) -> str:

@@ -49,6 +49,7 @@ class FakePool:
     of more than 128 tokens, a follower otherwise) and records how it was built and used."""
 
     instances: list[FakePool] = []
+    prepared: list[str] = []  # local generators checked before the pool (see fake_pool)
 
     def __init__(self, *, reply=REPLY, follower_reply="PlayMusic", context_tokens=None, **kwargs):
         self.kwargs = kwargs
@@ -93,6 +94,19 @@ def fake_pool(monkeypatch):
 
     monkeypatch.setattr(routes, "LMPool", make_pool)
     monkeypatch.setattr(demo, "LMPool", make_pool)
+    FakePool.prepared = []
+
+    class CheckedServer:
+        """Stands in for the demo's pre-launch check of a local generator (no llama.cpp, no pull)."""
+
+        def __init__(self, model, **kwargs):
+            self.model = model
+
+        def prepare(self):
+            FakePool.prepared.append(self.model)
+            return []
+
+    monkeypatch.setattr(demo, "LocalServer", CheckedServer)
 
     def configure(**changes):
         settings.update(changes)
@@ -364,6 +378,7 @@ def test_demo_with_fake_lms(capsys, tmp_path, fake_pool):
     # the generator's limit enforces the default instruction budget: 160 + 64 tokens
     assert [kwargs.get("max_tokens") for _, kwargs in pool.requests] == [None, 224]
     assert [route for route, _ in pool.requests] == ["local", DEFAULT_GENERATOR]
+    assert FakePool.prepared == [DEFAULT_GENERATOR]  # checked before any evaluation
     assert "temperature" not in pool.requests[0][1]
     limits = {config.max_tokens for config in pool.follower_engine.configs}
     temperatures = {config.temperature for config in pool.follower_engine.configs}
@@ -391,8 +406,17 @@ def test_demo_names_an_untrained_generator_and_checks_the_trained_one_before_any
     assert code == 0, err
     assert f"prompt-mii (n=7, {DEFAULT_MODEL}, untrained)" in out
     assert [route for route, _ in FakePool.instances[0].requests] == ["local", "local"]
+    assert FakePool.prepared == []  # the follower's own server: nothing more to check
+
+    # a remote follower: its route is the generator too, so no llama.cpp is needed
+    result = demo.run_demo(follower="openai/gpt-4o-mini", n=7, test_rows=2, progress=False)
+    assert [route for route, _ in FakePool.instances[-1].requests] == ["openai/gpt-4o-mini"] * 2
+    assert result["generator_name"] == "openai/gpt-4o-mini" and FakePool.prepared == []
+    with pytest.raises(ValueError, match="generator must be"):
+        demo.run_demo(generator=" ", n=7, test_rows=2, progress=False)
 
     # a damaged install: the trained generator's adapter fails its sha256 before a server starts
+    monkeypatch.setattr(demo, "LocalServer", LocalServer)
     bad = tmp_path / "adapters"
     bad.mkdir()
     spec = ADAPTERS[DEFAULT_GENERATOR]

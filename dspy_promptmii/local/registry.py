@@ -166,5 +166,6 @@ def get_spec(name: str) -> ModelSpec:
         return REGISTRY[name]
     except KeyError:
         raise KeyError(
-            f"unknown model {name!r}: use one of {sorted(REGISTRY)} or the path of a .gguf file"
+            f"unknown model {name!r}: use one of {sorted(REGISTRY)}, a trained generator "
+            f"({', '.join(sorted(ADAPTERS))}) or the path of a .gguf file"
         ) from None

@@ -194,19 +194,16 @@ class LocalServer:
         """The running server's log file (``None`` when stopped)."""
         return Path(self._log.name) if self._log is not None else None
 
-    def start(self) -> dspy.LM:
-        """Start the server, wait until it answers, and return an LM routed to it.
+    def prepare(self) -> list[str]:
+        """What :meth:`start` checks before it launches anything, on its own: llama.cpp is
+        installed, the adapter (if any) and the model are there and intact (a registry
+        model is pulled first with ``auto_pull``). Sets ``model_path`` and ``lora_path``;
+        returns the server command. Cheap to repeat (a verified model is not hashed again).
 
-        Raises:
-            ServerError: llama.cpp is not installed, the port is taken, the command cannot
-                be launched, the server exits while starting (a model it cannot load
-                comes with a line of advice first) or does not answer in time.
-            FileNotFoundError, ModelFileError, CorruptModelError, PullError: the model
-                cannot be used (see ``resolve_model``), or the LoRA file is missing or
-                not GGUF.
+        Raises what :meth:`start` raises before a launch: ``ServerError`` (llama.cpp is
+        not installed), ``FileNotFoundError``, ``ModelFileError``, ``CorruptModelError``,
+        ``PullError``.
         """
-        if self.running:
-            return self.lm()
         command = self.command
         if command is None:
             try:
@@ -223,6 +220,22 @@ class LocalServer:
         else:
             self.lora_path = check_gguf_file(self.lora) if self.lora is not None else None
             self.model_path = resolve_model(self.model, auto_pull=self.auto_pull)
+        return command
+
+    def start(self) -> dspy.LM:
+        """Start the server, wait until it answers, and return an LM routed to it.
+
+        Raises:
+            ServerError: llama.cpp is not installed, the port is taken, the command cannot
+                be launched, the server exits while starting (a model it cannot load
+                comes with a line of advice first) or does not answer in time.
+            FileNotFoundError, ModelFileError, CorruptModelError, PullError: the model
+                cannot be used (see ``resolve_model``), or the LoRA file is missing or
+                not GGUF.
+        """
+        if self.running:
+            return self.lm()
+        command = self.prepare()
         if self._auto_port:
             self.port = _free_port(self.host)
         elif _port_in_use(self.host, self.port):
