@@ -16,7 +16,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from benchmarks.methods import METHODS, Budgets, parse_method  # noqa: E402
 from benchmarks.tasks import DEFAULT_DATA_DIR, REPO_ROOT, resolve_tasks  # noqa: E402
-from dspy_promptmii.cli import positive_float, positive_int  # noqa: E402
+from dspy_promptmii.cli import context_size, positive_float, positive_int  # noqa: E402
 from dspy_promptmii.protocol import CONSTRAINED_STYLES  # noqa: E402
 from dspy_promptmii.routes import LOCAL_TIMEOUT, REMOTE_TIMEOUT  # noqa: E402
 from dspy_promptmii.secrets import protected_logger  # noqa: E402
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         "endpoint's default style)",
     )
     decoding.add_argument("--no-constrained", action="store_true", help="same as --constrained none")
-    run.add_argument("--n-ctx", type=positive_int, default=None, help="context size of the local server (default 8192)")
+    run.add_argument("--n-ctx", type=context_size, default=None, help="context size of the local server (default 8192)")
     run.add_argument(
         "--n-threads",
         type=positive_int,
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument(
         "--no-load", action="store_true", help="skip the series with one core busy (local followers only)"
     )
-    speed.add_argument("--n-ctx", type=positive_int, default=None, help="context size of local servers (default 8192)")
+    speed.add_argument("--n-ctx", type=context_size, default=None, help="context size of local servers (default 8192)")
     speed.add_argument("--n-threads", type=positive_int, default=None, help="CPU threads of local servers")
     speed.add_argument("--out", default=None, help="write the measurements as JSON here")
     return parser
@@ -305,7 +305,7 @@ def _follower_style(args: argparse.Namespace) -> str:
 
 def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, load_splits, run_benchmark
-    from dspy_promptmii.routes import LMPool
+    from dspy_promptmii.routes import LMPool, check_route
 
     values = _resolved(args)
     try:
@@ -386,6 +386,12 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     )
     # Every task file is read and split before a model is pulled or a server started.
     splits = load_splits(config)
+    routes = [args.follower, args.generator, *([args.generator_trained] if args.generator_trained else [])]
+    for route in dict.fromkeys([*routes, *extra_generators]):
+        try:
+            check_route(route, args.api_base)  # a misspelled name fails before any server starts
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
     with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base, timeout=args.timeout) as pool:
         endpoint = pool.endpoint

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dspy_promptmii.params import COUNT, COUNT_OR_ZERO
+from dspy_promptmii.params import CONTEXT_SIZE, COUNT, COUNT_OR_ZERO
 from dspy_promptmii.secrets import protected_logger
 
 # LiteLLM otherwise tries to download its model-cost map at import time; offline that
@@ -31,6 +31,8 @@ logger = protected_logger("dspy_promptmii")
 
 #: argparse type: an integer >= 1 (counts, limits, sizes); the rule of :mod:`dspy_promptmii.params`.
 positive_int = COUNT.argparse_type("positive_int")
+#: argparse type of every ``--n-ctx``: a local server's context size, 512 tokens at least.
+context_size = CONTEXT_SIZE.argparse_type("n_ctx")
 
 
 def positive_float(text: str) -> float:
@@ -222,12 +224,11 @@ def _offline_lm(route: str, api_base: str | None, **settings: object) -> tuple[o
     import dspy
 
     from dspy_promptmii.local import LocalServer
-    from dspy_promptmii.routes import is_local, litellm_route
+    from dspy_promptmii.routes import check_route, is_local, litellm_route, local_model
 
+    check_route(route, api_base)
     if is_local(route):
-        from dspy_promptmii.local.registry import DEFAULT_MODEL
-
-        alias = LocalServer(DEFAULT_MODEL if route == "local" else route).alias
+        alias = LocalServer(local_model(route)).alias
         return dspy.LM(f"hosted_vllm/{alias}", **settings), route
     full = litellm_route(route, api_base)
     return dspy.LM(full, **({"api_base": api_base} if api_base else {}), **settings), full
@@ -288,8 +289,13 @@ def _models_list(args: argparse.Namespace) -> int:
     print(f"cache: {models_dir()}")
     for name, spec in REGISTRY.items():
         path = cached_path(spec)
-        state = cache_state(spec)
-        if state == "cached":
+        try:
+            state = cache_state(spec)
+        except OSError as error:  # e.g. a cache file this user may not read: say so, list the rest
+            state, unreadable = "unreadable", error
+        if state == "unreadable":
+            shown = f"unreadable {path}: {unreadable}"
+        elif state == "cached":
             shown = f"cached  {path}"
         elif state == "corrupt":
             shown = f"corrupt {path} (size or sha256 is not the registry's): `promptmii models pull {name}` replaces it"
@@ -301,7 +307,7 @@ def _models_list(args: argparse.Namespace) -> int:
         try:
             resolve_adapter(adapter)
             shown = f"adapter intact, base {adapter.base}"
-        except (FileNotFoundError, CorruptModelError) as error:
+        except (OSError, CorruptModelError) as error:  # missing, unreadable or damaged
             shown = f"adapter unusable: {error}"
         print(f"  {name:30s} {adapter.size / 1e6:8.1f} MB  {shown}\n      {adapter.description}")
     return 0
@@ -317,7 +323,8 @@ def _serve(args: argparse.Namespace) -> int:
         args.model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True, lora=args.lora
     )
     with server:
-        print(f"serving {server.model_path} at {server.base_url}", flush=True)
+        adapter = f" + LoRA {server.lora_path}" if server.lora_path is not None else ""
+        print(f"serving {server.model_path}{adapter} at {server.base_url}", flush=True)
         route = f'dspy.LM("hosted_vllm/{server.alias}", api_base="{server.base_url}", api_key="local")'
         print(f"in DSPy: {route}", flush=True)
         print("Ctrl-C stops it.", flush=True)
@@ -411,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded model)",
     )
     _quality_options(demo, DEMO_EXEMPLARS, DEMO_MAX_INSTRUCTION_TOKENS, DEMO_CANDIDATES)
-    demo.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of the local server")
+    demo.add_argument("--n-ctx", type=context_size, default=DEFAULT_N_CTX, help="context size of the local server")
     _timeout_option(demo)
     demo.add_argument("--out", help="also write the results as JSON here")
     demo.set_defaults(func=_demo)
@@ -449,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     induce.add_argument(
         "--max-prompt-tokens", type=positive_int, help="meta-prompt budget (local default: context - reply)"
     )
-    induce.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX, help="context size of a local server")
+    induce.add_argument("--n-ctx", type=context_size, default=DEFAULT_N_CTX, help="context size of a local server")
     _timeout_option(induce)
     induce.add_argument(
         "--no-cache",
@@ -510,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"registry name, trained generator (e.g. {DEFAULT_GENERATOR}) or .gguf path",
     )
     serve.add_argument("--port", type=positive_int, default=None, help="port (default: a free one)")
-    serve.add_argument("--n-ctx", type=positive_int, default=DEFAULT_N_CTX)
+    serve.add_argument("--n-ctx", type=context_size, default=DEFAULT_N_CTX)
     serve.add_argument("--threads", type=positive_int, default=None)
     serve.add_argument(
         "--lora",

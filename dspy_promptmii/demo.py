@@ -22,7 +22,7 @@ from dspy_promptmii.baselines import icl_program, naive_program
 from dspy_promptmii.data import TaskData, load_jsonl, split_rows
 from dspy_promptmii.evaluation import evaluate
 from dspy_promptmii.generation import budget_limit
-from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_GENERATOR, DEFAULT_MODEL, REGISTRY
+from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_GENERATOR, REGISTRY
 from dspy_promptmii.local.server import DEFAULT_N_CTX, LocalServer
 from dspy_promptmii.optimizer import (
     DEFAULT_MAX_INSTRUCTION_TOKENS,
@@ -30,7 +30,7 @@ from dspy_promptmii.optimizer import (
     meta_prompt_budget,
 )
 from dspy_promptmii.protocol import Protocol, follower_decoding, follower_style_from_constrained
-from dspy_promptmii.routes import LMPool, is_local
+from dspy_promptmii.routes import LMPool, check_route, is_local, local_model
 from dspy_promptmii.sampling import select_examples
 from dspy_promptmii.secrets import protected_logger
 from dspy_promptmii.usage import metered
@@ -121,10 +121,12 @@ def run_demo(
     if generator is not None and not generator.strip():
         raise ValueError("generator must be a route, a registry model, a trained generator or None, got ''")
     generator_route = demo_generator(generator, follower)
+    for route in dict.fromkeys((follower, generator_route)):
+        check_route(route)  # a misspelled name fails here, before any server starts
     if is_local(generator_route) and generator_route != follower:
         # Its server starts only for the compile; whatever would stop it starting (no
         # llama.cpp, a missing or damaged model or adapter) fails here, before any evaluation.
-        LocalServer(DEFAULT_MODEL if generator_route == "local" else generator_route, auto_pull=True).prepare()
+        LocalServer(local_model(generator_route), auto_pull=True).prepare()
     task = demo_task()
     if not 1 <= test_rows <= len(task.rows) - n:
         raise ValueError(
@@ -247,7 +249,7 @@ def generator_name(route: str) -> str:
     if route in ADAPTERS:
         return route
     if route == "local" or route in REGISTRY:
-        return f"{DEFAULT_MODEL if route == 'local' else route}, untrained"
+        return f"{local_model(route)}, untrained"
     return route
 
 

@@ -142,6 +142,9 @@ class InstanceOf(Constraint):
 #: Command-line counts (argparse types; see :meth:`Integer.argparse_type`).
 COUNT = Integer(low=1)
 COUNT_OR_ZERO = Integer(low=0)
+#: A local llama.cpp server's context size in tokens (``n_ctx``): 512 at least, room for a
+#: chat-framed prompt and a reply.
+CONTEXT_SIZE = Integer(low=512)
 
 #: Rules that several components share (the optimizer, the protocol, the command line and
 #: the training data builder): one definition of each count, budget and setting.

@@ -21,6 +21,7 @@ Every LM handed out here:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ __all__ = [
     "LMPool",
     "ServerLM",
     "is_local",
+    "local_model",
+    "check_route",
     "litellm_route",
     "default_timeout",
     "cache_scope",
@@ -64,6 +67,43 @@ _OPENAI_COMPATIBLE = ("hosted_vllm/", "openai/", "litellm_proxy/")
 def is_local(route: str) -> bool:
     """``local``, a registry model name, a trained generator's name, or a ``.gguf`` path."""
     return route == "local" or route in REGISTRY or route in ADAPTERS or route.endswith(".gguf")
+
+
+def local_model(route: str) -> str:
+    """The model a local route serves: :data:`DEFAULT_MODEL` for ``local``, else the route
+    itself (a registry model, a trained generator's name or a ``.gguf`` path)."""
+    return DEFAULT_MODEL if route == "local" else route
+
+
+def check_route(route: str, api_base: str | None = None) -> None:
+    """Refuse a route that no LM can be made from, before anything starts.
+
+    A local route, or any route with an ``api_base`` (an OpenAI-compatible server), is
+    accepted here (a local model's file is checked when its server is prepared). Any other
+    route must be one LiteLLM can route (``litellm.get_llm_provider``: a provider prefix such
+    as ``openai/`` or a model name LiteLLM knows): the first call would fail otherwise.
+
+    Raises:
+        ValueError: the route is empty, or neither local nor routable; the message lists the
+            local names and the closest of them to a misspelled one.
+    """
+    if not isinstance(route, str) or not route.strip():
+        raise ValueError(f"a model route must be a non-empty string, got {route!r}")
+    if is_local(route) or api_base:
+        return
+    import litellm
+
+    try:
+        litellm.get_llm_provider(route)
+    except Exception:  # LiteLLM raises its BadRequestError (or ValueError) for an unknown provider
+        names = ["local", *REGISTRY, *ADAPTERS]
+        close = difflib.get_close_matches(route, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown model {route!r}: {hint}it is not a local model ({', '.join(names)}, or a .gguf path) and "
+            "LiteLLM cannot route it; give a provider prefix (e.g. openai/gpt-4o-mini, hosted_vllm/NAME) "
+            "or an api_base of an OpenAI-compatible server"
+        ) from None
 
 
 def litellm_route(route: str, api_base: str | None) -> str:
@@ -185,14 +225,16 @@ class LMPool:
         model first when the pool has ``auto_pull``.
 
         Raises:
+            ValueError: the route is neither local nor one LiteLLM can route (:func:`check_route`).
             ServerError: the local server cannot start (see ``LocalServer.start``).
             FileNotFoundError, ModelFileError, CorruptModelError, PullError: the local model
                 cannot be used (see ``dspy_promptmii.local.resolve_model``).
             ValueError: ``dspy.LM`` refuses the route or its arguments.
         """
+        check_route(route, api_base or self.api_base)
         timeout = self.timeout or default_timeout(route)
         if is_local(route):
-            model = DEFAULT_MODEL if route == "local" else route
+            model = local_model(route)
             server = self._servers.get(model)
             if server is None:
                 server = LocalServer(model, n_ctx=self.n_ctx, n_threads=self.n_threads, auto_pull=self.auto_pull)

@@ -143,6 +143,27 @@ def test_tasks_default_to_the_dev_list_and_missing_folders_are_named(data_dir: P
         cli.main(["run", "--data-dir", str(missing), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.parametrize(
+    "flags, hint",
+    [
+        (["--generator-trained", "promptmii-qwen2.5-05b"], "did you mean 'promptmii-qwen2.5-0.5b'"),
+        (["--follower", "lokal"], "did you mean 'local'"),
+        (["--methods", "naive,promptmii_zero:generator=nonsense-model"], "'nonsense-model'"),
+    ],
+)
+def test_a_misspelled_model_is_refused_before_any_server_starts(data_dir, tmp_path, monkeypatch, flags, hint):
+    from dspy_promptmii import routes
+
+    def no_pool(**kwargs):
+        raise AssertionError("an LM pool was set up for a route that cannot work")
+
+    monkeypatch.setattr(routes, "LMPool", no_pool)
+    with pytest.raises(SystemExit) as exited:
+        out = str(tmp_path / "out")
+        cli.main(["run", "--data-dir", str(data_dir), "--out", out, "--test-rows", "9", "--n", "6", *flags])
+    assert "unknown model" in str(exited.value.code) and hint in str(exited.value.code)
+
+
 def test_split_draws_test_rows_first_and_examples_as_a_stratified_prefix(data_dir: Path):
     task = load_task(data_dir / "toy")
     split = make_split(task, test_rows=9, seed=3)

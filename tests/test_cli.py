@@ -267,6 +267,26 @@ def test_models_list_shows_the_registry_and_the_cache(capsys, tmp_path, monkeypa
     trained = next(line for line in out.splitlines() if line.strip().startswith(DEFAULT_GENERATOR))
     assert code == 0 and "adapter unusable" in trained and "reinstall" in trained
 
+    # a file that cannot be read (PermissionError, any OSError) is shown, and the rest listed
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(cached))
+
+    monkeypatch.setattr(dspy_promptmii.local, "cache_state", unreadable)
+    monkeypatch.setattr(adapters_module, "resolve_adapter", unreadable)
+    code, out, err = run(capsys, "models", "list")
+    assert code == 0, err
+    assert all(f"unreadable {tmp_path / 'models'}" in out and name in out for name in REGISTRY)
+    trained = next(line for line in out.splitlines() if line.strip().startswith(DEFAULT_GENERATOR))
+    assert "adapter unusable" in trained and "Permission denied" in trained
+
+
+@pytest.mark.parametrize("command", [["demo"], ["serve"], ["induce", "--generator", "local", "--data", "x.jsonl"]])
+def test_a_context_size_too_small_names_its_flag(capsys, command):
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        cli.main([*command, "--n-ctx", "100"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "argument --n-ctx: expected an integer >= 512, got 100" in err
+
 
 def test_models_pull(capsys, tmp_path, monkeypatch):
     pulled = []
@@ -338,6 +358,7 @@ def test_serve_takes_a_lora_adapter_and_names_the_route_after_both(capsys, tmp_p
     [server] = servers
     assert server.lora_path == adapter
     assert 'dspy.LM("hosted_vllm/tiny-model+round1d", api_base=' in out  # never the base model's name
+    assert f"serving {model} + LoRA {adapter} at http://127.0.0.1:" in out  # what is served: both files
 
     not_gguf = tmp_path / "adapter.safetensors"
     not_gguf.write_bytes(b"\x00" * 16)
@@ -414,6 +435,14 @@ def test_demo_names_an_untrained_generator_and_checks_the_trained_one_before_any
     assert result["generator_name"] == "openai/gpt-4o-mini" and FakePool.prepared == []
     with pytest.raises(ValueError, match="generator must be"):
         demo.run_demo(generator=" ", n=7, test_rows=2, progress=False)
+    # a misspelled trained generator or follower is refused before any pool or server
+    made = len(FakePool.instances)
+    code, out, err = run(capsys, "demo", "--test-rows", "2", "--n", "7", "--generator", "promptmii-qwen2.5-05b")
+    assert_one_line_error(code, err)
+    assert "did you mean 'promptmii-qwen2.5-0.5b'" in err
+    with pytest.raises(ValueError, match="did you mean 'local'"):
+        demo.run_demo(follower="lokal", n=7, test_rows=2, progress=False)
+    assert len(FakePool.instances) == made and FakePool.prepared == []
 
     # a damaged install: the trained generator's adapter fails its sha256 before a server starts
     monkeypatch.setattr(demo, "LocalServer", LocalServer)

@@ -703,3 +703,48 @@ def test_thread_settings_reach_the_server(make_server, record, monkeypatch, poli
 def test_bad_thread_settings_are_refused_by_name(model_file, kwargs, message):
     with pytest.raises(ValueError, match=message):
         LocalServer(model_file, **kwargs)
+
+
+# -- routes a user types ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "route, api_base",
+    [
+        ("local", None),
+        (DEFAULT_MODEL, None),
+        ("promptmii-qwen2.5-0.5b", None),  # a trained generator
+        ("/models/any.gguf", None),
+        ("openai/gpt-4o-mini", None),
+        ("gpt-4o-mini", None),  # LiteLLM knows the provider of this bare name
+        ("hosted_vllm/my-model", None),
+        ("my-served-model", "http://localhost:8000/v1"),  # an OpenAI-compatible server names it
+    ],
+)
+def test_routes_a_user_can_type_are_accepted(route, api_base):
+    routes.check_route(route, api_base)
+
+
+@pytest.mark.parametrize(
+    "route, hint",
+    [
+        ("promptmii-qwen2.5-05b", "did you mean 'promptmii-qwen2.5-0.5b'"),
+        ("qwen2.5-coder-0.5b-instruct-q4", f"did you mean '{DEFAULT_MODEL}'"),
+        ("lokal", "did you mean 'local'"),
+        ("nonsense-model", "LiteLLM cannot route it"),
+    ],
+)
+def test_a_misspelled_or_unroutable_model_is_refused_before_any_server_starts(route, hint, monkeypatch):
+    def no_server(*args, **kwargs):
+        raise AssertionError("no server may start for a refused route")
+
+    monkeypatch.setattr(routes, "LocalServer", no_server)
+    with pytest.raises(ValueError, match="unknown model") as refused:
+        routes.check_route(route)
+    message = str(refused.value)
+    assert hint in message and route in message and DEFAULT_MODEL in message and "promptmii-qwen2.5-0.5b" in message
+    with routes.LMPool() as pool, pytest.raises(ValueError, match=re.escape(hint)):
+        pool.endpoint(route)
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="non-empty"):
+            routes.check_route(empty)

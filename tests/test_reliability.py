@@ -484,7 +484,7 @@ def test_ctrl_c_stops_the_demo_during_evaluation(tmp_path):
     with Server(delay=1.0) as server:  # the signal comes while a request is in flight
         script = DEMO.format(root=str(ROOT), tests=str(TESTS), url=server.url)
         process = subprocess.Popen(
-            [sys.executable, "-c", script, "demo", "--follower", "m"],
+            [sys.executable, "-c", script, "demo", "--follower", "hosted_vllm/m"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
             preexec_fn=_as_a_background_job,
         )

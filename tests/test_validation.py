@@ -274,9 +274,9 @@ def test_induce_checks_api_base_and_context_before_any_model_or_server(capsys, t
     )
     one_line_error(code, err, "--n-ctx 1024")
     # a meta-prompt budget the context cannot hold either
-    args = ["--generator", "local", "--n-ctx", "100", "--max-prompt-tokens", "50"]
+    args = ["--generator", "local", "--n-ctx", "600", "--max-tokens", "100", "--max-prompt-tokens", "500"]
     code, _, err = run(capsys, "induce", "--data", str(task_file), *args)
-    one_line_error(code, err, "--n-ctx 100", "--max-prompt-tokens 50")
+    one_line_error(code, err, "--n-ctx 600", "--max-prompt-tokens 500")
     assert no_pool.made == 0
 
 
@@ -308,8 +308,8 @@ def test_demo_checks_the_output_and_context_before_any_model_or_server(capsys, t
     one_line_error(code, err, "--out", str(tmp_path), "folder")
     # The reply set aside is the generator's real limit: the budget (160) plus 64 tokens,
     # or 1,024 tokens without a budget.
-    code, _, err = run(capsys, "demo", "--n-ctx", "200")
-    one_line_error(code, err, "--n-ctx 200", "(224 tokens)")
+    code, _, err = run(capsys, "demo", "--n-ctx", "512", "--max-instruction-tokens", "500")
+    one_line_error(code, err, "--n-ctx 512", "(564 tokens)")
     code, _, err = run(capsys, "demo", "--n-ctx", "1024", "--max-instruction-tokens", "0")
     one_line_error(code, err, "--n-ctx 1024", "(1024 tokens)")
     assert no_pool.made == 0

@@ -271,6 +271,8 @@ def build_library(
 
 
 def parser() -> argparse.ArgumentParser:
+    from dspy_promptmii.cli import context_size
+
     p = argparse.ArgumentParser(prog="python -m training.build_library", description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", type=Path, default=None, help="folder of task folders (default ../shared/datasets)")
     p.add_argument("--tasks", nargs="*", default=None, help="task names (default: the 'train' list of SPLITS.json)")
@@ -295,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-instruction-tokens", type=int, default=160, help="instruction budget (0 for none; default 160)"
     )
-    p.add_argument("--n-ctx", type=int, default=8192, help="context size of local servers")
+    p.add_argument("--n-ctx", type=context_size, default=8192, help="context size of local servers")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output file (default {DEFAULT_OUT})")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p

@@ -180,7 +180,7 @@ def score_all(
 
 
 def parser() -> argparse.ArgumentParser:
-    from dspy_promptmii.cli import non_negative_int, positive_float, positive_int
+    from dspy_promptmii.cli import context_size, non_negative_int, positive_float, positive_int
     from dspy_promptmii.params import Integer
 
     p = argparse.ArgumentParser(prog="python -m training.confirm", description=__doc__.split("\n\n")[0])
@@ -195,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quote-chars", type=non_negative_int, default=DEFAULT_QUOTE_CHARS,
                    help=f"the selection's quote check, as training.select's ({DEFAULT_QUOTE_CHARS})")
     p.add_argument("--follower", default="local", help="the rollouts' follower: local, a registry model or a .gguf")
-    p.add_argument("--n-ctx", type=positive_int, default=8192, help="context size of the local server (8192)")
+    p.add_argument("--n-ctx", type=context_size, default=8192, help="context size of the local server (8192)")
     p.add_argument("--n-threads", type=positive_int, default=None, help="threads of the local server (all)")
     p.add_argument("--follower-timeout", type=positive_float, default=300.0, help="seconds per follower request (300)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

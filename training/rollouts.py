@@ -363,7 +363,8 @@ def model_identity(choice: ModelChoice) -> dict[str, Any]:
     """
     from dspy_promptmii.local.adapters import resolve_adapter
     from dspy_promptmii.local.pull import check_gguf_file
-    from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY
+    from dspy_promptmii.local.registry import ADAPTERS, REGISTRY
+    from dspy_promptmii.routes import local_model
 
     for name, value in (("base_sha256", choice.base_sha256), ("adapter_sha256", choice.adapter_sha256)):
         if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
@@ -378,7 +379,7 @@ def model_identity(choice: ModelChoice) -> dict[str, Any]:
             "adapter": None,
             "adapter_sha256": choice.adapter_sha256,
         }
-    model = DEFAULT_MODEL if choice.model == "local" else choice.model
+    model = local_model(choice.model)
     adapter = adapter_sha = None
     if model in ADAPTERS:
         if choice.lora:
@@ -429,12 +430,12 @@ def open_endpoints(
     import dspy
 
     from dspy_promptmii.local.adapters import resolve_adapter
-    from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL
+    from dspy_promptmii.local.registry import ADAPTERS
     from dspy_promptmii.local.server import FOLLOWER_STYLE, LocalServer
-    from dspy_promptmii.routes import litellm_route
+    from dspy_promptmii.routes import litellm_route, local_model
 
     def local_args(choice: ModelChoice) -> tuple[str, str | None]:
-        model = DEFAULT_MODEL if choice.model == "local" else choice.model
+        model = local_model(choice.model)
         if model in ADAPTERS:
             return ADAPTERS[model].base, str(resolve_adapter(ADAPTERS[model]))
         return model, choice.lora
@@ -713,7 +714,7 @@ def _shots(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    from dspy_promptmii.cli import non_negative_int, positive_int
+    from dspy_promptmii.cli import context_size, non_negative_int, positive_int
 
     p = argparse.ArgumentParser(
         prog="python -m training.rollouts",
@@ -778,7 +779,7 @@ def parser() -> argparse.ArgumentParser:
                      help="follower requests in flight (1: llama.cpp's server answers one at a time)")
     fol.add_argument("--follower-timeout", type=float, default=300.0, help="seconds per follower request (300)")
     run = p.add_argument_group("local servers and output")
-    run.add_argument("--n-ctx", type=positive_int, default=8192, help="context size of local servers (8192)")
+    run.add_argument("--n-ctx", type=context_size, default=8192, help="context size of local servers (8192)")
     run.add_argument("--n-threads", type=positive_int, default=None, help="threads of each local server (all)")
     run.add_argument("--api-key-env", default=None, help="environment variable holding the endpoints' API key")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -25,6 +25,7 @@ from dspy_promptmii.local.adapters import resolve_adapter
 from dspy_promptmii.local.lifetime import OwnedFolder, popen_for_process_lifetime, sweep
 from dspy_promptmii.local.pull import cache_state, cached_path, check_gguf_file, resolve_model
 from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY
+from dspy_promptmii.params import CONTEXT_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,7 @@ class LocalServer:
         stop_grace: float = 5.0,
         lora: str | os.PathLike | None = None,
     ):
-        if n_ctx < 512:
-            raise ValueError(f"n_ctx must be at least 512, got {n_ctx}")
+        CONTEXT_SIZE.check("n_ctx", n_ctx)
         self.model = os.fspath(model)
         if self.model in ADAPTERS and lora is not None:
             raise ValueError(f"{self.model!r} is a trained generator (base model + adapter): pass no other lora")
