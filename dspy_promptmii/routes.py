@@ -66,7 +66,7 @@ _OPENAI_COMPATIBLE = ("hosted_vllm/", "openai/", "litellm_proxy/")
 
 def is_local(route: str) -> bool:
     """``local``, a registry model name, a trained generator's name, or a ``.gguf`` path."""
-    return route == "local" or route in REGISTRY or route in ADAPTERS or route.endswith(".gguf")
+    return route == "local" or route in REGISTRY or route in ADAPTERS or route.lower().endswith(".gguf")
 
 
 def local_model(route: str) -> str:

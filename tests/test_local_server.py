@@ -715,6 +715,7 @@ def test_bad_thread_settings_are_refused_by_name(model_file, kwargs, message):
         (DEFAULT_MODEL, None),
         ("promptmii-qwen2.5-0.5b", None),  # a trained generator
         ("/models/any.gguf", None),
+        ("./Model.Q4_K_M.GGUF", None),  # a GGUF path in any case
         ("openai/gpt-4o-mini", None),
         ("gpt-4o-mini", None),  # LiteLLM knows the provider of this bare name
         ("hosted_vllm/my-model", None),

@@ -314,7 +314,7 @@ def resolve_model(model: str | os.PathLike, *, auto_pull: bool = False, progress
     """
     text = os.fspath(model)
     path = Path(text).expanduser()
-    if text.endswith(".gguf") or path.exists():
+    if text.lower().endswith(".gguf") or path.exists():
         return check_gguf_file(path)
     spec = get_spec(text)
     state = cache_state(spec)
