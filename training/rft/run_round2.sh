@@ -5,9 +5,7 @@
 # task, never a dev task), each scored with the follower's reward as in round 1.
 # Resumes where it stopped; stop it with SIGTERM (SIGINT is ignored under nohup):
 #   pkill -TERM -f "training.rollouts --out training/rft/round2/rollouts"
-# Run from the repository root, never beside a torch job. Afterwards (training/README.md 6):
-#   ROLLOUTS="training/rft/round1/rollouts training/rft/round2/rollouts" OUT=training/rft/round2 \
-#     bash training/rft/run_round1_confirmed.sh
+# Run from the repository root, never beside a torch job. Afterwards: bash training/rft/run_round2_train.sh
 set -euo pipefail
 python -m training.rollouts --out training/rft/round2/rollouts --seed 3 --samples 6 \
   --generator promptmii-qwen2.5-0.5b --no-progress
