@@ -485,8 +485,13 @@ def _speed(args: argparse.Namespace) -> int:
     from benchmarks.manifest import machine, model_info, now, versions
     from benchmarks.speed import SpeedConfig, format_speed, run_speed
     from dspy_promptmii.files import write_json
-    from dspy_promptmii.routes import LMPool
+    from dspy_promptmii.routes import LMPool, check_route
 
+    for route in dict.fromkeys([args.follower, *(args.generator or [])]):
+        try:
+            check_route(route, args.api_base)  # a misspelled name fails before any server starts
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

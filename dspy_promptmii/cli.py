@@ -105,11 +105,14 @@ def _demo(args: argparse.Namespace) -> int:
     from dspy_promptmii.console import echo
     from dspy_promptmii.demo import demo_generator, format_cost, format_table, run_demo
     from dspy_promptmii.generation import budget_limit
+    from dspy_promptmii.routes import check_route
 
     # Every option is checked before a model is pulled or a server started; the
     # generator's reply limit is the one run_demo sets (the budget plus a margin).
     _check_out(args.out)
     generator = demo_generator(args.generator, args.follower)
+    for route in dict.fromkeys((args.follower, generator)):
+        check_route(route)
     _check_context(generator, args.n_ctx, budget_limit(args.max_instruction_tokens or None))
     echo(
         f"Prompt-MII demo: SNIPS intents (7 labels), n={args.n} labelled examples, "
@@ -318,9 +321,13 @@ def _models_list(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from dspy_promptmii.local import LocalServer
+    from dspy_promptmii.routes import is_local, local_model, unknown_local_model
 
+    model = local_model(args.model)
+    if not is_local(model) and not Path(model).expanduser().exists():
+        raise ValueError(unknown_local_model(model) + "; serve runs local models only")
     server = LocalServer(
-        args.model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True, lora=args.lora
+        model, n_ctx=args.n_ctx, port=args.port, n_threads=args.threads, auto_pull=True, lora=args.lora
     )
     with server:
         adapter = f" + LoRA {server.lora_path}" if server.lora_path is not None else ""

@@ -16,6 +16,8 @@ characters, and errors as one line.
   traceback only when asked (``-v``), and returns the exit code 2.
 * :func:`command` runs a command line's body the same way for every command: signals
   (:mod:`dspy_promptmii.stopping`), ``interrupted`` (exit 130), one-line errors.
+* :func:`quiet_litellm` keeps LiteLLM's own prints (the coloured provider list it writes
+  to stdout when it cannot route a model) off the terminal while we ask it about a route.
 * :func:`write_stdout` writes a command's report to stdout after its files are written: a
   reader that went away (``| head``) or a closed stdout ends the command quietly, a stdout
   that cannot take the text (a full disk) is one warning, never a traceback.
@@ -29,7 +31,8 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from dspy_promptmii.secrets import protect_handlers, redact, scrub
@@ -97,6 +100,19 @@ class ControlFilter(logging.Filter):
         if clean != message:
             record.msg, record.args = clean, None
         return True
+
+
+@contextmanager
+def quiet_litellm() -> Iterator[None]:
+    """LiteLLM with ``suppress_debug_info`` set for the duration (then as it was): its
+    lookups of an unknown route raise without printing a banner to stdout."""
+    import litellm
+
+    quiet, litellm.suppress_debug_info = litellm.suppress_debug_info, True
+    try:
+        yield
+    finally:
+        litellm.suppress_debug_info = quiet
 
 
 def protect_output(*handlers: logging.Handler) -> None:

@@ -118,11 +118,12 @@ def run_demo(
         )
         follower_style = follower_style_from_constrained(constrained)
     follower_decoding(follower_style, None)  # a bad style fails here, before any server starts
-    if generator is not None and not generator.strip():
+    if isinstance(generator, str) and not generator.strip():
         raise ValueError("generator must be a route, a registry model, a trained generator or None, got ''")
+    # a misspelled name or a wrong type fails here, before any server starts
+    for route in (follower, *([generator] if generator is not None else [])):
+        check_route(route)
     generator_route = demo_generator(generator, follower)
-    for route in dict.fromkeys((follower, generator_route)):
-        check_route(route)  # a misspelled name fails here, before any server starts
     if is_local(generator_route) and generator_route != follower:
         # Its server starts only for the compile; whatever would stop it starting (no
         # llama.cpp, a missing or damaged model or adapter) fails here, before any evaluation.

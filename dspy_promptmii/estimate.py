@@ -44,9 +44,12 @@ def token_price(model: str | None, prompt_tokens: int | None, completion_tokens:
     try:
         import litellm
 
-        prompt_cost, completion_cost = litellm.cost_per_token(
-            model=model, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens)
-        )
+        from dspy_promptmii.console import quiet_litellm
+
+        with quiet_litellm():  # an unmapped route: no provider banner on stdout
+            prompt_cost, completion_cost = litellm.cost_per_token(
+                model=model, prompt_tokens=int(prompt_tokens), completion_tokens=int(completion_tokens)
+            )
     except Exception as error:  # noqa: BLE001 - LiteLLM raises several kinds for an unmapped model
         logger.debug("no price for %s: %s", model, error)
         return None

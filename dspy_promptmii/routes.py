@@ -32,6 +32,7 @@ from typing import Any
 
 import dspy
 
+from dspy_promptmii.console import quiet_litellm
 from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY
 from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LocalServer
 from dspy_promptmii.secrets import protected_logger, remember
@@ -46,6 +47,7 @@ __all__ = [
     "is_local",
     "local_model",
     "check_route",
+    "unknown_local_model",
     "litellm_route",
     "default_timeout",
     "cache_scope",
@@ -84,26 +86,39 @@ def check_route(route: str, api_base: str | None = None) -> None:
     as ``openai/`` or a model name LiteLLM knows): the first call would fail otherwise.
 
     Raises:
-        ValueError: the route is empty, or neither local nor routable; the message lists the
-            local names and the closest of them to a misspelled one.
+        TypeError: the route is not a string.
+        ValueError: the route is empty or has white space around it, or is neither local nor
+            routable; the message lists the local names and the closest of them to a misspelled one.
     """
-    if not isinstance(route, str) or not route.strip():
+    if not isinstance(route, str):
+        raise TypeError(f"a model route must be a string, got {type(route).__name__} {route!r}")
+    if not route.strip():
         raise ValueError(f"a model route must be a non-empty string, got {route!r}")
+    if route != route.strip():
+        raise ValueError(f"model route {route!r} has white space around it")
     if is_local(route) or api_base:
         return
     import litellm
 
     try:
-        litellm.get_llm_provider(route)
+        with quiet_litellm():  # no provider banner on stdout
+            litellm.get_llm_provider(route)
     except Exception:  # LiteLLM raises its BadRequestError (or ValueError) for an unknown provider
-        names = ["local", *REGISTRY, *ADAPTERS]
-        close = difflib.get_close_matches(route, names, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
-            f"unknown model {route!r}: {hint}it is not a local model ({', '.join(names)}, or a .gguf path) and "
-            "LiteLLM cannot route it; give a provider prefix (e.g. openai/gpt-4o-mini, hosted_vllm/NAME) "
+            unknown_local_model(route)
+            + "; nor can LiteLLM route it: give a provider prefix (e.g. openai/gpt-4o-mini, hosted_vllm/NAME) "
             "or an api_base of an OpenAI-compatible server"
         ) from None
+
+
+def unknown_local_model(name: str) -> str:
+    """``unknown model NAME: did you mean ...? it is not a local model (the names)``: the
+    closest local name by spelling (case-insensitive), then every local name."""
+    names = ["local", *REGISTRY, *ADAPTERS]
+    lowered = {candidate.lower(): candidate for candidate in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    hint = f"did you mean {lowered[close[0]]!r}? " if close else ""
+    return f"unknown model {name!r}: {hint}it is not a local model ({', '.join(names)}, or a .gguf path)"
 
 
 def litellm_route(route: str, api_base: str | None) -> str:

@@ -164,6 +164,18 @@ def test_a_misspelled_model_is_refused_before_any_server_starts(data_dir, tmp_pa
     assert "unknown model" in str(exited.value.code) and hint in str(exited.value.code)
 
 
+def test_speed_refuses_a_misspelled_generator_before_any_server_starts(tmp_path, monkeypatch):
+    from dspy_promptmii import routes
+
+    def no_pool(**kwargs):
+        raise AssertionError("an LM pool was set up for a route that cannot work")
+
+    monkeypatch.setattr(routes, "LMPool", no_pool)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["speed", "--follower", "local", "--generator", "lcoal", "--out", str(tmp_path / "speed.json")])
+    assert "did you mean 'local'" in str(exited.value.code)
+
+
 def test_split_draws_test_rows_first_and_examples_as_a_stratified_prefix(data_dir: Path):
     task = load_task(data_dir / "toy")
     split = make_split(task, test_rows=9, seed=3)

@@ -20,7 +20,7 @@ from dspy_promptmii import cli, demo, routes
 from dspy_promptmii.local import adapters as adapters_module
 from dspy_promptmii.local.pull import CorruptModelError
 from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_GENERATOR, DEFAULT_MODEL, REGISTRY, get_spec
-from dspy_promptmii.local.server import LocalServer
+from dspy_promptmii.local.server import LocalServer, ServerError
 from dspy_promptmii.protocol import format_line
 from dspy_promptmii.routes import Endpoint
 
@@ -347,6 +347,20 @@ def test_serve_runs_until_ctrl_c(capsys, serve_fake):
     assert server.port is None  # an automatically chosen port is chosen again on restart
 
 
+def test_serve_takes_local_and_refuses_an_unknown_name_with_a_hint(capsys, serve_fake, monkeypatch):
+    model, servers = serve_fake
+    code, out, err = run(capsys, "serve", "--model", "lcoal")
+    assert_one_line_error(code, err, "unknown model 'lcoal'", "did you mean 'local'", "local models only")
+    assert servers == []
+    def stop_before_launch(self):
+        raise ServerError("stopped here by the test")
+
+    monkeypatch.setattr(LocalServer, "prepare", stop_before_launch)
+    code, out, err = run(capsys, "serve", "--model", "local")
+    assert_one_line_error(code, err, "stopped here by the test")
+    assert [server.model for server in servers] == [DEFAULT_MODEL]  # 'local' is the default model
+
+
 def test_serve_takes_a_lora_adapter_and_names_the_route_after_both(capsys, tmp_path, serve_fake):
     model, servers = serve_fake
     adapter = tmp_path / "round1d.gguf"
@@ -439,9 +453,12 @@ def test_demo_names_an_untrained_generator_and_checks_the_trained_one_before_any
     made = len(FakePool.instances)
     code, out, err = run(capsys, "demo", "--test-rows", "2", "--n", "7", "--generator", "promptmii-qwen2.5-05b")
     assert_one_line_error(code, err)
-    assert "did you mean 'promptmii-qwen2.5-0.5b'" in err
+    assert "did you mean 'promptmii-qwen2.5-0.5b'" in err and out == ""  # refused before the banner
     with pytest.raises(ValueError, match="did you mean 'local'"):
         demo.run_demo(follower="lokal", n=7, test_rows=2, progress=False)
+    for wrong in ({"follower": None}, {"generator": 1}):
+        with pytest.raises(TypeError, match="must be a string"):
+            demo.run_demo(n=7, test_rows=2, progress=False, **wrong)
     assert len(FakePool.instances) == made and FakePool.prepared == []
 
     # a damaged install: the trained generator's adapter fails its sha256 before a server starts

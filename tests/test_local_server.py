@@ -732,10 +732,11 @@ def test_routes_a_user_can_type_are_accepted(route, api_base):
         ("promptmii-qwen2.5-05b", "did you mean 'promptmii-qwen2.5-0.5b'"),
         ("qwen2.5-coder-0.5b-instruct-q4", f"did you mean '{DEFAULT_MODEL}'"),
         ("lokal", "did you mean 'local'"),
-        ("nonsense-model", "LiteLLM cannot route it"),
+        ("LOCAL", "did you mean 'local'"),  # spelling, whatever the case
+        ("nonsense-model", "nor can LiteLLM route it"),
     ],
 )
-def test_a_misspelled_or_unroutable_model_is_refused_before_any_server_starts(route, hint, monkeypatch):
+def test_a_misspelled_or_unroutable_model_is_refused_before_any_server_starts(route, hint, monkeypatch, capsys):
     def no_server(*args, **kwargs):
         raise AssertionError("no server may start for a refused route")
 
@@ -746,6 +747,13 @@ def test_a_misspelled_or_unroutable_model_is_refused_before_any_server_starts(ro
     assert hint in message and route in message and DEFAULT_MODEL in message and "promptmii-qwen2.5-0.5b" in message
     with routes.LMPool() as pool, pytest.raises(ValueError, match=re.escape(hint)):
         pool.endpoint(route)
+    assert capsys.readouterr().out == ""  # no LiteLLM provider banner on stdout
     for empty in ("", "  "):
         with pytest.raises(ValueError, match="non-empty"):
             routes.check_route(empty)
+    for spaced in (" openai/gpt-4o-mini", "openai/gpt-4o-mini ", f"{DEFAULT_MODEL}\t"):
+        with pytest.raises(ValueError, match="white space around it"):
+            routes.check_route(spaced)
+    for wrong in (None, 1, Path("m.gguf")):
+        with pytest.raises(TypeError, match="must be a string"):
+            routes.check_route(wrong)
