@@ -246,8 +246,8 @@ def _promptmii_optimizer(ctx: CompileContext) -> PromptMIIOptimizer:
         protocol = replace(protocol, template=options.pop("template"))
     options.pop("generator", None)
     limit = None if options.get("max_instruction_tokens") else ctx.budgets.generator_max_tokens
-    budget = None
-    if ctx.generator.token_counter is not None:
+    budget = options.pop("max_prompt_tokens", None)  # as named, else the local server's room
+    if budget is None and ctx.generator.token_counter is not None:
         budget = meta_prompt_budget(ctx.generator.context_tokens, limit or ctx.budgets.generator_max_tokens)
     # The reply limit without a budget is an LM setting (a copy keeps the usage meter);
     # with one, the optimizer caps the reply itself.
@@ -470,6 +470,9 @@ OPTIONS: dict[str, type] = {
     "include_naive": bool,
     "template": str,
     "generator": str,
+    # the meta-prompt budget in tokens; a local generator's is its context less the reply, so
+    # this is for a generator whose context the run cannot know (a remote route)
+    "max_prompt_tokens": int,
 }
 _PROMPTMII_OPTIONS = tuple(OPTIONS)
 #: Options that also take ``none`` (``max_instruction_tokens=none``: no instruction budget).
@@ -482,7 +485,8 @@ PROMPTMII_METHODS = ("promptmii_zero", "promptmii")
 PROMPTMII_DEFAULTS: dict[str, Any] = {
     name: parameter.default
     for name, parameter in inspect.signature(PromptMIIOptimizer.__init__).parameters.items()
-    if name in OPTIONS and name != "template"
+    # max_prompt_tokens: the generator's context decides it unless a method names it
+    if name in OPTIONS and name not in ("template", "max_prompt_tokens")
 }
 
 

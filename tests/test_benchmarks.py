@@ -271,6 +271,28 @@ def test_a_method_with_options_runs_under_its_full_name(data_dir, lms, tmp_path)
         run_benchmark(config(data_dir, tmp_path / "o2", methods=["icl:demos=2"]), lms["endpoints"])
 
 
+def test_a_remote_generator_gets_the_meta_prompt_budget_its_method_names(data_dir, tmp_path):
+    """A remote generator's context is unknown to the run (no token counter, no context size):
+    ``max_prompt_tokens`` in the method name fits its meta-prompt (counted by LiteLLM's counter),
+    as a local server's room does."""
+    follower, _ = fake_lm(follower_reply, model="fake/follower")
+    generator, engine = fake_lm(generator_reply, model="fake/generator")
+    endpoints = Endpoints(follower=endpoint(follower, "fake/follower"), generator=endpoint(generator, "fake/generator"))
+    tasks = resolve_tasks(data_dir, ["toy"])
+
+    def prompt_words() -> int:
+        return sum(word_count(message_texts(message)) for message in engine.requests[-1].messages)
+
+    run_benchmark(config(data_dir, tmp_path / "wide", methods=["promptmii_zero"], tasks=tasks), endpoints)
+    wide_words = prompt_words()
+    method = f"promptmii_zero:max_prompt_tokens={wide_words * 6 // 7}"  # less than it took: some examples must go
+    run_benchmark(config(data_dir, tmp_path / "fit", methods=[method], tasks=tasks), endpoints)
+    [wide] = ok(tmp_path / "wide").values()
+    [fit] = ok(tmp_path / "fit").values()
+    assert fit["options"]["max_prompt_tokens"] == wide_words * 6 // 7 and "max_prompt_tokens" not in wide["options"]
+    assert fit["n_used"] < wide["n_used"] and prompt_words() < wide_words  # examples left out to fit
+
+
 # --- accounting ------------------------------------------------------------------------
 
 
