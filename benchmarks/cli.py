@@ -303,9 +303,21 @@ def _follower_style(args: argparse.Namespace) -> str:
     return "endpoint" if args.constrained == "auto" else args.constrained
 
 
+def _check_routes(routes: list[str], api_base: str | None) -> None:
+    """Each route once, before any model is pulled or server started: a misspelled or
+    unroutable name is a one-line exit (:func:`dspy_promptmii.routes.check_route`)."""
+    from dspy_promptmii.routes import check_route
+
+    for route in dict.fromkeys(routes):
+        try:
+            check_route(route, api_base)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+
+
 def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     from benchmarks.runner import ConfigMismatch, Endpoints, RunConfig, load_splits, run_benchmark
-    from dspy_promptmii.routes import LMPool, check_route
+    from dspy_promptmii.routes import LMPool
 
     values = _resolved(args)
     try:
@@ -386,12 +398,8 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     )
     # Every task file is read and split before a model is pulled or a server started.
     splits = load_splits(config)
-    routes = [args.follower, args.generator, *([args.generator_trained] if args.generator_trained else [])]
-    for route in dict.fromkeys([*routes, *extra_generators]):
-        try:
-            check_route(route, args.api_base)  # a misspelled name fails before any server starts
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+    trained_routes = [args.generator_trained] if args.generator_trained else []
+    _check_routes([args.follower, args.generator, *trained_routes, *extra_generators], args.api_base)
     pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
     with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base, timeout=args.timeout) as pool:
         endpoint = pool.endpoint
@@ -485,13 +493,9 @@ def _speed(args: argparse.Namespace) -> int:
     from benchmarks.manifest import machine, model_info, now, versions
     from benchmarks.speed import SpeedConfig, format_speed, run_speed
     from dspy_promptmii.files import write_json
-    from dspy_promptmii.routes import LMPool, check_route
+    from dspy_promptmii.routes import LMPool
 
-    for route in dict.fromkeys([args.follower, *(args.generator or [])]):
-        try:
-            check_route(route, args.api_base)  # a misspelled name fails before any server starts
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+    _check_routes([args.follower, *(args.generator or [])], args.api_base)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
