@@ -31,6 +31,7 @@ from dspy_promptmii.optimizer import (
     PromptMIIOptimizer,
     meta_prompt_budget,
 )
+from dspy_promptmii.params import SHARED
 from dspy_promptmii.protocol import Protocol, label_list, naive_instruction
 from dspy_promptmii.routes import Endpoint
 from dspy_promptmii.secrets import protected_logger
@@ -513,9 +514,13 @@ def _option_value(name: str, text: str) -> Any:
         if name in NONE_OPTIONS and text.lower() == "none":
             return None
         try:
-            return int(text)
+            value = int(text)
         except ValueError:
             raise ValueError(f"option {name} takes an integer, got {text!r}") from None
+        rule = SHARED.get(name)  # the optimizer's own rule for it (candidates >= 1, ...)
+        if rule is not None:
+            rule.check(f"option {name}", value)
+        return value
     return text
 
 

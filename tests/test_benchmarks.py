@@ -247,6 +247,9 @@ def test_method_options_are_parsed_and_refused_by_name():
         parse_method("gepa:exemplars=2")
     with pytest.raises(ValueError, match="option candidates takes an integer"):
         parse_method("promptmii_zero:candidates=four")
+    for bad in ("candidates=0", "max_prompt_tokens=0", "val_size=-1", "exemplars=-2"):  # the optimizer's rules
+        with pytest.raises(ValueError, match=f"option {bad.split('=')[0]} must be an integer >= "):
+            parse_method(f"promptmii_zero:{bad}")
     with pytest.raises(ValueError, match="is not name=value"):
         parse_method("promptmii_zero:exemplars")
 
