@@ -350,6 +350,9 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
         miprov2_trials=None if auto else values["miprov2_trials"],
         generator_max_tokens=values["generator_max_tokens"],
     )
+    trained_routes = [args.generator_trained] if args.generator_trained else []
+    # before --out is touched: a refused route leaves no lock or log behind
+    _check_routes([args.follower, args.generator, *trained_routes, *extra_generators], args.api_base)
     default_name = f"{'quick' if args.quick else 'run'}-{date.today().isoformat()}"
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / default_name
     from benchmarks.store import FolderLocked, ResultStore
@@ -398,8 +401,6 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
     )
     # Every task file is read and split before a model is pulled or a server started.
     splits = load_splits(config)
-    trained_routes = [args.generator_trained] if args.generator_trained else []
-    _check_routes([args.follower, args.generator, *trained_routes, *extra_generators], args.api_base)
     pool_settings = {"n_ctx": args.n_ctx} if args.n_ctx else {}
     with LMPool(**pool_settings, n_threads=args.n_threads, api_base=args.api_base, timeout=args.timeout) as pool:
         endpoint = pool.endpoint
@@ -558,7 +559,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "speed":
             return _speed(args)
         return _report(args)
-    except SystemExit as stop:  # the option checks' one-line messages, shown like every error
+    except SystemExit as stop:  # the option checks' one-line messages, shown like every error (exit 2)
         if isinstance(stop.code, str):
-            raise SystemExit(shown_error(stop.code)) from None
+            print(f"benchmarks: error: {shown_error(stop.code)}", file=sys.stderr, flush=True)
+            return 2
         raise

@@ -223,15 +223,24 @@ def _induce(args: argparse.Namespace) -> int:
 def _offline_lm(route: str, api_base: str | None, **settings: object) -> tuple[object, str]:
     """A ``dspy.LM`` naming ``route``'s model for counting and pricing only: nothing is
     pulled or started and it is never called (a local model is named as its server would
-    serve it, ``hosted_vllm/<alias>``). Returns the LM and the route shown."""
+    serve it, ``hosted_vllm/<alias>``). Returns the LM and the route shown.
+
+    Raises:
+        ValueError: a route :func:`dspy_promptmii.routes.check_route` refuses.
+        FileNotFoundError, ModelFileError: a ``.gguf`` path with no file, or not a GGUF file.
+    """
     import dspy
 
     from dspy_promptmii.local import LocalServer
+    from dspy_promptmii.local.pull import check_gguf_file
     from dspy_promptmii.routes import check_route, is_local, litellm_route, local_model
 
     check_route(route, api_base)
     if is_local(route):
-        alias = LocalServer(local_model(route)).alias
+        model = local_model(route)
+        if model.lower().endswith(".gguf"):  # a path: it must be a GGUF file (4 bytes read, nothing loaded)
+            check_gguf_file(model)
+        alias = LocalServer(model).alias
         return dspy.LM(f"hosted_vllm/{alias}", **settings), route
     full = litellm_route(route, api_base)
     return dspy.LM(full, **({"api_base": api_base} if api_base else {}), **settings), full

@@ -131,7 +131,9 @@ def ok(out: Path) -> dict:
 # --- tasks and splits -----------------------------------------------------------------
 
 
-def test_tasks_default_to_the_dev_list_and_missing_folders_are_named(data_dir: Path, tmp_path: Path):
+def test_tasks_default_to_the_dev_list_and_missing_folders_are_named(
+    data_dir: Path, tmp_path: Path, capsys, restore_logging
+):
     assert [p.name for p in resolve_tasks(data_dir)] == ["toy", "pairs"]
     assert [p.name for p in resolve_tasks(data_dir, ["pairs"])] == ["pairs"]
     missing = tmp_path / "nowhere"
@@ -139,8 +141,10 @@ def test_tasks_default_to_the_dev_list_and_missing_folders_are_named(data_dir: P
         resolve_tasks(missing)
     with pytest.raises(FileNotFoundError, match="nope"):
         resolve_tasks(data_dir, ["nope"])
-    with pytest.raises(SystemExit, match=str(missing)):  # before any LM is started
-        cli.main(["run", "--data-dir", str(missing), "--out", str(tmp_path / "out")])
+    # before any LM is started: one line and exit 2, as every error of the command line
+    assert cli.main(["run", "--data-dir", str(missing), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks: error: ") and str(missing) in err
 
 
 @pytest.mark.parametrize(
@@ -151,29 +155,31 @@ def test_tasks_default_to_the_dev_list_and_missing_folders_are_named(data_dir: P
         (["--methods", "naive,promptmii_zero:generator=nonsense-model"], "'nonsense-model'"),
     ],
 )
-def test_a_misspelled_model_is_refused_before_any_server_starts(data_dir, tmp_path, monkeypatch, flags, hint):
+def test_a_misspelled_model_is_refused_before_any_server_starts(data_dir, tmp_path, monkeypatch, capsys, flags, hint):
     from dspy_promptmii import routes
 
     def no_pool(**kwargs):
         raise AssertionError("an LM pool was set up for a route that cannot work")
 
     monkeypatch.setattr(routes, "LMPool", no_pool)
-    with pytest.raises(SystemExit) as exited:
-        out = str(tmp_path / "out")
-        cli.main(["run", "--data-dir", str(data_dir), "--out", out, "--test-rows", "9", "--n", "6", *flags])
-    assert "unknown model" in str(exited.value.code) and hint in str(exited.value.code)
+    out = tmp_path / "out"
+    argv = ["run", "--data-dir", str(data_dir), "--out", str(out), "--test-rows", "9", "--n", "6", *flags]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks: error: unknown model") and hint in err
+    assert not out.exists()  # refused before --out is touched: no run.lock or run.log left behind
 
 
-def test_speed_refuses_a_misspelled_generator_before_any_server_starts(tmp_path, monkeypatch):
+def test_speed_refuses_a_misspelled_generator_before_any_server_starts(tmp_path, monkeypatch, capsys):
     from dspy_promptmii import routes
 
     def no_pool(**kwargs):
         raise AssertionError("an LM pool was set up for a route that cannot work")
 
     monkeypatch.setattr(routes, "LMPool", no_pool)
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["speed", "--follower", "local", "--generator", "lcoal", "--out", str(tmp_path / "speed.json")])
-    assert "did you mean 'local'" in str(exited.value.code)
+    argv = ["speed", "--follower", "local", "--generator", "lcoal", "--out", str(tmp_path / "speed.json")]
+    assert cli.main(argv) == 2
+    assert "did you mean 'local'" in capsys.readouterr().err
 
 
 def test_split_draws_test_rows_first_and_examples_as_a_stratified_prefix(data_dir: Path):

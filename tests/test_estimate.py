@@ -326,6 +326,12 @@ def test_induce_dry_run_prints_the_estimate_and_calls_nothing(capsys, tmp_path, 
     printed = capsys.readouterr().out
     assert "unknown" in printed and "hosted_vllm/qwen2.5-coder-0.5b-instruct" in printed
 
+    # a .gguf path is checked even in a dry run: a misspelled path is named, not estimated
+    missing = tmp_path / "nowhere" / "model.gguf"
+    assert cli.main(["induce", "--data", str(task_file), "--generator", str(missing), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptmii: error: ") and f"no model file at {missing}" in err
+
 
 def test_the_demo_prints_the_estimate_beside_the_measured_compile(capsys, tmp_path, fake_pool) -> None:  # noqa: F811
     fake_pool()

@@ -268,7 +268,9 @@ def test_the_lock_is_released_when_a_run_ends_and_reentrant_within_it(data_dir, 
     assert probe.returncode == 0 and probe.stdout.strip() == "locked"
 
 
-def test_the_benchmark_command_refuses_a_locked_folder_before_starting_lms(tmp_path, data_dir, other_run, monkeypatch):
+def test_the_benchmark_command_refuses_a_locked_folder_before_starting_lms(
+    tmp_path, data_dir, other_run, monkeypatch, capsys
+):
     from benchmarks import cli
     from dspy_promptmii import routes
 
@@ -278,9 +280,8 @@ def test_the_benchmark_command_refuses_a_locked_folder_before_starting_lms(tmp_p
     monkeypatch.setattr(routes, "LMPool", no_pool)
     out = tmp_path / "out"
     holder = other_run(out)
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["run", "--data-dir", str(data_dir), "--out", str(out)])
-    assert f"{out} is being written by another benchmark run (process {holder.pid})" in str(exited.value.code)
+    assert cli.main(["run", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    assert f"{out} is being written by another benchmark run (process {holder.pid})" in capsys.readouterr().err
 
 
 # --- SIGTERM ----------------------------------------------------------------------------------

@@ -352,13 +352,13 @@ def test_a_failed_write_leaves_no_partial_and_keeps_the_old_file(tmp_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "x.json"]
 
 
-def test_benchmark_run_checks_its_output_folder_first(tmp_path, monkeypatch):
+def test_benchmark_run_checks_its_output_folder_first(tmp_path, monkeypatch, capsys):
     from benchmarks import cli as bench_cli
 
     monkeypatch.setattr(routes, "LMPool", NoPool)
     NoPool.made = 0
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit) as exited:
-        bench_cli.main(["run", "--data-dir", str(tmp_path), "--out", str(tmp_path / "file")])
-    assert "--out" in str(exited.value.code) and str(tmp_path / "file") in str(exited.value.code)
+    assert bench_cli.main(["run", "--data-dir", str(tmp_path), "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "benchmarks: error: --out" in err and str(tmp_path / "file") in err
     assert NoPool.made == 0 and not (tmp_path / "file.partial").exists()
