@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from dspy_promptmii.console import shown_error
+    from dspy_promptmii.console import fail
 
     try:
         if args.command == "run":
@@ -561,6 +561,5 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     except SystemExit as stop:  # the option checks' one-line messages, shown like every error (exit 2)
         if isinstance(stop.code, str):
-            print(f"benchmarks: error: {shown_error(stop.code)}", file=sys.stderr, flush=True)
-            return 2
+            return fail("benchmarks", ValueError(stop.code))
         raise

@@ -21,7 +21,6 @@ Every LM handed out here:
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import dspy
 
 from dspy_promptmii.console import quiet_litellm
-from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY
+from dspy_promptmii.local.registry import ADAPTERS, DEFAULT_MODEL, REGISTRY, unknown_local_model
 from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LocalServer
 from dspy_promptmii.secrets import protected_logger, remember
 from dspy_promptmii.stopping import StopGate
@@ -109,16 +108,6 @@ def check_route(route: str, api_base: str | None = None) -> None:
             + "; nor can LiteLLM route it: give a provider prefix (e.g. openai/gpt-4o-mini, hosted_vllm/NAME) "
             "or an api_base of an OpenAI-compatible server"
         ) from None
-
-
-def unknown_local_model(name: str) -> str:
-    """``unknown model NAME: did you mean ...? it is not a local model (the names)``: the
-    closest local name by spelling (case-insensitive), then every local name."""
-    names = ["local", *REGISTRY, *ADAPTERS]
-    lowered = {candidate.lower(): candidate for candidate in names}
-    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
-    hint = f"did you mean {lowered[close[0]]!r}? " if close else ""
-    return f"unknown model {name!r}: {hint}it is not a local model ({', '.join(names)}, or a .gguf path)"
 
 
 def litellm_route(route: str, api_base: str | None) -> str:

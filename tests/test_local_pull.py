@@ -28,6 +28,7 @@ from dspy_promptmii.local.pull import (
     PullError,
     cache_state,
     cached_path,
+    is_model_path,
     marker_path,
     pull,
     resolve_model,
@@ -271,6 +272,26 @@ def test_resolve_unknown_name_lists_the_registry(tmp_path, monkeypatch):
     assert "no-such-model" in message
     for name in REGISTRY:
         assert name in message
+
+
+def test_resolve_misspelled_name_names_the_closest_local_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMPTMII_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    misspelled = DEFAULT_MODEL.upper()[:-1]  # case and one letter off
+    with pytest.raises(KeyError) as caught:
+        resolve_model(misspelled)
+    assert caught.value.args[0].startswith(f"unknown model {misspelled!r}: did you mean {DEFAULT_MODEL!r}?")
+    with pytest.raises(KeyError) as caught:
+        resolve_model("zzzz")  # nothing close: no guess, only the names
+    assert "did you mean" not in caught.value.args[0] and DEFAULT_MODEL in caught.value.args[0]
+
+
+def test_is_model_path_tells_a_file_from_a_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_model_path("missing/Model.GGUF")  # by its suffix, whether or not it exists
+    assert not is_model_path(DEFAULT_MODEL)
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    assert is_model_path("weights.bin") and is_model_path(tmp_path / "weights.bin")  # by existence
 
 
 def test_resolve_missing_gguf_path(tmp_path):

@@ -362,9 +362,9 @@ def model_identity(choice: ModelChoice) -> dict[str, Any]:
         FileNotFoundError, ModelFileError: a missing or non-GGUF file (named).
     """
     from dspy_promptmii.local.adapters import resolve_adapter
-    from dspy_promptmii.local.pull import check_gguf_file
-    from dspy_promptmii.local.registry import ADAPTERS, REGISTRY
-    from dspy_promptmii.routes import local_model, unknown_local_model
+    from dspy_promptmii.local.pull import check_gguf_file, is_model_path
+    from dspy_promptmii.local.registry import ADAPTERS, REGISTRY, unknown_local_model
+    from dspy_promptmii.routes import local_model
 
     for name, value in (("base_sha256", choice.base_sha256), ("adapter_sha256", choice.adapter_sha256)):
         if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
@@ -390,7 +390,7 @@ def model_identity(choice: ModelChoice) -> dict[str, Any]:
         base_name, base_sha = spec.base, REGISTRY[spec.base].sha256
     elif model in REGISTRY:
         base_name, base_sha = model, REGISTRY[model].sha256
-    elif model.lower().endswith(".gguf") or Path(model).expanduser().exists():
+    elif is_model_path(model):
         path = check_gguf_file(model)
         base_name, base_sha = path.name, sha256_file(path)
     else:  # neither a local name nor a file: most likely a misspelled name

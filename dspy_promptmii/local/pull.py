@@ -48,6 +48,7 @@ __all__ = [
     "cache_state",
     "cached_path",
     "check_gguf_file",
+    "is_model_path",
     "marker_path",
     "pull",
     "resolve_model",
@@ -297,6 +298,13 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def is_model_path(model: str | os.PathLike) -> bool:
+    """Whether ``model`` names a file rather than a registry model: it ends in ``.gguf``
+    (case-insensitive) or something exists at that path."""
+    text = os.fspath(model)
+    return text.lower().endswith(".gguf") or Path(text).expanduser().exists()
+
+
 def resolve_model(model: str | os.PathLike, *, auto_pull: bool = False, progress: bool = True) -> Path:
     """The GGUF path of a registry name or a local file, checked before any use.
 
@@ -313,9 +321,8 @@ def resolve_model(model: str | os.PathLike, *, auto_pull: bool = False, progress
         PullError: ``auto_pull`` failed.
     """
     text = os.fspath(model)
-    path = Path(text).expanduser()
-    if text.lower().endswith(".gguf") or path.exists():
-        return check_gguf_file(path)
+    if is_model_path(text):
+        return check_gguf_file(Path(text).expanduser())
     spec = get_spec(text)
     state = cache_state(spec)
     if state == "cached":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ __all__ = [
     "models_dir",
     "adapters_dir",
     "get_spec",
+    "unknown_local_model",
 ]
 
 
@@ -162,10 +164,24 @@ def adapters_dir() -> Path:
 
 
 def get_spec(name: str) -> ModelSpec:
+    """The registry entry of a base model.
+
+    Raises:
+        KeyError: ``name`` is not a registry model; the message names the closest local
+            name and lists them all (:func:`unknown_local_model`).
+    """
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(
-            f"unknown model {name!r}: use one of {sorted(REGISTRY)}, a trained generator "
-            f"({', '.join(sorted(ADAPTERS))}) or the path of a .gguf file"
-        ) from None
+        raise KeyError(unknown_local_model(name)) from None
+
+
+def unknown_local_model(name: str) -> str:
+    """``unknown model NAME: did you mean ...? it is not a local model (the names)``: the
+    closest local name by spelling (case-insensitive), then every local name (``local``,
+    the base models, the trained generators)."""
+    names = ["local", *REGISTRY, *ADAPTERS]
+    lowered = {candidate.lower(): candidate for candidate in names}
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    hint = f"did you mean {lowered[close[0]]!r}? " if close else ""
+    return f"unknown model {name!r}: {hint}it is not a local model ({', '.join(names)}, or a .gguf path)"
