@@ -188,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     report = sub.add_parser("report", help="write report.md and pareto.png for a results folder")
-    report.add_argument("results_dir", help="a folder written by `run`")
+    report.add_argument(
+        "results_dir", nargs="+", help="a folder written by `run`; several (with --out) for one combined report"
+    )
+    report.add_argument(
+        "--out",
+        default=None,
+        help="write one report over the given folders (a study that ran in several) into this folder, with its "
+        "sources.json; a cell found in several folders is taken from the last",
+    )
 
     speed = sub.add_parser(
         "speed",
@@ -441,14 +449,16 @@ def _run_in(args: argparse.Namespace, stack: contextlib.ExitStack) -> int:
 def _report(args: argparse.Namespace) -> int:
     """``report``: report.md and pareto.png. Without scipy or matplotlib (the ``bench``
     extra), one line saying what to install, and nothing written."""
-    from benchmarks.report import write_report
+    from benchmarks.report import combine, write_report
     from dspy_promptmii.console import protect_output
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     protect_output(*logging.getLogger().handlers)
+    if len(args.results_dir) > 1 and args.out is None:
+        raise SystemExit("several results folders make one combined report: give --out FOLDER to write it into")
     try:
-        paths = write_report(args.results_dir)
-    except FileNotFoundError as error:
+        paths = write_report(args.results_dir[0]) if args.out is None else combine(args.results_dir, args.out)
+    except (FileNotFoundError, ValueError) as error:
         raise SystemExit(str(error)) from None
     for path in paths:
         print(f"wrote {path}")

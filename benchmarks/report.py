@@ -1,5 +1,8 @@
 """``python -m benchmarks report RESULTS_DIR``: report.md (means per method and n, cost
 ratios, win rates, paired Wilcoxon tests) and pareto.png from a results folder.
+``python -m benchmarks report A B --out C``: the same report over several folders of like
+runs (a study whose tasks ran in more than one folder), written with its ``sources.json``
+into ``C``.
 
 Every figure is computed from the folder's ``results.jsonl`` (the last ``ok`` record of
 each (task, n, method, seed) cell); the manifest supplies the header (models, machine,
@@ -15,6 +18,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
+import os
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +28,7 @@ from typing import Any
 from benchmarks.methods import METHODS
 from benchmarks.store import RESULTS, latest, read_manifest, read_records
 from dspy_promptmii.console import escape_controls
-from dspy_promptmii.files import write_text
+from dspy_promptmii.files import read_json, write_json, write_text
 from dspy_promptmii.secrets import protected_logger
 
 logger = protected_logger(__name__)
@@ -44,6 +48,11 @@ __all__ = [
     "estimate_rows",
     "render_report",
     "write_report",
+    "SOURCES",
+    "COMPARABLE_SETTINGS",
+    "source_folders",
+    "folder_records",
+    "combine",
 ]
 
 #: With fewer non-zero paired differences, a two-sided Wilcoxon signed-rank test cannot
@@ -53,6 +62,12 @@ MIN_WILCOXON_PAIRS = 6
 REFERENCES = ("icl", "gepa", "miprov2")
 
 Cell = tuple[str, int, int]  # (task, n, seed)
+#: A combined report's sources: ``{"sources": [folder, ...], "differences": [setting, ...]}``,
+#: each folder relative to the combined one.
+SOURCES = "sources.json"
+#: The run settings (manifest ``settings``) that folders must share to be reported together:
+#: what decides a score besides the method (the protocol, the follower, the test rows, the split).
+COMPARABLE_SETTINGS = ("protocol", "adapter", "follower", "follower_max_tokens", "test_rows", "split_protocol")
 
 
 class MissingDependency(ImportError):
@@ -309,9 +324,12 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | No
 
 
 def _header(
-    manifest: dict[str, Any] | None, records: Sequence[dict[str, Any]], all_records: Sequence[dict[str, Any]]
+    manifest: dict[str, Any] | None,
+    records: Sequence[dict[str, Any]],
+    all_records: Sequence[dict[str, Any]],
+    title: str = "# Benchmark report",
 ) -> str:
-    lines = ["# Benchmark report", ""]
+    lines = [title, ""]
     if not manifest:
         lines += ["(no manifest.json in this folder)", ""]
         return "\n".join(lines)
@@ -404,10 +422,100 @@ def _error_cells(all_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in latest(all_records, ("ok", "failed", "error")) if r.get("status") == "error"]
 
 
+def source_folders(folder: str | Path) -> list[Path] | None:
+    """The results folders a combined report reads (its :data:`SOURCES`), else None.
+
+    Raises ``ValueError`` naming the file when it does not list folders."""
+    path = Path(folder) / SOURCES
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if not isinstance(sources, list) or not sources or not all(isinstance(name, str) for name in sources):
+        raise ValueError(f"{path}: needs a 'sources' list of results folders")
+    return [Path(os.path.normpath(Path(folder) / name)) for name in sources]
+
+
+def folder_records(folder: str | Path) -> list[dict[str, Any]]:
+    """Every record a report of ``folder`` reads, in order: its ``results.jsonl``, or for a
+    combined folder each source's in turn (so :func:`latest` takes a cell found in several
+    sources from the last one)."""
+    sources = source_folders(folder)
+    if sources is None:
+        return read_records(Path(folder) / RESULTS)
+    return [record for source in sources for record in read_records(source / RESULTS)]
+
+
+def _combined_header(folder: Path, sources: Sequence[Path]) -> str:
+    data = read_json(folder / SOURCES)
+    differences = data.get("differences") or []
+    lines = [
+        "# Benchmark report (combined)",
+        "",
+        f"- combined from {len(sources)} results folders, in this order (a cell found in several is taken from "
+        "the last): " + ", ".join(f"`{os.path.relpath(source, folder)}`" for source in sources),
+        "- run settings that differ between them: "
+        + (", ".join(differences) + " (see each folder's header below)" if differences else "none"),
+        "",
+    ]
+    for source in sources:
+        all_records = read_records(source / RESULTS)
+        title = f"## Source: {source.name}"
+        lines += [_header(read_manifest(source), latest(all_records), all_records, title=title)]
+    return "\n".join(lines)
+
+
+def combine(sources: Sequence[str | Path], out: str | Path) -> list[Path]:
+    """Write one report over several results folders of like runs into ``out`` (its
+    ``sources.json``, report.md and pareto.png); return the paths written.
+
+    Each cell is taken from the last folder that has it. The folders must share the
+    :data:`COMPARABLE_SETTINGS` of their manifests; settings that differ otherwise (e.g. the
+    route of the trained generator) are named in the report's header.
+
+    Raises:
+        FileNotFoundError: a source has no results.
+        ValueError: fewer than one source, ``out`` is a source or a run's own folder, or the
+            sources differ in a comparable setting (named, with the folders).
+        MissingDependency: scipy or matplotlib is not installed (nothing is written).
+    """
+    folders = [Path(source) for source in sources]
+    out = Path(out)
+    if not folders:
+        raise ValueError("a combined report needs at least one results folder")
+    for folder in folders:
+        if not (folder / RESULTS).is_file():
+            raise FileNotFoundError(f"no {RESULTS} in {folder}: a combined report reads the folders of runs")
+        if folder.resolve() == out.resolve():
+            raise ValueError(f"--out {out} is one of the folders to combine: write the combined report elsewhere")
+    if (out / RESULTS).is_file():
+        raise ValueError(f"--out {out} holds a run's {RESULTS}: write the combined report into a folder of its own")
+    require_dependencies()
+    settings = [(read_manifest(folder) or {}).get("settings") or {} for folder in folders]
+    for key in COMPARABLE_SETTINGS:
+        values = [setting.get(key) for setting in settings]
+        if any(value != values[0] for value in values):
+            raise ValueError(
+                f"the folders differ in the run setting {key!r} ({folders[0]} and "
+                f"{folders[next(i for i, v in enumerate(values) if v != values[0])]}): "
+                "their scores are not comparable"
+            )
+    keys = sorted({key for setting in settings for key in setting} - set(COMPARABLE_SETTINGS))
+    differences = [key for key in keys if any(setting.get(key) != settings[0].get(key) for setting in settings)]
+    out.mkdir(parents=True, exist_ok=True)
+    relative = [os.path.relpath(folder.resolve(), out.resolve()) for folder in folders]
+    write_json({"sources": relative, "differences": differences}, out / SOURCES)
+    return [out / SOURCES, *write_report(out)]
+
+
 def _render(folder: Path, plot_name: str | None) -> str:
-    all_records = read_records(folder / RESULTS)
+    all_records = folder_records(folder)
     records = latest(all_records)
-    parts = [_header(read_manifest(folder), records, all_records)]
+    sources = source_folders(folder)
+    if sources is None:
+        parts = [_header(read_manifest(folder), records, all_records)]
+    else:
+        parts = [_combined_header(folder, sources)]
     errors = _error_cells(all_records)
     if not records:
         parts.append("No finished cell yet.\n")
@@ -653,7 +761,8 @@ def _render(folder: Path, plot_name: str | None) -> str:
 
 
 def write_report(folder: str | Path) -> list[Path]:
-    """Write report.md and pareto.png into ``folder``; return their paths.
+    """Write report.md and pareto.png into ``folder`` (a run's folder, or a combined one
+    with its ``sources.json``, see :func:`combine`); return their paths.
 
     Raises:
         FileNotFoundError: the folder has no results.
@@ -661,12 +770,12 @@ def write_report(folder: str | Path) -> list[Path]:
         ValueError: its manifest is not readable (named).
     """
     folder = Path(folder)
-    if not (folder / RESULTS).is_file():
+    if not (folder / RESULTS).is_file() and not (folder / SOURCES).is_file():
         raise FileNotFoundError(f"no {RESULTS} in {folder}: run `python -m benchmarks run --out {folder}` first")
     require_dependencies()
     from benchmarks.plot import pareto_plot
 
-    records = latest(read_records(folder / RESULTS))
+    records = latest(folder_records(folder))
     written = []
     plot = folder / "pareto.png"
     if records:

@@ -119,6 +119,14 @@ class Endpoints:
     trained: Endpoint | None = None
     extra: dict[str, Endpoint] = field(default_factory=dict)
 
+    def server_failure(self) -> Exception | None:
+        """Why a local server of these LMs stopped on its own (``LocalServer.failure``), else None."""
+        for endpoint in (self.follower, self.generator, self.trained, *self.extra.values()):
+            failure = getattr(getattr(endpoint, "server", None), "failure", None)
+            if failure is not None:
+                return failure
+        return None
+
 
 @dataclass
 class RunSummary:
@@ -716,6 +724,9 @@ def _run_benchmark(
                     record["compile_seconds"],
                     record["eval_seconds"],
                 )
+            died = endpoints.server_failure()
+            if died is not None:  # every later cell would only collect connection errors
+                raise died
             consecutive_errors = consecutive_errors + 1 if record["status"] == "error" else 0
             if consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                 status = "stopped"

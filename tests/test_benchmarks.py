@@ -558,6 +558,30 @@ def test_chat_adapter_runs_every_method_through_dspy_chat_prompts(data_dir, lms,
     assert json.loads((out / "manifest.json").read_text())["adapter"]["kind"] == "chat"
 
 
+def test_a_local_server_that_died_stops_the_run_with_its_cause(data_dir, lms, tmp_path, restore_logging):
+    from dspy_promptmii.local.server import LocalServer, ServerError
+
+    server = LocalServer(tmp_path / "never-started.gguf")  # the runner reads its failure
+
+    def dying_follower(request) -> str:
+        server.failure = ServerError("the llama.cpp server of m stopped on its own (killed by signal SIGSEGV)")
+        return follower_reply(request)
+
+    follower, _ = fake_lm(dying_follower, model="fake/follower")
+    follower_endpoint = endpoint(follower, "fake/follower")
+    follower_endpoint.server = server
+    endpoints = Endpoints(follower=follower_endpoint, generator=lms["endpoints"].generator)
+    out = tmp_path / "out"
+    with pytest.raises(ServerError, match="stopped on its own"):  # the CLI's one-line error
+        run_benchmark(
+            config(data_dir, out, methods=["naive", "icl"], tasks=resolve_tasks(data_dir, ["toy"])), endpoints
+        )
+    assert [r["status"] for r in read_records(out)] == ["ok"]  # its cell is kept; no cell of connection errors
+    run = json.loads((out / "manifest.json").read_text())["runs"][-1]
+    assert run["status"] == "error" and run["cells_run"] == 1
+    assert run["error"].startswith("ServerError: the llama.cpp server of m stopped on its own")
+
+
 def test_quick_preset_fills_only_what_was_not_typed():
     args = cli.build_parser().parse_args(["run", "--quick", "--n", "5"])
     values = cli._resolved(args)

@@ -17,6 +17,8 @@ from benchmarks import cli  # noqa: E402
 from benchmarks.plot import pareto_front  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     MIN_WILCOXON_PAIRS,
+    combine,
+    folder_records,
     paired,
     ratio,
     render_report,
@@ -219,3 +221,60 @@ def test_report_command(folder: Path, capsys):
 def test_pareto_front():
     points = [(100, 0.3), (300, 0.5), (200, 0.2), (800, 0.5), (900, 0.6), (100, 0.25)]
     assert pareto_front(points) == [(100, 0.3), (300, 0.5), (900, 0.6)]
+
+
+# -- combined reports --------------------------------------------------------------------
+
+
+def second_run(tmp_path: Path, folder: Path, **settings_change) -> Path:
+    """A second run's folder: task gamma for every method, and alpha n=5 naive again (a later score)."""
+    other = tmp_path / "second"
+    other.mkdir()
+    records = [dict(r, task="gamma", macro_f1=0.9) for r in hand_records() if r["task"] == "alpha"]
+    records.append(dict(hand_records()[0], macro_f1=0.05))  # alpha n=5 naive, run again
+    (other / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["tasks"] = ["gamma"]
+    manifest["settings"] = {"protocol": {"v": 1}, "test_rows": 40, **settings_change}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    first = json.loads((folder / "manifest.json").read_text())
+    first["settings"] = {"protocol": {"v": 1}, "test_rows": 40, "generator_trained": {"route": "a"}}
+    (folder / "manifest.json").write_text(json.dumps(first))
+    return other
+
+
+def test_a_combined_report_reads_its_folders_in_order(folder: Path, tmp_path: Path):
+    other = second_run(tmp_path, folder, generator_trained={"route": "b"})
+    out = tmp_path / "study"
+    paths = combine([folder, other], out)
+    assert [p.name for p in paths] == ["sources.json", "report.md", "pareto.png"]
+    assert json.loads((out / "sources.json").read_text()) == {
+        "sources": ["..", "../second"],  # relative to the combined folder (here inside the first)
+        "differences": ["generator_trained"],
+    }
+    records = latest(folder_records(out))
+    assert len(records) == 32 + 16  # alpha and beta from the first folder, gamma from the second
+    naive_alpha_5 = [r for r in records if (r["task"], r["n"], r["method"]) == ("alpha", 5, "naive")]
+    assert [r["macro_f1"] for r in naive_alpha_5] == [0.05]  # the last folder's score of a cell
+    text = (out / "report.md").read_text()
+    assert text.startswith("# Benchmark report (combined)")
+    assert "run settings that differ between them: generator_trained" in text
+    assert f"## Source: {folder.name}" in text and "## Source: second" in text
+    assert "| naive | 5 | 3 |" in text  # three tasks in one table
+    assert render_report(out) == text  # a combined folder re-renders from its sources.json
+
+
+def test_a_combined_report_refuses_what_is_not_comparable(folder: Path, tmp_path: Path, capsys):
+    other = second_run(tmp_path, folder, test_rows=100)
+    with pytest.raises(ValueError, match="differ in the run setting 'test_rows'"):
+        combine([folder, other], tmp_path / "study")
+    assert not (tmp_path / "study").exists()  # nothing written
+    with pytest.raises(ValueError, match="is one of the folders"):
+        combine([folder, other], folder)
+    with pytest.raises(FileNotFoundError, match="no results.jsonl"):
+        combine([folder, tmp_path / "nowhere"], tmp_path / "study")
+    assert cli.main(["report", str(folder), str(other)]) == 2  # several folders need --out
+    assert "give --out" in capsys.readouterr().err
+    assert cli.main(["report", str(folder), str(other), "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("benchmarks: error: the folders differ in the run setting 'test_rows'")

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
-from committed_figures import GOLDEN, figures
+from committed_figures import GOLDEN, figures, report_folders
 
 from benchmarks.report import render_report
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-FOLDERS = sorted(path.parent.name for path in RESULTS.glob("*/results.jsonl"))
+FOLDERS = [path.name for path in report_folders()]
 
 
 def test_every_committed_result_reports_the_figures_it_reported() -> None:

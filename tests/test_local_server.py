@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import signal
@@ -28,7 +29,14 @@ from dspy_promptmii.adapter import LabelAdapter
 from dspy_promptmii.local.lifetime import sweep
 from dspy_promptmii.local.pull import CorruptModelError, ModelFileError
 from dspy_promptmii.local.registry import DEFAULT_MODEL, REGISTRY, ModelSpec, get_spec
-from dspy_promptmii.local.server import DEFAULT_N_CTX, FOLLOWER_STYLE, LOG_PREFIX, LocalServer, ServerError
+from dspy_promptmii.local.server import (
+    DEFAULT_N_CTX,
+    FOLLOWER_STYLE,
+    LOG_PREFIX,
+    PORTABLE_CMAKE_ARGS,
+    LocalServer,
+    ServerError,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_SERVER = Path(__file__).resolve().parent / "support" / "fake_llama_server.py"
@@ -757,3 +765,50 @@ def test_a_misspelled_or_unroutable_model_is_refused_before_any_server_starts(ro
     for wrong in (None, 1, Path("m.gguf")):
         with pytest.raises(TypeError, match="must be a string"):
             routes.check_route(wrong)
+
+
+# -- a server that stops on its own -------------------------------------------------------
+
+
+def wait_for_failure(server: LocalServer, seconds: float = 10.0) -> ServerError | None:
+    deadline = time.monotonic() + seconds
+    while server.failure is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.failure
+
+
+@pytest.mark.parametrize(
+    ("sent", "says"),
+    [
+        (signal.SIGSEGV, ["killed by signal SIGSEGV", "llama.cpp crashed", "CMAKE_ARGS=", PORTABLE_CMAKE_ARGS]),
+        (signal.SIGKILL, ["killed by signal SIGKILL", "out of memory"]),
+    ],
+)
+def test_a_server_that_dies_after_it_was_ready_is_named_with_its_cause(make_server, sent, says, caplog):
+    server = make_server()
+    server.start()
+    with caplog.at_level(logging.ERROR, logger="dspy_promptmii.local.server"):
+        os.kill(server.process.pid, sent)
+        failure = wait_for_failure(server)
+    assert isinstance(failure, ServerError) and not server.running
+    text = str(failure)
+    assert "stopped on its own" in text and server.base_url in text and "fake llama: serving" in text
+    for part in says:
+        assert part in text
+    if sent != signal.SIGSEGV:
+        assert "CMAKE_ARGS" not in text  # the rebuild advice is for crashes only
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [text]  # logged at once
+
+
+def test_a_stopped_or_restarted_server_has_no_failure(make_server):
+    server = make_server()
+    server.start()
+    server.stop()
+    time.sleep(0.3)  # the watcher has seen its process end
+    assert server.failure is None
+    server.start()
+    os.kill(server.process.pid, signal.SIGKILL)
+    assert wait_for_failure(server) is not None
+    server.stop()
+    server.start()  # a new start clears what the last process died of
+    assert server.failure is None and server.running

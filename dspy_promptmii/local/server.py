@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +31,15 @@ from dspy_promptmii.params import CONTEXT_SIZE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LocalServer", "ServerError", "FOLLOWER_STYLE", "DEFAULT_N_CTX", "DEFAULT_WAIT_POLICY", "WAIT_POLICIES"]
+__all__ = [
+    "LocalServer",
+    "ServerError",
+    "FOLLOWER_STYLE",
+    "DEFAULT_N_CTX",
+    "DEFAULT_WAIT_POLICY",
+    "WAIT_POLICIES",
+    "PORTABLE_CMAKE_ARGS",
+]
 
 #: The follower's decoding style on the embedded server (see LabelAdapter and
 #: :mod:`dspy_promptmii.local.label_server`): the label read off the log-probabilities,
@@ -40,6 +50,10 @@ FOLLOWER_STYLE = "choice"
 WAIT_POLICIES = (None, "active", "passive")
 #: The embedded server's wait policy (see ``benchmarks speed``'s load measurement).
 DEFAULT_WAIT_POLICY: str | None = None
+#: The llama.cpp build flags that README's commands and CI use: x86-64 with AVX2 rather than
+#: the build machine's own instruction set (a native build crashed on an Intel Xeon VM with
+#: AVX-512 and AMX, 2026-12-06, a general protection fault in libggml-cpu).
+PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF"
 #: Room for an n=20 meta-prompt (about 1-3k tokens on short-text tasks) plus a 1024-token reply.
 DEFAULT_N_CTX = 8192
 #: Each server's log folder, in the temporary folder: ``promptmii-server-<pid>-<random>/``.
@@ -86,7 +100,11 @@ class LocalServer:
     helper thread that lives as long as the process, because Linux ties the
     parent-death signal to the thread that forks, not to the process. A server started
     from a worker thread thus outlives that thread. Elsewhere only ``stop()``, the
-    ``with`` block and a normal interpreter exit (atexit) stop it.
+    ``with`` block and a normal interpreter exit (atexit) stop it. A server that ends on its
+    own after it was ready (a crash in llama.cpp, the kernel's out-of-memory kill) is seen at
+    once: :attr:`failure` becomes a ``ServerError`` naming the signal or exit code (with a
+    rebuild command after a crash), logged at ERROR; requests to it would only fail with
+    connection errors.
 
     Logs: the server's output goes to ``<temp dir>/promptmii-server-<pid>-<random>/server.log``
     (``<pid>`` is this process); ``ServerError`` messages quote its tail, and ``stop()``
@@ -165,6 +183,8 @@ class LocalServer:
         self.model_path: Path | None = None
         self._log_folder: OwnedFolder | None = None
         self._log: IO[bytes] | None = None
+        #: Why the server stopped on its own after it was ready (a crash, a kill), else None.
+        self.failure: ServerError | None = None
 
     # -- names ----------------------------------------------------------------------
 
@@ -210,8 +230,8 @@ class LocalServer:
                 import llama_cpp.server  # noqa: F401
             except ImportError:
                 raise ServerError(
-                    "llama.cpp's server is not installed: pip install 'dspy-promptmii[local]' "
-                    "(builds llama-cpp-python from source, a few minutes)"
+                    f"llama.cpp's server is not installed: CMAKE_ARGS=\"{PORTABLE_CMAKE_ARGS}\" "
+                    "pip install 'dspy-promptmii[local]' (builds llama-cpp-python from source, a few minutes)"
                 ) from None
             command = [sys.executable, "-m", "dspy_promptmii.local.label_server"]
         if self.model in ADAPTERS:  # checked before the base model is pulled
@@ -273,7 +293,43 @@ class LocalServer:
             self.stop()
             raise
         logger.info("local server ready at %s (model %s)", self.base_url, self.model_path)
+        self.failure = None
+        threading.Thread(target=self._watch, args=(self.process,), name="llama.cpp watch", daemon=True).start()
         return self.lm()
+
+    def _watch(self, process: subprocess.Popen) -> None:
+        """Wait for ``process`` to end; when it ends on its own (not by :meth:`stop`), set
+        :attr:`failure` and log it at once: every later request to it would only fail with
+        a connection error (and LiteLLM's retries) that names no cause."""
+        code = process.wait()
+        if self.process is process:  # stop() forgets the process before it ends it
+            self.failure = self._died_error(code)
+            logger.error("%s", self.failure)
+
+    def _died_error(self, code: int) -> ServerError:
+        """The error of a server that ended on its own with exit ``code`` (negative: a signal)."""
+        if code < 0:
+            try:
+                how = f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        message = (
+            f"the llama.cpp server of {self.model} at {self.base_url} stopped on its own ({how}); "
+            "requests to it fail from now on"
+        )
+        if code in (-signal.SIGSEGV, -signal.SIGILL, -signal.SIGBUS):
+            message += (
+                ". llama.cpp crashed: a llama-cpp-python built for this CPU (pip's default, GGML_NATIVE) crashed "
+                "like this on an Intel Xeon VM with AVX-512 and AMX (2026-12-06); rebuild it portably: "
+                f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --force-reinstall --no-deps --no-cache-dir '
+                "llama-cpp-python==0.3.36"
+            )
+        elif code == -signal.SIGKILL:
+            message += " (killed: out of memory? see the kernel log, dmesg)"
+        tail = self._log_tail(10)
+        return ServerError(f"{message}. Its output ends:\n{tail}" if tail else message)
 
     def _log_text(self) -> str:
         if self._log is None:
