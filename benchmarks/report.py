@@ -425,7 +425,10 @@ def _error_cells(all_records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def source_folders(folder: str | Path) -> list[Path] | None:
     """The results folders a combined report reads (its :data:`SOURCES`), else None.
 
-    Raises ``ValueError`` naming the file when it does not list folders."""
+    Raises:
+        ValueError: the file does not list folders (named).
+        FileNotFoundError: a listed folder has no results (a source moved or renamed).
+    """
     path = Path(folder) / SOURCES
     if not path.is_file():
         return None
@@ -433,7 +436,11 @@ def source_folders(folder: str | Path) -> list[Path] | None:
     sources = data.get("sources") if isinstance(data, dict) else None
     if not isinstance(sources, list) or not sources or not all(isinstance(name, str) for name in sources):
         raise ValueError(f"{path}: needs a 'sources' list of results folders")
-    return [Path(os.path.normpath(Path(folder) / name)) for name in sources]
+    folders = [(Path(folder) / name).resolve() for name in sources]  # as combine() wrote them: resolved
+    for name, source in zip(sources, folders):
+        if not (source / RESULTS).is_file():
+            raise FileNotFoundError(f"{path}: its source {name} ({source}) has no {RESULTS}: was it moved?")
+    return folders
 
 
 def folder_records(folder: str | Path) -> list[dict[str, Any]]:
@@ -453,7 +460,7 @@ def _combined_header(folder: Path, sources: Sequence[Path]) -> str:
         "# Benchmark report (combined)",
         "",
         f"- combined from {len(sources)} results folders, in this order (a cell found in several is taken from "
-        "the last): " + ", ".join(f"`{os.path.relpath(source, folder)}`" for source in sources),
+        "the last): " + ", ".join(f"`{os.path.relpath(source, folder.resolve())}`" for source in sources),
         "- run settings that differ between them: "
         + (", ".join(differences) + " (see each folder's header below)" if differences else "none"),
         "",

@@ -61,7 +61,8 @@ __all__ = [
     "interrupt_on_sigterm",
 ]
 
-#: Consecutive machinery errors after which the run stops (a dead server fails every cell).
+#: Consecutive machinery errors after which the run stops (a dead endpoint fails every cell;
+#: a local server the run started is watched, and its end stops the run at once).
 MAX_CONSECUTIVE_ERRORS = 3
 
 
@@ -592,6 +593,8 @@ def run_benchmark(
         ValueError, FileNotFoundError: an unknown method, a bad task folder or file.
         OSError: a results file cannot be written (named); the manifest then records the
             run as ``error`` when it still can be written.
+        ServerError: a local server of the endpoints stopped on its own
+            (``LocalServer.failure``); the run stops before its next cell, recorded as ``error``.
     """
     with interrupt_on_sigterm(), ResultStore(config.out).lock():
         return _run_benchmark(config, endpoints, splits, sink)
@@ -693,6 +696,9 @@ def _run_benchmark(
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", unit="cell", disable=not config.progress)
     try:
         for split, n, method in todo:
+            died = endpoints.server_failure()
+            if died is not None:  # every later cell would only collect connection errors
+                raise died
             bar.set_postfix_str(f"{split.task.name} n={n} {method}")
             record = run_cell(
                 split,
@@ -724,9 +730,6 @@ def _run_benchmark(
                     record["compile_seconds"],
                     record["eval_seconds"],
                 )
-            died = endpoints.server_failure()
-            if died is not None:  # every later cell would only collect connection errors
-                raise died
             consecutive_errors = consecutive_errors + 1 if record["status"] == "error" else 0
             if consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
                 status = "stopped"

@@ -349,6 +349,8 @@ def _serve(args: argparse.Namespace) -> int:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+    if server.failure is not None:  # it ended on its own (a crash): say so, exit 2
+        raise server.failure
     return 0
 
 

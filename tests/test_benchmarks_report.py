@@ -262,6 +262,9 @@ def test_a_combined_report_reads_its_folders_in_order(folder: Path, tmp_path: Pa
     assert f"## Source: {folder.name}" in text and "## Source: second" in text
     assert "| naive | 5 | 3 |" in text  # three tasks in one table
     assert render_report(out) == text  # a combined folder re-renders from its sources.json
+    other.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="its source ../second .* has no results.jsonl: was it moved"):
+        render_report(out)
 
 
 def test_a_combined_report_refuses_what_is_not_comparable(folder: Path, tmp_path: Path, capsys):

@@ -309,6 +309,16 @@ def test_models_pull_unknown_name(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
+def test_models_pull_of_a_route_or_a_trained_generator_names_the_base_model(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMPTMII_HOME", str(tmp_path))
+    code, out, err = run(capsys, "models", "pull", "local")
+    assert_one_line_error(code, err, "'local' is the route of the embedded model", repr(DEFAULT_MODEL))
+    trained = next(iter(ADAPTERS))
+    code, out, err = run(capsys, "models", "pull", trained)
+    assert_one_line_error(code, err, f"{trained!r} is a trained generator", repr(ADAPTERS[trained].base))
+    assert "did you mean" not in err
+
+
 # -- serve ------------------------------------------------------------------------------
 
 

@@ -807,6 +807,11 @@ def test_a_stopped_or_restarted_server_has_no_failure(make_server):
     time.sleep(0.3)  # the watcher has seen its process end
     assert server.failure is None
     server.start()
+    os.kill(server.process.pid, signal.SIGINT)  # a Ctrl-C of the terminal reaches the server too
+    server.process.wait()
+    time.sleep(0.3)
+    assert server.failure is None and not server.running
+    server.start()
     os.kill(server.process.pid, signal.SIGKILL)
     assert wait_for_failure(server) is not None
     server.stop()

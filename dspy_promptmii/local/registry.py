@@ -167,13 +167,20 @@ def get_spec(name: str) -> ModelSpec:
     """The registry entry of a base model.
 
     Raises:
-        KeyError: ``name`` is not a registry model; the message names the closest local
-            name and lists them all (:func:`unknown_local_model`).
+        KeyError: ``name`` is not a registry model: ``local`` or a trained generator's name
+            (the message names the base model to use), else the closest local name and
+            every one (:func:`unknown_local_model`).
     """
-    try:
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise KeyError(unknown_local_model(name)) from None
+    if name == "local":
+        raise KeyError(f"'local' is the route of the embedded model: name the model itself here, {DEFAULT_MODEL!r}")
+    if name in ADAPTERS:
+        raise KeyError(
+            f"{name!r} is a trained generator (the base model {ADAPTERS[name].base!r} plus its shipped adapter), "
+            f"not a base model: name {ADAPTERS[name].base!r} here"
+        )
+    raise KeyError(unknown_local_model(name))
 
 
 def unknown_local_model(name: str) -> str:

@@ -255,6 +255,8 @@ class LocalServer:
         """
         if self.running:
             return self.lm()
+        if self.process is not None:  # it ended on its own: close its log before a new start
+            self.stop()
         command = self.prepare()
         if self._auto_port:
             self.port = _free_port(self.host)
@@ -294,20 +296,31 @@ class LocalServer:
             raise
         logger.info("local server ready at %s (model %s)", self.base_url, self.model_path)
         self.failure = None
-        threading.Thread(target=self._watch, args=(self.process,), name="llama.cpp watch", daemon=True).start()
+        watch = (self.process, self.base_url, Path(self._log.name))
+        threading.Thread(target=self._watch, args=watch, name="llama.cpp watch", daemon=True).start()
         return self.lm()
 
-    def _watch(self, process: subprocess.Popen) -> None:
-        """Wait for ``process`` to end; when it ends on its own (not by :meth:`stop`), set
-        :attr:`failure` and log it at once: every later request to it would only fail with
-        a connection error (and LiteLLM's retries) that names no cause."""
-        code = process.wait()
-        if self.process is process:  # stop() forgets the process before it ends it
-            self.failure = self._died_error(code)
-            logger.error("%s", self.failure)
+    def _watch(self, process: subprocess.Popen, url: str, log: Path) -> None:
+        """Wait for ``process`` to end; when it ends on its own (not by :meth:`stop`, not by
+        a Ctrl-C of this process's terminal, which reaches the server too), log why at once
+        and set :attr:`failure`: every later request to it would only fail with a connection
+        error (and LiteLLM's retries) that names no cause. Never raises."""
+        from dspy_promptmii.stopping import stop_requested
 
-    def _died_error(self, code: int) -> ServerError:
-        """The error of a server that ended on its own with exit ``code`` (negative: a signal)."""
+        try:
+            code = process.wait()
+            if self.process is not process or code == -signal.SIGINT or stop_requested():
+                return  # stop() forgets the process before it ends it
+            failure = self._died_error(code, url, log)
+            logger.error("%s", failure)
+            if self.process is process:
+                self.failure = failure
+        except Exception:  # noqa: BLE001 - a watcher must not die noisily; the requests fail anyway
+            logger.debug("the server watcher failed", exc_info=True)
+
+    def _died_error(self, code: int, url: str, log: Path) -> ServerError:
+        """The error of the server at ``url`` that ended on its own with exit ``code``
+        (negative: a signal), with the tail of its ``log``."""
         if code < 0:
             try:
                 how = f"killed by signal {signal.Signals(-code).name}"
@@ -316,7 +329,7 @@ class LocalServer:
         else:
             how = f"exited with code {code}"
         message = (
-            f"the llama.cpp server of {self.model} at {self.base_url} stopped on its own ({how}); "
+            f"the llama.cpp server of {self.model} at {url} stopped on its own ({how}); "
             "requests to it fail from now on"
         )
         if code in (-signal.SIGSEGV, -signal.SIGILL, -signal.SIGBUS):
@@ -328,7 +341,10 @@ class LocalServer:
             )
         elif code == -signal.SIGKILL:
             message += " (killed: out of memory? see the kernel log, dmesg)"
-        tail = self._log_tail(10)
+        try:
+            tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-10:])
+        except OSError:
+            tail = ""
         return ServerError(f"{message}. Its output ends:\n{tail}" if tail else message)
 
     def _log_text(self) -> str:
