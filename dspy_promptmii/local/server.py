@@ -341,22 +341,22 @@ class LocalServer:
             )
         elif code == -signal.SIGKILL:
             message += " (killed: out of memory? see the kernel log, dmesg)"
-        try:
-            tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-10:])
-        except OSError:
-            tail = ""
+        tail = self._log_tail(10, log)
         return ServerError(f"{message}. Its output ends:\n{tail}" if tail else message)
 
-    def _log_text(self) -> str:
-        if self._log is None:
-            return ""
+    def _log_text(self, log: Path | None = None) -> str:
+        """The text of ``log`` (default: the running server's log), "" when it cannot be read."""
+        if log is None:
+            if self._log is None:
+                return ""
+            log = Path(self._log.name)
         try:
-            return Path(self._log.name).read_text(errors="replace")
+            return log.read_text(errors="replace")
         except OSError:
             return ""
 
-    def _log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self._log_text().strip().splitlines()[-lines:])
+    def _log_tail(self, lines: int = 40, log: Path | None = None) -> str:
+        return "\n".join(self._log_text(log).strip().splitlines()[-lines:])
 
     def _load_failure_advice(self) -> str:
         """One line on a model file llama.cpp could not load: which file, and what to do."""
