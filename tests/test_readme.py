@@ -14,10 +14,11 @@ def bash_blocks(text: str) -> list[str]:
 
 def test_ci_runs_exactly_the_test_command_readme_gives():
     install_and_demo, install_and_test = bash_blocks((ROOT / "README.md").read_text(encoding="utf-8"))[:2]
-    assert install_and_demo.endswith("promptmii demo") and 'pip install -e ".[local]"' in install_and_demo
+    assert install_and_demo.endswith("promptmii demo") and 'pip install --no-cache-dir -e ".[local]"' in install_and_demo
     assert install_and_test.endswith("python -m pytest -q")
     for command in (install_and_demo, install_and_test):  # llama.cpp built portably (see PORTABLE_CMAKE_ARGS)
-        assert f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install -e ' in command
+        # ...and never from a wheel pip built earlier with other flags (a cached native wheel crashed CI)
+        assert f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}" pip install --no-cache-dir -e ' in command
     commands = [
         line.strip()
         for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
