@@ -443,17 +443,23 @@ def source_folders(folder: str | Path) -> list[Path] | None:
     return folders
 
 
+def _read_folder(folder: str | Path) -> tuple[list[Path] | None, list[list[dict[str, Any]]]]:
+    """A report folder's sources (None for a run's own folder) and the records of each
+    results file it reads, each file read once."""
+    sources = source_folders(folder)
+    if sources is None:
+        return None, [read_records(Path(folder) / RESULTS)]
+    return sources, [read_records(source / RESULTS) for source in sources]
+
+
 def folder_records(folder: str | Path) -> list[dict[str, Any]]:
     """Every record a report of ``folder`` reads, in order: its ``results.jsonl``, or for a
     combined folder each source's in turn (so :func:`latest` takes a cell found in several
     sources from the last one)."""
-    sources = source_folders(folder)
-    if sources is None:
-        return read_records(Path(folder) / RESULTS)
-    return [record for source in sources for record in read_records(source / RESULTS)]
+    return [record for records in _read_folder(folder)[1] for record in records]
 
 
-def _combined_header(folder: Path, sources: Sequence[Path]) -> str:
+def _combined_header(folder: Path, sources: Sequence[Path], per_source: Sequence[list[dict[str, Any]]]) -> str:
     data = read_json(folder / SOURCES)
     differences = data.get("differences") or []
     lines = [
@@ -465,8 +471,7 @@ def _combined_header(folder: Path, sources: Sequence[Path]) -> str:
         + (", ".join(differences) + " (see each folder's header below)" if differences else "none"),
         "",
     ]
-    for source in sources:
-        all_records = read_records(source / RESULTS)
+    for source, all_records in zip(sources, per_source):
         title = f"## Source: {source.name}"
         lines += [_header(read_manifest(source), latest(all_records), all_records, title=title)]
     return "\n".join(lines)
@@ -516,13 +521,13 @@ def combine(sources: Sequence[str | Path], out: str | Path) -> list[Path]:
 
 
 def _render(folder: Path, plot_name: str | None) -> str:
-    all_records = folder_records(folder)
+    sources, per_source = _read_folder(folder)
+    all_records = [record for records in per_source for record in records]
     records = latest(all_records)
-    sources = source_folders(folder)
     if sources is None:
         parts = [_header(read_manifest(folder), records, all_records)]
     else:
-        parts = [_combined_header(folder, sources)]
+        parts = [_combined_header(folder, sources, per_source)]
     errors = _error_cells(all_records)
     if not records:
         parts.append("No finished cell yet.\n")
