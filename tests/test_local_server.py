@@ -576,6 +576,23 @@ def test_model_load_failure_of_a_registry_model_says_whether_to_pull_again(
     assert pull_module.cache_state(registered_model) == "corrupt"
 
 
+def test_a_context_that_does_not_fit_is_named_with_its_size(make_server, record, monkeypatch):
+    """llama.cpp loads the model but cannot allocate the KV cache of a huge n_ctx (what
+    n_ctx=100000000 did on 2026-12-06): the first line names n_ctx and the flag to lower,
+    not the model file."""
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "no-context")
+    server = make_server(n_ctx=100_000_000)
+
+    with pytest.raises(ServerError) as caught:
+        server.start()
+
+    first, *rest = str(caught.value).splitlines()
+    assert first.startswith("llama.cpp loaded the model but could not make a context of n_ctx=100000000 tokens")
+    assert "--n-ctx" in first and "could not load" not in str(caught.value)
+    assert "exited with code 1" in rest[0] and "ValueError: Failed to create llama_context" in rest
+    assert_stopped(server, record)
+
+
 def test_another_crash_gets_no_model_advice(make_server, record, monkeypatch):
     monkeypatch.setenv("FAKE_LLAMA_MODE", "crash-other")
     server = make_server()

@@ -62,6 +62,12 @@ LOG_PREFIX = "promptmii-server-"
 _MODEL_LOAD_FAILURE = re.compile(
     r"failed to load model|error loading model|invalid magic|failed to read header|gguf_init", re.IGNORECASE
 )
+#: llama.cpp's lines when it loaded the model but could not make a context of ``n_ctx``
+#: tokens (its KV cache did not fit in memory).
+_CONTEXT_FAILURE = re.compile(
+    r"failed to initialize the context|failed to allocate buffer for kv cache|Failed to create llama_context",
+    re.IGNORECASE,
+)
 
 
 class ServerError(RuntimeError):
@@ -382,9 +388,17 @@ class LocalServer:
             f"the server exited with code {self.process.returncode} while starting "
             f"(model {self.model_path}). Its output:\n{self._log_tail()}"
         )
-        if _MODEL_LOAD_FAILURE.search(self._log_text()):
-            message = f"{self._load_failure_advice()}\n{message[0].upper()}{message[1:]}"
-        return ServerError(message)
+        log = self._log_text()
+        if _CONTEXT_FAILURE.search(log):
+            advice = (
+                f"llama.cpp loaded the model but could not make a context of n_ctx={self.n_ctx} tokens "
+                f"(its KV cache did not fit in memory): give a smaller n_ctx (--n-ctx; default {DEFAULT_N_CTX})."
+            )
+        elif _MODEL_LOAD_FAILURE.search(log):
+            advice = self._load_failure_advice()
+        else:
+            return ServerError(message)
+        return ServerError(f"{advice}\n{message[0].upper()}{message[1:]}")
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout

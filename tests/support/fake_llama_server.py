@@ -12,7 +12,9 @@ The behaviour comes from environment variables (the child inherits the test's):
 * ``FAKE_LLAMA_MODE``: ``normal`` (default); ``crash`` (fail to load the model: write
   llama.cpp's message for a file that is not GGUF on stderr and exit 3 before
   listening); ``crash-other`` (exit 4 before listening for another reason, a port
-  that cannot be bound); ``hang`` (listen but never answer); ``ignore-term`` (ignore
+  that cannot be bound); ``no-context`` (load the model, then fail to allocate the
+  context's KV cache as llama.cpp does for too large an ``n_ctx``: its lines, then
+  llama-cpp-python's traceback end, exit 1); ``hang`` (listen but never answer); ``ignore-term`` (ignore
   SIGTERM, otherwise normal).
 * ``FAKE_LLAMA_REPLY``: the assistant text (default ``fake reply``). A constrained
   request answers with the first allowed label, as a constrained server would: a
@@ -39,6 +41,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CRASH_MESSAGE = "fake llama: error loading model: invalid magic characters"
 OTHER_CRASH_MESSAGE = "fake llama: ERROR: [Errno 98] error while attempting to bind on address: address already in use"
+#: What llama.cpp 0.3.36 printed for --n_ctx 100000000 on the 0.5B model (2026-12-06).
+NO_CONTEXT_MESSAGES = (
+    "llama_init_from_model: failed to initialize the context: failed to allocate buffer for kv cache",
+    'File "llama_cpp/_internals.py", line 266, in __init__',
+    'raise ValueError("Failed to create llama_context")',
+    "ValueError: Failed to create llama_context",
+)
 
 
 def record(entry: dict) -> None:
@@ -146,6 +155,10 @@ def main() -> int:
         print(f"fake llama: loaded {args.model}", flush=True)
         print(OTHER_CRASH_MESSAGE, file=sys.stderr, flush=True)
         return 4
+    if mode == "no-context":
+        print(f"fake llama: loaded {args.model}", flush=True)
+        print("\n".join(NO_CONTEXT_MESSAGES), file=sys.stderr, flush=True)
+        return 1
     if mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if mode == "hang":
