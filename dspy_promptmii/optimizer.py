@@ -99,7 +99,9 @@ class PromptMIIOptimizer(Teleprompter):
     With ``candidates=k`` > 1 it makes k generator calls (varying template, exemplars and
     sampling; see :meth:`~dspy_promptmii.writer.InstructionWriter.specs`), has the
     follower label held-out rows with each instruction (and with the naive one, as a
-    reference), and keeps the best (:class:`~dspy_promptmii.selection.Selector`).
+    reference), and keeps the best (:class:`~dspy_promptmii.selection.Selector`). With
+    one candidate and ``include_naive=True`` it does the same for that one instruction and
+    the naive one: a naive check.
 
     Args:
         generator_lm: The instruction generator; any ``dspy.LM``. Defaults to the LM in
@@ -143,13 +145,17 @@ class PromptMIIOptimizer(Teleprompter):
         candidates: Generator calls per predictor (default 1). Above 1 the follower picks
             the best on validation rows.
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
-            rows for ``candidates`` > 1; without it, up to ``val_size`` trainset rows the
+            rows for ``candidates`` > 1 or ``include_naive=True``; without it, up to ``val_size`` trainset rows the
             generator did not see.
         val_size: Validation rows taken from the trainset when no valset is given (at
             most; default 20): unseen rows first, else shown rows. Each candidate costs
             this many follower calls.
-        include_naive: With ``candidates`` > 1, also score the naive instruction and keep
-            it if no generated one does better.
+        include_naive: Also score the naive instruction and keep it if no generated one
+            does better. ``None`` (default): with ``candidates`` > 1 only, so that one
+            candidate stays one generator call and nothing else. ``True`` with one
+            candidate: a naive check, 2 x ``val_size`` follower calls that keep the
+            generated instruction only where the follower labels the validation rows at
+            least as well with it as with the naive one. ``False``: never.
         demos: Keep this many of the shown examples as the predictor's demos, beside the
             instruction (default 0).
         follower_lm: The follower that scores candidates (default: ``dspy.settings.lm``
@@ -201,7 +207,7 @@ class PromptMIIOptimizer(Teleprompter):
         max_instruction_tokens: int | None = DEFAULT_MAX_INSTRUCTION_TOKENS,
         candidates: int = 1,
         val_size: int = 20,
-        include_naive: bool = True,
+        include_naive: bool | None = None,
         demos: int = 0,
         follower_lm: dspy.BaseLM | None = None,
         adapter: dspy.Adapter | None = None,
@@ -244,6 +250,17 @@ class PromptMIIOptimizer(Teleprompter):
         self.report: list[dict[str, Any]] = []
 
     @property
+    def selects(self) -> bool:
+        """Whether compile has the follower choose: several candidates, or one and the
+        naive instruction (``include_naive=True``)."""
+        return self.candidates > 1 or bool(self.include_naive)
+
+    @property
+    def scores_naive(self) -> bool:
+        """Whether the naive instruction is among the candidates the follower scores."""
+        return self.candidates > 1 if self.include_naive is None else self.include_naive
+
+    @property
     def template(self) -> str:
         """The protocol's template (a built-in name, ``"auto"``, or a template text); a
         template file's path until compile or estimate reads it."""
@@ -273,15 +290,15 @@ class PromptMIIOptimizer(Teleprompter):
         instructions (and ``demos`` demos); the student is never modified.
 
         ``teacher`` is accepted for API compatibility and not used; ``valset`` is used
-        only to choose among ``candidates`` > 1. :attr:`report` describes this compile
-        once it succeeded; it is empty from the start of the call, so a failed compile
-        never leaves the previous one's.
+        only to choose among candidates (``candidates`` > 1 or ``include_naive=True``).
+        :attr:`report` describes this compile once it succeeded; it is empty from the start
+        of the call, so a failed compile never leaves the previous one's.
 
         Raises:
             TypeError: ``student`` is not a ``dspy.Module``, ``trainset`` (or ``valset``)
                 is not a list or tuple of ``dspy.Example``/dict, or an unexpected keyword
                 argument.
-            ValueError: no generator LM (or, with ``candidates`` > 1, no follower LM); an
+            ValueError: no generator LM (or, with ``candidates`` > 1 or ``include_naive=True``, no follower LM); an
                 empty trainset or valset, an example missing a field or with a label outside the
                 label set (named by index); a program with no classification predictor,
                 or one the protocol cannot render (e.g. a label spanning lines); a
@@ -298,8 +315,10 @@ class PromptMIIOptimizer(Teleprompter):
             raise TypeError(f"compile() got unexpected keyword arguments: {sorted(kwargs)}")
         if teacher is not None:
             logger.info("PromptMIIOptimizer ignores teacher")
-        if valset is not None and self.candidates == 1:
-            logger.info("PromptMIIOptimizer uses valset only to choose among candidates (candidates > 1)")
+        if valset is not None and not self.selects:
+            logger.info(
+                "PromptMIIOptimizer uses valset only to choose among candidates (candidates > 1 or include_naive=True)"
+            )
         check_call(student, trainset, valset)
         program = student.deepcopy()
         plans, generator, follower = self._plan(program, trainset, valset)  # 1. plan
@@ -344,13 +363,13 @@ class PromptMIIOptimizer(Teleprompter):
         tokens, counted on the meta-prompts compile would send (by ``token_counter`` plus
         :data:`CHAT_FRAMING` tokens a call, else LiteLLM's counter for the generator's
         model), each call's reply limit as its completion bound; with ``candidates`` > 1
-        also the follower calls that score them (see :meth:`Selector.estimate
+        (or ``include_naive=True``) also the follower calls that score them (see :meth:`Selector.estimate
         <dspy_promptmii.selection.Selector.estimate>`). Prices come from LiteLLM's model
         cost map; a route it does not know is priced ``None`` (shown ``unknown``), never 0.
 
         Args:
             student: The program ``compile`` would get (not modified).
-            trainset: Its trainset; ``valset``: its valset (used with ``candidates`` > 1).
+            trainset: Its trainset; ``valset``: its valset (used when the follower chooses).
             follower_token_counter: Counts the follower's tokens (text -> int); default
                 LiteLLM's counter for the follower's model.
 
@@ -394,7 +413,7 @@ class PromptMIIOptimizer(Teleprompter):
     def _plan(
         self, program: Any, trainset: Any, valset: Any
     ) -> tuple[list[Plan], dspy.BaseLM, dspy.BaseLM | None]:
-        """The plans, the generator and the follower (None with one candidate), all
+        """The plans, the generator and the follower (None when nothing is chosen), all
         checked before any LM call."""
         check_call(program, trainset, valset)
         self._read_protocol()
@@ -404,11 +423,12 @@ class PromptMIIOptimizer(Teleprompter):
                 "no generator LM: pass generator_lm=dspy.LM(...) to PromptMIIOptimizer or call dspy.configure(lm=...)"
             )
         follower = None
-        if self.candidates > 1:
+        if self.selects:
             follower = self.follower_lm or dspy.settings.lm
             if follower is None:
+                why = "candidates > 1" if self.candidates > 1 else "include_naive=True"
                 raise ValueError(
-                    "candidates > 1 needs a follower LM to score them: pass follower_lm=dspy.LM(...) or call "
+                    f"{why} needs a follower LM to score the candidates: pass follower_lm=dspy.LM(...) or call "
                     "dspy.configure(lm=...)"
                 )
         plans = make_plans(
@@ -443,5 +463,5 @@ class PromptMIIOptimizer(Teleprompter):
         # DSPy's convention, as for the LMs: an adapter not given is the one configured.
         adapter = self.adapter or dspy.settings.adapter
         return Selector(
-            self.protocol, adapter=adapter, val_size=self.val_size, seed=self.seed, include_naive=self.include_naive
+            self.protocol, adapter=adapter, val_size=self.val_size, seed=self.seed, include_naive=self.scores_naive
         )

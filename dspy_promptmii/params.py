@@ -112,11 +112,15 @@ class OneOf(Constraint):
 
 @dataclass(frozen=True)
 class Boolean(Constraint):
-    """``True`` or ``False`` (not a number)."""
+    """``True`` or ``False`` (not a number), or None when ``none`` is set."""
+
+    none: bool = False
 
     def check(self, name: str, value: Any) -> None:
+        if value is None and self.none:
+            return
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
+            raise TypeError(f"{name} must be True or False{', or None' if self.none else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ SHARED: dict[str, Constraint] = {
     "val_size": Integer(low=1),
     "demos": Integer(low=0),
     "temperature": Number(low=0, none=True),
-    "include_naive": Boolean(),
+    "include_naive": Boolean(none=True),
 }
 
 

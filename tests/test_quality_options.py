@@ -220,10 +220,57 @@ def test_empty_candidates_are_reported_and_a_lone_usable_one_is_not_scored() -> 
     assert engine.calls == 0 and report["follower_calls"] == 0 and report["validation"] is None
 
 
+def test_a_naive_check_keeps_one_generated_instruction_only_where_it_does_not_lose() -> None:
+    """candidates=1 with include_naive=True: one generator call, then the follower scores
+    that instruction and the naive one on the validation rows and keeps the better."""
+    def reply(request: Any) -> str:
+        text = message_texts(request.messages[-1])
+        if NAIVE_INSTRUCTION in text:  # the naive instruction makes this follower right
+            return "pos" if "loved" in text.rsplit("Input:", 1)[-1] else "neg"
+        return "neg"
+
+    generator, generator_engine = fake_lm(["Answer neg."])
+    follower, follower_engine = fake_lm(reply)
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, n=4, val_size=6, include_naive=True)
+    estimate = optimizer.estimate(dspy.Predict(Review), reviews(12))
+    with dspy.context(adapter=LabelAdapter()):
+        compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
+    report = optimizer.report[0]
+    assert generator_engine.calls == 1 and report["generator_calls"] == 1
+    assert [c["kind"] for c in report["candidates"]] == ["generated", "naive"]
+    assert report["candidates"][report["chosen"]]["kind"] == "naive"
+    assert compiled.signature.instructions == NAIVE_INSTRUCTION + "\n" + format_line(["pos", "neg"])
+    assert report["follower_calls"] == follower_engine.calls == 2 * 6
+    assert estimate.total()["follower_calls"] == 2 * 6
+
+    # The good instruction is kept: it labels the rows as well as the naive one does.
+    generator, _ = fake_lm([GOOD])
+    follower, _ = _follower_that_obeys()
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, n=4, val_size=6, include_naive=True)
+    with dspy.context(adapter=LabelAdapter()):
+        compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
+    assert compiled.signature.instructions.startswith(GOOD)
+
+
+def test_one_candidate_by_default_is_one_generator_call_and_no_follower_call() -> None:
+    """include_naive=None (default) scores the naive instruction only with candidates > 1."""
+    generator, _ = fake_lm(["Answer neg."])
+    follower, follower_engine = fake_lm(lambda request: "neg")
+    optimizer = PromptMIIOptimizer(generator_lm=generator, follower_lm=follower, n=4)
+    compiled = optimizer.compile(dspy.Predict(Review), trainset=reviews(12))
+    assert compiled.signature.instructions.startswith("Answer neg.")
+    assert follower_engine.calls == 0 and optimizer.report[0]["follower_calls"] == 0
+    assert optimizer.estimate(dspy.Predict(Review), reviews(12)).total()["follower_calls"] == 0
+    with pytest.raises(TypeError, match="include_naive must be True or False, or None"):
+        PromptMIIOptimizer(include_naive="yes")
+
+
 def test_candidates_need_a_follower() -> None:
     generator, _ = fake_lm([GOOD])
     with dspy.context(lm=None), pytest.raises(ValueError, match="needs a follower LM"):
         PromptMIIOptimizer(generator_lm=generator, candidates=2).compile(dspy.Predict(Review), trainset=reviews(8))
+    with dspy.context(lm=None), pytest.raises(ValueError, match="include_naive=True needs a follower LM"):
+        PromptMIIOptimizer(generator_lm=generator, include_naive=True).compile(dspy.Predict(Review), trainset=reviews(8))
 
 
 # --- demos ------------------------------------------------------------------------------
