@@ -154,8 +154,9 @@ class PromptMIIOptimizer(Teleprompter):
             does better. ``None`` (default): with ``candidates`` > 1 only, so that one
             candidate stays one generator call and nothing else. ``True`` with one
             candidate: a naive check, 2 x ``val_size`` follower calls that keep the
-            generated instruction only where the follower labels the validation rows at
-            least as well with it as with the naive one. ``False``: never.
+            generated instruction only where the follower labels the validation rows
+            better with it than with the naive one (a tie keeps the shorter instruction,
+            as every choice does: usually the naive one). ``False``: never.
         demos: Keep this many of the shown examples as the predictor's demos, beside the
             instruction (default 0).
         follower_lm: The follower that scores candidates (default: ``dspy.settings.lm``
