@@ -145,8 +145,8 @@ class PromptMIIOptimizer(Teleprompter):
         candidates: Generator calls per predictor (default 1). Above 1 the follower picks
             the best on validation rows.
         valset: Not a constructor argument: ``compile(valset=...)`` gives the validation
-            rows for ``candidates`` > 1 or ``include_naive=True``; without it, up to ``val_size`` trainset rows the
-            generator did not see.
+            rows for ``candidates`` > 1 or ``include_naive=True``; without it, up to
+            ``val_size`` trainset rows the generator did not see.
         val_size: Validation rows taken from the trainset when no valset is given (at
             most; default 20): unseen rows first, else shown rows. Each candidate costs
             this many follower calls.
@@ -299,10 +299,11 @@ class PromptMIIOptimizer(Teleprompter):
             TypeError: ``student`` is not a ``dspy.Module``, ``trainset`` (or ``valset``)
                 is not a list or tuple of ``dspy.Example``/dict, or an unexpected keyword
                 argument.
-            ValueError: no generator LM (or, with ``candidates`` > 1 or ``include_naive=True``, no follower LM); an
-                empty trainset or valset, an example missing a field or with a label outside the
-                label set (named by index); a program with no classification predictor,
-                or one the protocol cannot render (e.g. a label spanning lines); a
+            ValueError: no generator LM (or, with ``candidates`` > 1 or
+                ``include_naive=True``, no follower LM); an empty trainset or valset, an
+                example missing a field or with a label outside the label set (named by
+                index); a program with no classification predictor, or one the protocol
+                cannot render (e.g. a label spanning lines); a
                 library that cannot be read.
             PromptBudgetError: the meta-prompt does not fit ``max_prompt_tokens`` with even
                 one example.
@@ -364,8 +365,8 @@ class PromptMIIOptimizer(Teleprompter):
         tokens, counted on the meta-prompts compile would send (by ``token_counter`` plus
         :data:`CHAT_FRAMING` tokens a call, else LiteLLM's counter for the generator's
         model), each call's reply limit as its completion bound; with ``candidates`` > 1
-        (or ``include_naive=True``) also the follower calls that score them (see :meth:`Selector.estimate
-        <dspy_promptmii.selection.Selector.estimate>`). Prices come from LiteLLM's model
+        (or ``include_naive=True``) also the follower calls that score them (see
+        :meth:`Selector.estimate <dspy_promptmii.selection.Selector.estimate>`). Prices come from LiteLLM's model
         cost map; a route it does not know is priced ``None`` (shown ``unknown``), never 0.
 
         Args:

@@ -237,7 +237,8 @@ class LocalServer:
             except ImportError:
                 raise ServerError(
                     f"llama.cpp's server is not installed: CMAKE_ARGS=\"{PORTABLE_CMAKE_ARGS}\" "
-                    "pip install --no-cache-dir 'dspy-promptmii[local]' (builds llama-cpp-python from source, a few minutes)"
+                    "pip install --no-cache-dir 'dspy-promptmii[local]' "
+                    "(builds llama-cpp-python from source, a few minutes)"
                 ) from None
             command = [sys.executable, "-m", "dspy_promptmii.local.label_server"]
         if self.model in ADAPTERS:  # checked before the base model is pulled
