@@ -477,7 +477,7 @@ OPTIONS: dict[str, type] = {
 }
 _PROMPTMII_OPTIONS = tuple(OPTIONS)
 #: Options that also take ``none`` (``max_instruction_tokens=none``: no instruction budget).
-NONE_OPTIONS = ("max_instruction_tokens",)
+NONE_OPTIONS = ("max_instruction_tokens", "include_naive")
 #: The methods that run PromptMIIOptimizer.
 PROMPTMII_METHODS = ("promptmii_zero", "promptmii")
 #: What a Prompt-MII method does for each option its name does not set: the optimizer's
@@ -506,13 +506,13 @@ METHODS: dict[str, MethodSpec] = {
 
 def _option_value(name: str, text: str) -> Any:
     kind = OPTIONS[name]
+    if name in NONE_OPTIONS and text.lower() == "none":
+        return None
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise ValueError(f"option {name} takes true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
     if kind is int:
-        if name in NONE_OPTIONS and text.lower() == "none":
-            return None
         try:
             value = int(text)
         except ValueError:

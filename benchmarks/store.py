@@ -65,7 +65,7 @@ def _with_options(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with its ``options``: everything its method name meant when it ran
     (see :func:`benchmarks.methods.method_options`)."""
     if "options" in record:
-        return record
+        return _include_naive_as_now(record)
     # A record written before records stored their options (results up to 2026-12-05)
     # means what its method name meant then, and this is the one place that old meaning
     # lives: a Prompt-MII method whose name did not set max_instruction_tokens ran without
@@ -79,6 +79,22 @@ def _with_options(record: dict[str, Any]) -> dict[str, Any]:
     if spec.name in PROMPTMII_METHODS and "max_instruction_tokens" not in named:
         options["max_instruction_tokens"] = None
     return {**record, "options": options}
+
+
+def _include_naive_as_now(record: dict[str, Any]) -> dict[str, Any]:
+    """Until 2026-12-06 ``include_naive`` defaulted to True and applied only with
+    ``candidates`` > 1, which is what None means now (True with one candidate is now a
+    naive check): a stored True under a name that does not set it is read as None."""
+    options = record["options"]
+    if not isinstance(options, dict) or options.get("include_naive") is not True:
+        return record
+    try:
+        _, named = parse_method(str(record["method"]))
+    except ValueError:  # a method name this code no longer knows: left as stored
+        return record
+    if "include_naive" in named:
+        return record
+    return {**record, "options": {**options, "include_naive": None}}
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:

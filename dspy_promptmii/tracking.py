@@ -150,6 +150,7 @@ def optimizer_params(optimizer: Any) -> dict[str, Any]:
         "candidates": optimizer.candidates,
         "val_size": optimizer.val_size,
         "include_naive": optimizer.include_naive,
+        "scores_naive": optimizer.scores_naive,
         "demos": optimizer.demos,
         "generator_lm": getattr(optimizer.generator_lm, "model", None),
         "follower_lm": getattr(optimizer.follower_lm, "model", None),

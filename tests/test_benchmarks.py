@@ -472,6 +472,31 @@ def test_an_old_record_means_what_its_name_meant_and_a_resumed_old_run_keeps_tha
     assert ok(out)[("toy", 3, "promptmii_zero", 0)]["finished_at"] == old["finished_at"]
 
 
+def test_a_record_of_the_old_include_naive_default_keeps_its_meaning(data_dir, lms, tmp_path):
+    """Until 2026-12-06 records stored include_naive=True for a bare name (then: naive
+    scored with candidates > 1 only); that is None now, not a naive check, so a resumed
+    old run goes on without follower calls and without a note."""
+    out = tmp_path / "out"
+    tasks = resolve_tasks(data_dir, ["toy"])
+    run_benchmark(config(data_dir, out, methods=["promptmii_zero"], n_values=[3], tasks=tasks), lms["endpoints"])
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    for line in lines:
+        assert line["options"]["include_naive"] is None
+        line["options"]["include_naive"] = True  # as the old default was stored
+    (out / "results.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    [old] = read_records(out)
+    assert old["options"] == method_options("promptmii_zero")
+
+    summary = run_benchmark(config(data_dir, out, methods=["promptmii_zero"], n_values=[3, 6], tasks=tasks),
+                            lms["endpoints"])
+    assert summary.cells_run == 1 and not any("no longer means" in note for note in summary.notes)
+    new = ok(out)[("toy", 6, "promptmii_zero", 0)]
+    assert new["options"]["include_naive"] is None and new["compile_follower_calls"] == 0
+    # A name that sets it keeps what it set.
+    assert method_options("promptmii_zero:include_naive=true")["include_naive"] is True
+    assert method_options("promptmii_zero:include_naive=none")["include_naive"] is None
+
+
 def test_committed_records_keep_the_meaning_their_names_had():
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "dev12-2026-11-29"
     options = {r["method"]: r["options"] for r in read_records(folder)}

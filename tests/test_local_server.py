@@ -593,6 +593,25 @@ def test_a_context_that_does_not_fit_is_named_with_its_size(make_server, record,
     assert_stopped(server, record)
 
 
+def test_a_context_that_fails_for_another_reason_or_at_the_smallest_size_gets_no_advice_to_shrink(
+    make_server, record, monkeypatch
+):
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "no-context-other")
+    with pytest.raises(ServerError) as caught:
+        make_server(n_ctx=8192).start()
+    first = str(caught.value).splitlines()[0]
+    assert first == (
+        "llama.cpp loaded the model but could not make a context of n_ctx=8192 tokens (its output below says why)."
+    )
+    assert "V cache quantization requires flash_attn" in str(caught.value)
+
+    monkeypatch.setenv("FAKE_LLAMA_MODE", "no-context")
+    with pytest.raises(ServerError) as caught:
+        make_server(n_ctx=512).start()
+    first = str(caught.value).splitlines()[0]
+    assert first.endswith("(its KV cache did not fit in memory, at the smallest n_ctx): free memory.")
+
+
 def test_another_crash_gets_no_model_advice(make_server, record, monkeypatch):
     monkeypatch.setenv("FAKE_LLAMA_MODE", "crash-other")
     server = make_server()

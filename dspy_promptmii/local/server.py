@@ -63,11 +63,9 @@ _MODEL_LOAD_FAILURE = re.compile(
     r"failed to load model|error loading model|invalid magic|failed to read header|gguf_init", re.IGNORECASE
 )
 #: llama.cpp's lines when it loaded the model but could not make a context of ``n_ctx``
-#: tokens (its KV cache did not fit in memory).
-_CONTEXT_FAILURE = re.compile(
-    r"failed to initialize the context|failed to allocate buffer for kv cache|Failed to create llama_context",
-    re.IGNORECASE,
-)
+#: tokens, for any reason; and the line when the reason is memory for its KV cache.
+_CONTEXT_FAILURE = re.compile(r"failed to initialize the context|Failed to create llama_context", re.IGNORECASE)
+_KV_CACHE_ALLOCATION_FAILURE = re.compile(r"failed to allocate buffer for kv cache", re.IGNORECASE)
 
 
 class ServerError(RuntimeError):
@@ -390,11 +388,16 @@ class LocalServer:
             f"(model {self.model_path}). Its output:\n{self._log_tail()}"
         )
         log = self._log_text()
-        if _CONTEXT_FAILURE.search(log):
-            advice = (
-                f"llama.cpp loaded the model but could not make a context of n_ctx={self.n_ctx} tokens "
-                f"(its KV cache did not fit in memory): give a smaller n_ctx (--n-ctx; default {DEFAULT_N_CTX})."
-            )
+        if _CONTEXT_FAILURE.search(log) or _KV_CACHE_ALLOCATION_FAILURE.search(log):
+            advice = f"llama.cpp loaded the model but could not make a context of n_ctx={self.n_ctx} tokens"
+            if not _KV_CACHE_ALLOCATION_FAILURE.search(log):
+                advice += " (its output below says why)."
+            elif self.n_ctx > CONTEXT_SIZE.low:
+                advice += (
+                    f" (its KV cache did not fit in memory): give a smaller n_ctx (--n-ctx; default {DEFAULT_N_CTX})."
+                )
+            else:
+                advice += " (its KV cache did not fit in memory, at the smallest n_ctx): free memory."
         elif _MODEL_LOAD_FAILURE.search(log):
             advice = self._load_failure_advice()
         else:

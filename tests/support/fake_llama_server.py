@@ -14,7 +14,8 @@ The behaviour comes from environment variables (the child inherits the test's):
   listening); ``crash-other`` (exit 4 before listening for another reason, a port
   that cannot be bound); ``no-context`` (load the model, then fail to allocate the
   context's KV cache as llama.cpp does for too large an ``n_ctx``: its lines, then
-  llama-cpp-python's traceback end, exit 1); ``hang`` (listen but never answer); ``ignore-term`` (ignore
+  llama-cpp-python's traceback end, exit 1); ``no-context-other`` (the same for another
+  reason than memory); ``hang`` (listen but never answer); ``ignore-term`` (ignore
   SIGTERM, otherwise normal).
 * ``FAKE_LLAMA_REPLY``: the assistant text (default ``fake reply``). A constrained
   request answers with the first allowed label, as a constrained server would: a
@@ -48,6 +49,7 @@ NO_CONTEXT_MESSAGES = (
     'raise ValueError("Failed to create llama_context")',
     "ValueError: Failed to create llama_context",
 )
+OTHER_CONTEXT_MESSAGE = "llama_init_from_model: V cache quantization requires flash_attn"
 
 
 def record(entry: dict) -> None:
@@ -155,9 +157,10 @@ def main() -> int:
         print(f"fake llama: loaded {args.model}", flush=True)
         print(OTHER_CRASH_MESSAGE, file=sys.stderr, flush=True)
         return 4
-    if mode == "no-context":
+    if mode in ("no-context", "no-context-other"):
         print(f"fake llama: loaded {args.model}", flush=True)
-        print("\n".join(NO_CONTEXT_MESSAGES), file=sys.stderr, flush=True)
+        lines = NO_CONTEXT_MESSAGES if mode == "no-context" else (OTHER_CONTEXT_MESSAGE, *NO_CONTEXT_MESSAGES[1:])
+        print("\n".join(lines), file=sys.stderr, flush=True)
         return 1
     if mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
