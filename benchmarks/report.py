@@ -389,7 +389,7 @@ def render_report(folder: str | Path, plot_name: str | None = "pareto.png") -> s
     """The markdown report of a results folder (control characters escaped).
 
     Raises ``ValueError`` naming ``manifest.json`` when it is not a readable manifest."""
-    return escape_controls(_render(Path(folder), plot_name))
+    return escape_controls(_render(Path(folder), plot_name, _read_folder(folder)))
 
 
 def _problems(all_records: Sequence[dict[str, Any]]) -> list[str]:
@@ -456,7 +456,11 @@ def folder_records(folder: str | Path) -> list[dict[str, Any]]:
     """Every record a report of ``folder`` reads, in order: its ``results.jsonl``, or for a
     combined folder each source's in turn (so :func:`latest` takes a cell found in several
     sources from the last one)."""
-    return [record for records in _read_folder(folder)[1] for record in records]
+    return _joined(_read_folder(folder)[1])
+
+
+def _joined(per_source: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [record for records in per_source for record in records]
 
 
 def _combined_header(folder: Path, sources: Sequence[Path], per_source: Sequence[list[dict[str, Any]]]) -> str:
@@ -520,9 +524,12 @@ def combine(sources: Sequence[str | Path], out: str | Path) -> list[Path]:
     return [out / SOURCES, *write_report(out)]
 
 
-def _render(folder: Path, plot_name: str | None) -> str:
-    sources, per_source = _read_folder(folder)
-    all_records = [record for records in per_source for record in records]
+def _render(
+    folder: Path, plot_name: str | None, read: tuple[list[Path] | None, list[list[dict[str, Any]]]]
+) -> str:
+    """The report of ``folder`` from what :func:`_read_folder` read of it."""
+    sources, per_source = read
+    all_records = _joined(per_source)
     records = latest(all_records)
     if sources is None:
         parts = [_header(read_manifest(folder), records, all_records)]
@@ -787,13 +794,14 @@ def write_report(folder: str | Path) -> list[Path]:
     require_dependencies()
     from benchmarks.plot import pareto_plot
 
-    records = latest(folder_records(folder))
+    read = _read_folder(folder)  # once, for the plot and the report
+    records = latest(_joined(read[1]))
     written = []
     plot = folder / "pareto.png"
     if records:
         pareto_plot(summary_rows(records), plot)
         written.append(plot)
     report = folder / "report.md"
-    write_text(render_report(folder, plot.name if records else None), report)
+    write_text(escape_controls(_render(folder, plot.name if records else None, read)), report)
     written.insert(0, report)
     return written

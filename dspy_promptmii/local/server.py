@@ -388,9 +388,10 @@ class LocalServer:
             f"(model {self.model_path}). Its output:\n{self._log_tail()}"
         )
         log = self._log_text()
-        if _CONTEXT_FAILURE.search(log) or _KV_CACHE_ALLOCATION_FAILURE.search(log):
+        out_of_memory = _KV_CACHE_ALLOCATION_FAILURE.search(log) is not None
+        if out_of_memory or _CONTEXT_FAILURE.search(log):
             advice = f"llama.cpp loaded the model but could not make a context of n_ctx={self.n_ctx} tokens"
-            if not _KV_CACHE_ALLOCATION_FAILURE.search(log):
+            if not out_of_memory:
                 advice += " (its output below says why)."
             elif self.n_ctx > CONTEXT_SIZE.low:
                 advice += (
