@@ -510,7 +510,8 @@ def _option_value(name: str, text: str) -> Any:
         return None
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"option {name} takes true or false, got {text!r}")
+            choices = "true, false or none" if name in NONE_OPTIONS else "true or false"
+            raise ValueError(f"option {name} takes {choices}, got {text!r}")
         return text.lower() in ("true", "1", "yes")
     if kind is int:
         try:

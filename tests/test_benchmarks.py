@@ -495,6 +495,8 @@ def test_a_record_of_the_old_include_naive_default_keeps_its_meaning(data_dir, l
     # A name that sets it keeps what it set.
     assert method_options("promptmii_zero:include_naive=true")["include_naive"] is True
     assert method_options("promptmii_zero:include_naive=none")["include_naive"] is None
+    with pytest.raises(ValueError, match="option include_naive takes true, false or none, got 'maybe'"):
+        method_options("promptmii_zero:include_naive=maybe")
 
 
 def test_committed_records_keep_the_meaning_their_names_had():
